@@ -1,0 +1,203 @@
+"""Reproduction reports: `report.md` (our numbers beside the paper's) + `results.json`.
+
+    report = Report("internal RL: base model", command=command_line())
+    report.paragraph("What was run ...")
+    report.compare("Probe accuracy", {"layer 3": 0.48}, paper={"layer 3": 0.5}, fmt="{:.2f}")
+    report.image("probe.png", "probe accuracy per layer")
+    report.write(run_dir, results={"probe": {...}})
+
+Both files carry the same provenance: command, git revision, date, hardware, wall time.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that started this process, as a shell-quoted string."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and argv[0].endswith("__main__.py"):
+        package = os.path.basename(os.path.dirname(argv[0]))
+        argv = ["python", "-m", package, *argv[1:]]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def git_revision(cwd: str | os.PathLike | None = None) -> str:
+    """`<sha>` of HEAD, with `+dirty` when tracked files differ from it; `unknown` outside git."""
+    cwd = os.fspath(cwd) if cwd is not None else os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def hardware() -> dict[str, Any]:
+    """A description of the machine: CPU, core count, memory, JAX backend and devices."""
+    import jax
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d.device_kind) for d in jax.devices()],
+    }
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            info["cpu_model"] = names[0]
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            total_kb = int(f.readline().split()[1])
+        info["memory_gib"] = round(total_kb / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return info
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
+        return str(float(value))
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str = "{:.3g}") -> str:
+    """A GitHub-flavoured Markdown table; numbers formatted with `fmt`, None as an em dash."""
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |"]
+    lines.append("|" + "|".join("---" for _ in headers) + "|")
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row {row!r} has {len(row)} cells, expected {len(headers)}")
+        lines.append("| " + " | ".join(_fmt(v, fmt) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.ndarray, np.generic)) or type(value).__module__.startswith("jax"):
+        return _jsonable(np.asarray(value).tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class Report:
+    """Collects Markdown sections and writes `report.md` + `results.json` into a run dir."""
+
+    def __init__(self, title: str, *, command: str | None = None):
+        self.title = title
+        self.command = command if command is not None else command_line()
+        self.started = time.time()
+        self._sections: list[str] = []
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self._sections.append("#" * level + " " + text)
+
+    def paragraph(self, text: str) -> None:
+        self._sections.append(text.strip())
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str = "{:.3g}") -> None:
+        self._sections.append(markdown_table(headers, rows, fmt))
+
+    def compare(
+        self,
+        title: str | None,
+        ours: Mapping[str, Any],
+        paper: Mapping[str, Any] | None = None,
+        *,
+        fmt: str = "{:.3g}",
+        key_header: str = "quantity",
+        note: str | None = None,
+    ) -> None:
+        """A table of `quantity | ours | paper` rows; a quantity the paper lacks shows —."""
+        if title:
+            self.heading(title, 3)
+        paper = paper or {}
+        keys = list(ours) + [k for k in paper if k not in ours]
+        self.table([key_header, "ours", "paper"], [[k, ours.get(k), paper.get(k)] for k in keys], fmt)
+        if note:
+            self.paragraph(note)
+
+    def image(self, path: str | os.PathLike, caption: str = "") -> None:
+        """Embeds an image; `path` should be relative to the report's directory."""
+        self._sections.append(f"![{caption}]({os.fspath(path)})" + (f"\n\n*{caption}*" if caption else ""))
+
+    def provenance(self, wall_seconds: float | None = None) -> dict[str, Any]:
+        wall = time.time() - self.started if wall_seconds is None else wall_seconds
+        return {
+            "command": self.command,
+            "git_revision": git_revision(),
+            "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "hardware": hardware(),
+            "wall_time_seconds": round(wall, 1),
+        }
+
+    def render(self, provenance: Mapping[str, Any]) -> str:
+        hw = provenance["hardware"]
+        machine = f"{hw.get('cpu_model', hw.get('processor'))}, {hw.get('cpu_count')} cores"
+        if "memory_gib" in hw:
+            machine += f", {hw['memory_gib']} GiB"
+        machine += f"; JAX {hw.get('jax')} on {hw.get('backend')} ({len(hw.get('devices', []))} device(s))"
+        header = [
+            f"# {self.title}",
+            "",
+            f"- command: `{provenance['command']}`",
+            f"- revision: `{provenance['git_revision']}`",
+            f"- date: {provenance['date']}",
+            f"- hardware: {machine}",
+            f"- wall time: {provenance['wall_time_seconds']:.0f} s",
+        ]
+        return "\n".join(header) + "\n\n" + "\n\n".join(self._sections) + "\n"
+
+    def write(
+        self,
+        run_dir: str | os.PathLike,
+        results: Mapping[str, Any],
+        *,
+        wall_seconds: float | None = None,
+    ) -> tuple[str, str]:
+        """Writes `report.md` and `results.json` (results + provenance); returns both paths."""
+        run_dir = os.fspath(run_dir)
+        os.makedirs(run_dir, exist_ok=True)
+        prov = self.provenance(wall_seconds)
+        md_path = os.path.join(run_dir, "report.md")
+        json_path = os.path.join(run_dir, "results.json")
+        payload = {"title": self.title, "provenance": prov, "results": _jsonable(results)}
+        for path, text in ((md_path, self.render(prov)), (json_path, json.dumps(payload, indent=2))):
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)  # readers never see a half-written report
+        return md_path, json_path
