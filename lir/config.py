@@ -1,0 +1,209 @@
+"""lir experiment configs (frozen dataclasses, ``common.config``) and the presets
+``tiny`` / ``small`` / ``paper``.
+
+    from common.config import get_preset, override
+    cfg = override(get_preset(PRESETS, "tiny"), ["finetune.num_latents=4"])
+
+One run keeps ``data.max_latents`` fixed for pretraining and every fine-tuning arm: the
+TAIL/answer position id is ``Layout.tail_position`` = (end of the prompt range) + max_latents
+(``lir.data``), so it must not change between the pretrained model and the arms that add
+latents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from common.train import OptimizerConfig
+from lir.data import Layout
+from lir.model import LM_LORA_TARGETS, LoRAConfig, ModelConfig
+from lir.tasks.registry import TASK_NAMES
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Examples per task and split (spec §7.5: 1,000 / 250 / 1,000; test from the shifted
+    generator) and the static sequence layout."""
+
+    image_size: int = 48
+    n_train: int = 1000
+    n_val: int = 250
+    n_test: int = 1000
+    max_prompt_len: int = 12
+    max_images: int = 3
+    max_latents: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Phase P (spec §7.2): the whole tiny LMM on a generic single-image QA mixture."""
+
+    steps: int = 3000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    n_examples: int = 6000
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Phase F (spec §1.5, §2.2, §7.5): LoRA (+ latents for LIVR) on a frozen LMM.
+
+    AdamW with ``warmup_fraction`` linear warmup and cosine decay to 0, restarted (fresh
+    moments and schedule) for each LIVR stage. Effective batch = batch_size x
+    accumulation_steps (the paper: 1 x 8; here 8 x 1, the same effective batch).
+    """
+
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    warmup_fraction: float = 0.05
+    grad_clip_norm: float = 1.0
+    batch_size: int = 8
+    accumulation_steps: int = 1
+    sft_epochs: int = 10
+    stage1_epochs: int = 4
+    stage2_epochs: int = 6
+    multitask_sft_epochs: int = 5
+    multitask_stage1_epochs: int = 2
+    multitask_stage2_epochs: int = 3
+    num_latents: int = 16
+    latent_init_std: float = 0.02
+    prompt_tuning_lr: float = 3e-3
+    lora: LoRAConfig = LoRAConfig()
+
+    def __post_init__(self):
+        if self.stage1_epochs + self.stage2_epochs != self.sft_epochs:
+            raise ValueError(
+                f"finetune: stage1_epochs + stage2_epochs ({self.stage1_epochs} + "
+                f"{self.stage2_epochs}) must equal sft_epochs ({self.sft_epochs}) so LIVR and "
+                "SFT get the same budget")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"finetune.warmup_fraction must be in [0, 1); got "
+                             f"{self.warmup_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Ablation sweeps (spec §5.6, §7.5): stage-1 epochs at a fixed total, and K."""
+
+    tasks: tuple[str, ...] = ("localization", "semantic_correspondence",
+                              "functional_correspondence")
+    stage1_epochs: tuple[int, ...] = (0, 2, 4, 6, 8)
+    num_latents: tuple[int, ...] = (4, 8, 16, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LIRConfig:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    sweep: SweepConfig = SweepConfig()
+    tasks: tuple[str, ...] = TASK_NAMES
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    seed: int = 42
+
+    def __post_init__(self):
+        unknown = [t for t in self.tasks + self.sweep.tasks if t not in TASK_NAMES]
+        if unknown:
+            raise ValueError(f"unknown task names {unknown}; expected names from {TASK_NAMES}")
+        if self.model.image_size != self.data.image_size:
+            raise ValueError(f"model.image_size ({self.model.image_size}) must equal "
+                             f"data.image_size ({self.data.image_size})")
+        if self.model.max_images < self.data.max_images:
+            raise ValueError(f"model.max_images ({self.model.max_images}) < data.max_images "
+                             f"({self.data.max_images})")
+        k_max = max((self.finetune.num_latents,) + self.sweep.num_latents)
+        if k_max > self.data.max_latents:
+            raise ValueError(f"data.max_latents ({self.data.max_latents}) must cover every K "
+                             f"used (largest: {k_max})")
+
+
+def layout(cfg: LIRConfig, num_latents: int, n_images: int | None = None,
+           latent_placement: str = "after_prompt") -> Layout:
+    """The batch :class:`lir.data.Layout` of this run for ``num_latents`` latent slots."""
+    return Layout(n_images=n_images or cfg.data.max_images, image_size=cfg.data.image_size,
+                  patch_size=cfg.model.patch_size, max_prompt_len=cfg.data.max_prompt_len,
+                  num_latents=num_latents, max_latents=cfg.data.max_latents,
+                  latent_placement=latent_placement)
+
+
+def model_config(cfg: LIRConfig, num_latents: int | None = None) -> ModelConfig:
+    """``cfg.model`` with its latent table sized for ``num_latents`` (default the run's K)."""
+    k = cfg.finetune.num_latents if num_latents is None else num_latents
+    return dataclasses.replace(cfg.model, num_latents=k,
+                               latent_init_std=cfg.finetune.latent_init_std)
+
+
+def stage_optimizer(ft: FinetuneConfig, steps: int, learning_rate: float | None = None
+                    ) -> OptimizerConfig:
+    """``common.train.OptimizerConfig`` for one fine-tuning stage of ``steps`` optimizer
+    updates: AdamW, ceil(warmup_fraction * steps) warmup, cosine to 0 (spec §1.5, §6 #6)."""
+    if steps < 1:
+        raise ValueError(f"a stage needs >= 1 optimizer step; got {steps}")
+    warmup = min(math.ceil(ft.warmup_fraction * steps), steps - 1)
+    return OptimizerConfig(name="adamw", learning_rate=learning_rate or ft.learning_rate,
+                           schedule="cosine", warmup_steps=warmup, total_steps=steps,
+                           end_lr_fraction=0.0, weight_decay=ft.weight_decay, b1=ft.b1,
+                           b2=ft.b2, eps=ft.eps, grad_clip_norm=ft.grad_clip_norm,
+                           accumulation_steps=ft.accumulation_steps)
+
+
+def steps_per_epoch(ft: FinetuneConfig, n_train: int) -> int:
+    """Optimizer updates per epoch (full batches only)."""
+    return n_train // (ft.batch_size * ft.accumulation_steps)
+
+
+def tiny() -> LIRConfig:
+    """Minutes on 2 CPU cores: 32 px images with 16 tokens, a 2+2-layer 64-wide LMM, three
+    tasks (two relational + the negative control), 2 seeds, 500 training examples."""
+    return LIRConfig(
+        model=ModelConfig(image_size=32, patch_size=8, vit_dim=64, vit_depth=2, vit_heads=4,
+                          lm_dim=64, lm_depth=2, lm_heads=4, num_latents=8),
+        data=DataConfig(image_size=32, n_train=500, n_val=100, n_test=300, max_latents=8),
+        pretrain=PretrainConfig(steps=800, batch_size=32, n_examples=3000),
+        finetune=FinetuneConfig(num_latents=8, lora=LoRAConfig(rank=8, alpha=16.0)),
+        sweep=SweepConfig(tasks=("relative_reflectance",), stage1_epochs=(0, 4, 8),
+                          num_latents=(4, 8)),
+        tasks=("relative_reflectance", "visual_similarity", "colour_control"),
+        seeds=(0, 1),
+    )
+
+
+def small() -> LIRConfig:
+    """About an hour on 2 CPU cores for the committed report: the spec §7.3 model (48 px,
+    ViT 64x3, LM 96x4), K = 8, LoRA r 8 / alpha 16, 1k/250/1k examples, 5 seeds."""
+    return LIRConfig(
+        model=ModelConfig(num_latents=8),
+        data=DataConfig(max_latents=32),
+        finetune=FinetuneConfig(num_latents=8, lora=LoRAConfig(rank=8, alpha=16.0)),
+        sweep=SweepConfig(tasks=("relative_reflectance", "visual_similarity"),
+                          stage1_epochs=(0, 2, 4, 6, 8), num_latents=(4, 8, 16, 32)),
+        seeds=(0, 1, 2, 3, 4),
+    )
+
+
+def paper() -> LIRConfig:
+    """The paper's fine-tuning recipe (spec §2.2, §3): AdamW lr 1e-4, wd 0.01, betas
+    (0.9, 0.999), eps 1e-8, 5% warmup + cosine per stage, effective batch 8, K = 16, LoRA
+    r 16 / alpha 32 / dropout 0.05 on q,k,v,o,gate,up,down of the LM, SFT 10 epochs vs LIVR
+    4 + 6, seed 42. Runs on the tiny model here and later on a ported backbone."""
+    return LIRConfig(
+        model=ModelConfig(num_latents=16),
+        data=DataConfig(max_latents=32),
+        finetune=FinetuneConfig(
+            learning_rate=1e-4, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
+            warmup_fraction=0.05, batch_size=8, accumulation_steps=1, sft_epochs=10,
+            stage1_epochs=4, stage2_epochs=6, num_latents=16,
+            lora=LoRAConfig(rank=16, alpha=32.0, dropout=0.05, targets=LM_LORA_TARGETS)),
+        seeds=(42,),
+        seed=42,
+    )
+
+
+PRESETS = {"tiny": tiny, "small": small, "paper": paper}
