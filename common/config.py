@@ -181,22 +181,38 @@ def _unknown_key(cfg: Any, key: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} for {type(cfg).__name__}; valid keys:\n{listing}")
 
 
-def _set(cfg: Any, path: Sequence[str], raw: Any, full_key: str, root: Any) -> Any:
+def _apply(cfg: Any, tree: Mapping[str, Any], prefix: str, root: Any) -> Any:
+    """Applies a nested {field: value | subtree} mapping to `cfg` with ONE `replace` per
+    dataclass, so a `__post_init__` that relates several fields sees them all changed at
+    once (e.g. `stage1_epochs` and `stage2_epochs` that must sum to a total)."""
     types_ = _field_types(type(cfg))
-    name = path[0]
-    if name not in types_:
-        raise _unknown_key(root, full_key)
-    tp = types_[name]
-    if len(path) == 1:
-        return dataclasses.replace(cfg, **{name: _coerce(raw, tp, full_key)})
-    child = getattr(cfg, name)
-    if not dataclasses.is_dataclass(child):
-        raise _unknown_key(root, full_key)
-    return dataclasses.replace(cfg, **{name: _set(child, path[1:], raw, full_key, root)})
+    changes = {}
+    for name, value in tree.items():
+        key = prefix + name
+        if name not in types_:
+            raise _unknown_key(root, key)
+        if isinstance(value, _Subtree):
+            child = getattr(cfg, name)
+            if not dataclasses.is_dataclass(child):
+                raise _unknown_key(root, key + "." + next(iter(value)))
+            changes[name] = _apply(child, value, key + ".", root)
+        else:
+            changes[name] = _coerce(value, types_[name], key)
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or type(root).__name__}: {err}") from err
+
+
+class _Subtree(dict):
+    """Overrides below one nested config field (distinguishes them from dict values)."""
 
 
 def override(cfg: Cfg, overrides: Sequence[str] | Mapping[str, Any]) -> Cfg:
     """Returns `cfg` with dotted overrides applied, each parsed to its field's type.
+
+    All overrides of one nested config are applied together, so validation that relates
+    several fields runs once on the final values.
 
     Args:
       cfg: a frozen config dataclass instance.
@@ -204,7 +220,8 @@ def override(cfg: Cfg, overrides: Sequence[str] | Mapping[str, Any]) -> Cfg:
         keys to values.
     Raises:
       ConfigError: on a malformed override, an unknown key (the message lists the valid
-        keys and their types) or a value that does not parse to the field's type.
+        keys and their types), a value that does not parse to the field's type, or values
+        the config's own validation rejects.
     """
     items: list[tuple[str, Any]] = []
     if isinstance(overrides, Mapping):
@@ -215,11 +232,21 @@ def override(cfg: Cfg, overrides: Sequence[str] | Mapping[str, Any]) -> Cfg:
                 raise ConfigError(f"override {text!r} is not of the form key=value")
             key, value = text.split("=", 1)
             items.append((key.strip(), value))
+    tree = _Subtree()
     for key, value in items:
-        if not key:
-            raise ConfigError(f"override with an empty key: {key}={value!r}")
-        cfg = _set(cfg, key.split("."), value, key, cfg)
-    return cfg
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override with an empty key part: {key}={value!r}")
+        node = tree
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, _Subtree())
+            if not isinstance(child, _Subtree):
+                raise ConfigError(f"override {key!r} conflicts with {'.'.join(parts[: i + 1])!r}")
+            node = child
+        if isinstance(node.get(parts[-1]), _Subtree):
+            raise ConfigError(f"override {key!r} conflicts with overrides of its fields")
+        node[parts[-1]] = value  # a later override of the same key wins
+    return _apply(cfg, tree, "", cfg)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

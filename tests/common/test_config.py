@@ -30,6 +30,29 @@ class ExpCfg:
     name: str = "exp"
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitCfg:
+    total: int = 10
+    first: int = 4
+    second: int = 6
+
+    def __post_init__(self):
+        if self.first + self.second != self.total:
+            raise ValueError(f"first + second must equal total ({self.total})")
+
+
+@dataclasses.dataclass(frozen=True)
+class WithSplit:
+    split: SplitCfg = SplitCfg()
+
+
+def test_related_fields_are_validated_together():
+    cfg = C.override(WithSplit(), ["split.first=2", "split.second=8"])
+    assert (cfg.split.first, cfg.split.second) == (2, 8)
+    with pytest.raises(C.ConfigError, match="split: first \\+ second must equal total"):
+        C.override(WithSplit(), ["split.first=3"])
+
+
 PRESETS = {"tiny": ExpCfg, "wide": lambda: ExpCfg(model=ModelCfg(width=256))}
 
 
