@@ -74,6 +74,9 @@ class FinetuneConfig:
     num_latents: int = 16
     latent_init_std: float = 0.02
     prompt_tuning_lr: float = 3e-3
+    # rows per evaluation call (validation each epoch, test diagnostics); shapes are fixed,
+    # the last partial batch is padded and weighted out
+    eval_batch_size: int = 100
     lora: LoRAConfig = LoRAConfig()
 
     def __post_init__(self):
@@ -95,6 +98,12 @@ class SweepConfig:
                               "functional_correspondence")
     stage1_epochs: tuple[int, ...] = (0, 2, 4, 6, 8)
     num_latents: tuple[int, ...] = (4, 8, 16, 32)
+    # stage-1 mask variants besides the default bottleneck (spec §5.6 masking strategy)
+    mask_variants: tuple[str, ...] = ("answer_only", "bottleneck_no_latent_prompt")
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+ARM_NAMES = ("sft", "livr", "latents_only", "mask_only", "prompt_tuning")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +114,8 @@ class LIRConfig:
     finetune: FinetuneConfig = FinetuneConfig()
     sweep: SweepConfig = SweepConfig()
     tasks: tuple[str, ...] = TASK_NAMES
+    # fine-tuning arms of the Table-1 analogue (zero-shot is always evaluated)
+    arms: tuple[str, ...] = ARM_NAMES
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     seed: int = 42
 
@@ -112,6 +123,9 @@ class LIRConfig:
         unknown = [t for t in self.tasks + self.sweep.tasks if t not in TASK_NAMES]
         if unknown:
             raise ValueError(f"unknown task names {unknown}; expected names from {TASK_NAMES}")
+        bad_arms = [a for a in self.arms if a not in ARM_NAMES]
+        if bad_arms:
+            raise ValueError(f"unknown arms {bad_arms}; expected names from {ARM_NAMES}")
         if self.model.image_size != self.data.image_size:
             raise ValueError(f"model.image_size ({self.model.image_size}) must equal "
                              f"data.image_size ({self.data.image_size})")
@@ -160,30 +174,41 @@ def steps_per_epoch(ft: FinetuneConfig, n_train: int) -> int:
 
 
 def tiny() -> LIRConfig:
-    """Minutes on 2 CPU cores: 32 px images with 16 tokens, a 2+2-layer 64-wide LMM, three
-    tasks (two relational + the negative control), 2 seeds, 500 training examples."""
+    """About 5 minutes on 2 CPU cores (``make demo``): 32 px single-image tasks with 16 image
+    tokens (max_images 1 keeps sequences at 41 tokens), a 2+2-layer 64-wide LMM, a short
+    phase P, three tasks (relative reflectance, localization and the negative control), the
+    four trained arms of Table 1, 2 seeds, 320 training examples, no ablation sweeps."""
     return LIRConfig(
         model=ModelConfig(image_size=32, patch_size=8, vit_dim=64, vit_depth=2, vit_heads=4,
-                          lm_dim=64, lm_depth=2, lm_heads=4, num_latents=8),
-        data=DataConfig(image_size=32, n_train=500, n_val=100, n_test=300, max_latents=8),
-        pretrain=PretrainConfig(steps=800, batch_size=32, n_examples=3000),
+                          lm_dim=64, lm_depth=2, lm_heads=4, max_images=1, num_latents=8),
+        data=DataConfig(image_size=32, n_train=320, n_val=100, n_test=300, max_images=1,
+                        max_latents=8),
+        pretrain=PretrainConfig(steps=600, batch_size=32, warmup_steps=50, n_examples=2400),
         finetune=FinetuneConfig(num_latents=8, lora=LoRAConfig(rank=8, alpha=16.0)),
-        sweep=SweepConfig(tasks=("relative_reflectance",), stage1_epochs=(0, 4, 8),
-                          num_latents=(4, 8)),
-        tasks=("relative_reflectance", "visual_similarity", "colour_control"),
+        sweep=SweepConfig(tasks=(), stage1_epochs=(0, 4, 8), num_latents=(4, 8),
+                          mask_variants=(), seeds=(0,)),
+        tasks=("relative_reflectance", "localization", "colour_control"),
+        arms=("sft", "livr", "latents_only", "mask_only"),
         seeds=(0, 1),
     )
 
 
 def small() -> LIRConfig:
-    """About an hour on 2 CPU cores for the committed report: the spec §7.3 model (48 px,
-    ViT 64x3, LM 96x4), K = 8, LoRA r 8 / alpha 16, 1k/250/1k examples, 5 seeds."""
+    """The committed report: the spec §7.3 model (48 px, ViT 64x3, LM 96x4), K = 8, LoRA
+    r 8 / alpha 16, 1k/250/1k examples, 5 seeds, on the four relational tasks spec §7.4 rates
+    most bottleneck-friendly (jigsaw, visual correspondence, relative reflectance, visual
+    similarity) plus the negative control, the four trained Table-1 arms, and the stage-split /
+    K / mask sweeps on relative reflectance with 3 seeds. About 10 hours on 2 shared CPU cores
+    (one phase-F run of 1,250 steps takes about 4-5 minutes there; benchmarks/lir.py)."""
     return LIRConfig(
         model=ModelConfig(num_latents=8),
         data=DataConfig(max_latents=32),
         finetune=FinetuneConfig(num_latents=8, lora=LoRAConfig(rank=8, alpha=16.0)),
-        sweep=SweepConfig(tasks=("relative_reflectance", "visual_similarity"),
-                          stage1_epochs=(0, 2, 4, 6, 8), num_latents=(4, 8, 16, 32)),
+        sweep=SweepConfig(tasks=("relative_reflectance",), stage1_epochs=(0, 2, 4, 6, 8),
+                          num_latents=(4, 8, 16, 32), seeds=(0, 1, 2)),
+        tasks=("jigsaw", "visual_correspondence", "relative_reflectance", "visual_similarity",
+               "colour_control"),
+        arms=("sft", "livr", "latents_only", "mask_only"),
         seeds=(0, 1, 2, 3, 4),
     )
 

@@ -1,0 +1,65 @@
+"""CLI: python -m lir reproduce|pretrain --preset tiny|small|paper --run-dir DIR
+[--set key=value ...] [--pretrain-cache DIR] [--quiet]
+
+``reproduce`` writes DIR/report.md and DIR/results.json (``lir.reproduce``); ``pretrain``
+only runs (or loads) the cached phase-P model and prints its held-out skill accuracy. Both
+resume: rerunning the same command continues where an interrupted one stopped. The phase-P
+cache defaults to DIR/../lir_pretrain_cache, so runs side by side share one pretrained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+from common.config import ConfigError, add_config_args, config_from_args, to_json
+from common.report import command_line
+from lir.config import PRESETS
+
+_REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _enable_compile_cache() -> None:
+    # The same persistent cache as the tests: a repeated demo skips most XLA compiles.
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(_REPO / ".jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lir", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=("reproduce", "pretrain"))
+    add_config_args(parser, default_preset="tiny")
+    parser.add_argument("--run-dir", required=True, help="output directory")
+    parser.add_argument("--pretrain-cache", default=None,
+                        help="phase-P cache root (default: RUN_DIR/../lir_pretrain_cache)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(PRESETS, args)
+    except (ConfigError, ValueError) as err:
+        parser.error(str(err))
+    run_dir = pathlib.Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(to_json(cfg))
+    cache = pathlib.Path(args.pretrain_cache) if args.pretrain_cache else (
+        run_dir.resolve().parent / "lir_pretrain_cache")
+    _enable_compile_cache()
+    # Imported after parsing so `--help` and config errors do not pay for JAX start-up.
+    from lir import reproduce, train
+
+    if args.command == "pretrain":
+        pre = train.pretrain(cfg, cache, verbose=not args.quiet)
+        print(json.dumps({"directory": str(pre.directory), **pre.metrics}, indent=1))
+        return 0
+    reproduce.reproduce(cfg, run_dir, preset=args.preset, cache_root=cache,
+                        verbose=not args.quiet, command=command_line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

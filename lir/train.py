@@ -1,0 +1,468 @@
+"""Phase P (pretraining, cached) and phase F (LoRA / LIVR fine-tuning arms) for lir.
+
+Phase P (spec §7.2): the whole tiny LMM (every ``nnx.Param`` except latents and LoRA,
+``PRETRAIN_FILTER``) is trained once on the generic single-image QA mixture of
+``lir/tasks/pretrain.py`` with ``common.train.train``. The result is cached on disk under
+``<cache_root>/<hash>/`` where the hash covers exactly the config sections it depends on
+(:func:`pretrain_key`), so every task, arm and seed -- and every later run with the same
+model/data/pretrain settings -- reuses it; an interrupted pretraining resumes from its
+``common.checkpoint.Checkpointer``.
+
+Phase F (spec §1.5, §1.6, §7.5): for one (task, arm, seed) the pretrained weights are loaded
+into a fresh LMM with K latent rows (re-drawn around the mean embedding, spec §6 #2), LoRA is
+added to the LM, and only the arm's trainable filter is optimized. Each stage gets a fresh
+AdamW and warmup-cosine schedule (``lir.config.stage_optimizer``; spec §6 #6). Validation
+accuracy is measured after every epoch and the best eligible epoch's params are kept in
+memory (spec §6 #7: for two-stage arms only stage-2 epochs are eligible; ties go to the
+later epoch).
+
+Arms (:data:`ARMS`; K = the run's ``finetune.num_latents`` unless stated):
+
+=================== ====== ====================================== =======================
+arm                 K      stages (mask variant x epochs)         trained
+=================== ====== ====================================== =======================
+``zero_shot``       --     none (the phase-P model)               nothing
+``sft``             0      causal x sft_epochs                    LoRA
+``livr``            K      bottleneck x s1, causal x s2           LoRA + latents
+``latents_only``    K      causal x sft_epochs                    LoRA + latents
+``mask_only``       0      answer_only x s1, causal x s2          LoRA
+``prompt_tuning``   K      causal x sft_epochs (prompt-tuning lr) latents only
+=================== ====== ====================================== =======================
+
+Ablation arms are built with :func:`livr_arm` (stage split, stage-1 mask variant) and the
+``num_latents`` argument of :func:`finetune` (K sweep).
+
+Every arm uses one batch layout with K latent slots; arms without latents (K = 0) run on
+``lir.data.drop_latents`` of the same batches (latent slots become PAD), which equals deleting
+the latents (positions do not depend on K; tested in tests/lir/test_model.py). So all arms
+have one sequence length, and every distinct (trainable filter, mask variant, schedule) train
+step is compiled once and reused across tasks and seeds (:class:`StepCache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from common.checkpoint import Checkpointer
+from common.config import to_dict
+from common.data import ArrayIterator
+from common.metrics import MetricsWriter, Progress
+from common.train import (
+    OptimizerConfig,
+    TrainState,
+    create_train_state,
+    make_optimizer,
+    make_train_step,
+    merge_model,
+    train,
+)
+from lir import evaluate as ev
+from lir.config import LIRConfig, layout, model_config, stage_optimizer, steps_per_epoch
+from lir.data import Batch, collate, drop_latents, take
+from lir.model import (
+    LATENT_FILTER,
+    LIVR_FILTER,
+    LMM,
+    LORA_FILTER,
+    PRETRAIN_FILTER,
+    add_lora,
+    loss_fn,
+    reset_latents,
+)
+from lir.tasks import PRETRAIN_NAMES, generate
+
+# Bump when phase-P code changes in a way that makes old cached models invalid.
+PRETRAIN_VERSION = 1
+# Seed streams (folded with cfg.seed or the run seed) keep the random sources independent.
+SEED_PRETRAIN_MODEL, SEED_PRETRAIN_DATA, SEED_PRETRAIN_EVAL = 11, 12, 13
+SEED_TASK_DATA, SEED_LATENTS, SEED_LORA, SEED_ORDER = 21, 22, 23, 24
+
+FILTERS = {"lora": LORA_FILTER, "livr": LIVR_FILTER, "latents": LATENT_FILTER}
+
+
+# --------------------------------------------------------------------------------------------
+# Arms
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """A fine-tuning recipe. ``stages``: ((mask variant, epochs), ...), run in order, each with
+    a fresh optimizer; ``trainable``: a key of :data:`FILTERS`; ``latents``: whether the K
+    latent slots are in the input; ``lr``: "finetune" (``finetune.learning_rate``) or
+    "prompt_tuning" (``finetune.prompt_tuning_lr``)."""
+
+    name: str
+    stages: tuple[tuple[str, int], ...]
+    trainable: str
+    latents: bool
+    lr: str = "finetune"
+
+    @property
+    def epochs(self) -> int:
+        return sum(e for _, e in self.stages)
+
+    def eligible_stage(self) -> int:
+        """Index of the stage whose epochs compete for best-val (the last non-empty one)."""
+        return max(i for i, (_, e) in enumerate(self.stages) if e > 0)
+
+
+def livr_arm(cfg: LIRConfig, stage1_epochs: int | None = None, variant: str = "bottleneck",
+             name: str | None = None) -> Arm:
+    """LIVR with ``stage1_epochs`` of the ``variant`` mask then causal for the rest of
+    ``sft_epochs`` (stage1_epochs 0 = latents only)."""
+    ft = cfg.finetune
+    s1 = ft.stage1_epochs if stage1_epochs is None else stage1_epochs
+    if not 0 <= s1 <= ft.sft_epochs:
+        raise ValueError(f"stage1_epochs must be in [0, {ft.sft_epochs}]; got {s1}")
+    stages = tuple(s for s in ((variant, s1), ("causal", ft.sft_epochs - s1)) if s[1] > 0)
+    return Arm(name or f"livr_s1_{s1}", stages, "livr", True)
+
+
+def arm_specs(cfg: LIRConfig) -> dict[str, Arm]:
+    """The main arms of :func:`finetune` (module docstring table) for ``cfg``."""
+    ft = cfg.finetune
+    return {
+        "sft": Arm("sft", (("causal", ft.sft_epochs),), "lora", False),
+        "livr": livr_arm(cfg, name="livr"),
+        "latents_only": Arm("latents_only", (("causal", ft.sft_epochs),), "livr", True),
+        # spec §1.3 "mask only": K = 0, answer (and template tail) blocked from the image in
+        # stage 1 while the prompt still sees it; same epoch split as LIVR
+        "mask_only": Arm("mask_only", (("answer_only", ft.stage1_epochs),
+                                       ("causal", ft.stage2_epochs)), "lora", False),
+        "prompt_tuning": Arm("prompt_tuning", (("causal", ft.sft_epochs),), "latents", True,
+                             lr="prompt_tuning"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """Collated splits of one task at the run's layout (K = ``num_latents`` slots)."""
+
+    task: str
+    train: Batch
+    val: Batch
+    test: Batch
+    num_latents: int
+
+    def without_latents(self) -> TaskData:
+        return dataclasses.replace(self, train=drop_latents(self.train),
+                                   val=drop_latents(self.val), test=drop_latents(self.test))
+
+
+def task_data(cfg: LIRConfig, task: str, num_latents: int | None = None) -> TaskData:
+    """Train / val (offset stream of the train generator) / test (shifted generator) splits of
+    ``task``, fixed by ``cfg.seed`` (the run seed varies init and order, not the data)."""
+    k = cfg.finetune.num_latents if num_latents is None else num_latents
+    lay = layout(cfg, k)
+    d = cfg.data
+    seed = cfg.seed * 1000 + SEED_TASK_DATA
+    gen = lambda n, split, offset: generate(task, n, seed, split, d.image_size, offset)  # noqa: E731
+    return TaskData(task, collate(gen(d.n_train, "train", 0), lay),
+                    collate(gen(d.n_val, "train", 1), lay),
+                    collate(gen(d.n_test, "test", 0), lay), k)
+
+
+def _as_arrays(batch: Batch) -> dict[str, np.ndarray]:
+    return batch._asdict()
+
+
+def _batch_loss(variant: str) -> Callable:
+    """``loss_fn(variant)`` over the dict batches of ``common.data.ArrayIterator``."""
+    inner = loss_fn(variant)
+
+    def fn(model, batch, key):
+        return inner(model, Batch(**batch), key)
+
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled-step cache
+# --------------------------------------------------------------------------------------------
+
+
+class StepCache:
+    """Jitted train steps keyed by (graphdef, filter, mask variant, optimizer config).
+
+    ``make_train_step`` returns a fresh ``jax.jit`` each call; reusing one per key means every
+    task/seed/arm with the same shapes runs the already-compiled executable.
+    """
+
+    def __init__(self):
+        self._steps: dict = {}
+        self._tx: dict = {}
+
+    def tx(self, opt: OptimizerConfig):
+        """The optax transformation of ``opt`` (one object per config)."""
+        if opt not in self._tx:
+            self._tx[opt] = make_optimizer(opt)
+        return self._tx[opt]
+
+    def get(self, graphdef, trainable: str, variant: str, opt: OptimizerConfig):
+        """The jitted ``step(state, batch)`` for this key (built on first use)."""
+        key = (graphdef, trainable, variant, opt)
+        if key not in self._steps:
+            self._steps[key] = make_train_step(graphdef, _batch_loss(variant), self.tx(opt))
+        return self._steps[key]
+
+    def keys(self) -> list[tuple]:
+        """(graphdef, trainable, variant, optimizer config) of every step built so far."""
+        return list(self._steps)
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+
+_STEPS = StepCache()
+
+
+# --------------------------------------------------------------------------------------------
+# Phase P
+# --------------------------------------------------------------------------------------------
+
+
+def pretrain_sections(cfg: LIRConfig) -> dict:
+    """The config values phase P depends on (and nothing else): model shape (minus the
+    latent table, which phase P does not train), data layout, pretrain settings, seed."""
+    d = to_dict(cfg)
+    model = {k: v for k, v in d["model"].items() if k not in ("num_latents", "latent_init_std")}
+    data = {k: d["data"][k] for k in ("image_size", "max_prompt_len", "max_images",
+                                      "max_latents")}
+    return {"version": PRETRAIN_VERSION, "seed": cfg.seed, "model": model, "data": data,
+            "pretrain": d["pretrain"]}
+
+
+def pretrain_key(cfg: LIRConfig) -> str:
+    """Hash of :func:`pretrain_sections` naming the cache directory."""
+    text = json.dumps(pretrain_sections(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A phase-P model: ``params`` (host NumPy ``nnx.State`` of the PRETRAIN_FILTER params),
+    ``metrics`` (held-out accuracy per skill, wall time), ``directory``."""
+
+    params: nnx.State
+    metrics: dict
+    directory: pathlib.Path
+
+
+def pretrain_data(cfg: LIRConfig, n: int, stream: int, split: str = "train") -> Batch:
+    """``n`` examples of the phase-P mixture, equal counts per skill, at the K = 0 layout."""
+    per = max(n // len(PRETRAIN_NAMES), 1)
+    recs = []
+    for name in PRETRAIN_NAMES:
+        recs += generate(name, per, cfg.seed * 1000 + stream, split, cfg.data.image_size)
+    return collate(recs, layout(cfg, 0))
+
+
+def _pretrain_model(cfg: LIRConfig) -> LMM:
+    # one (unused, untrained) latent row: orbax cannot save a zero-size array
+    return LMM(model_config(cfg, 1), rngs=nnx.Rngs(cfg.seed * 1000 + SEED_PRETRAIN_MODEL))
+
+
+def pretrain(cfg: LIRConfig, cache_root: str | pathlib.Path, *, verbose: bool = True,
+             eval_per_skill: int = 200) -> Pretrained:
+    """Phase P, cached under ``cache_root/<pretrain_key(cfg)>``; a finished cache is loaded
+    without training, an unfinished one resumes from its last checkpoint."""
+    p = cfg.pretrain
+    directory = pathlib.Path(cache_root) / pretrain_key(cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sections.json").write_text(json.dumps(pretrain_sections(cfg), indent=1))
+    opt = OptimizerConfig(name="adamw", learning_rate=p.learning_rate, schedule="cosine",
+                          warmup_steps=min(p.warmup_steps, p.steps - 1), total_steps=p.steps,
+                          weight_decay=p.weight_decay, grad_clip_norm=1.0)
+    tx = make_optimizer(opt)
+    graphdef, state = create_train_state(_pretrain_model(cfg), tx,
+                                         cfg.seed * 1000 + SEED_PRETRAIN_MODEL,
+                                         trainable=PRETRAIN_FILTER)
+    done = directory / "done.json"
+    with Checkpointer(directory / "checkpoints", max_to_keep=1,
+                      config=pretrain_sections(cfg)) as ckpt:
+        if done.exists() and ckpt.latest_step() == p.steps:
+            state, _ = ckpt.restore(state)
+            metrics = json.loads(done.read_text())
+        else:
+            t0 = time.time()
+            data = pretrain_data(cfg, p.n_examples, SEED_PRETRAIN_DATA)
+            it = ArrayIterator(_as_arrays(data), p.batch_size,
+                               seed=cfg.seed * 1000 + SEED_PRETRAIN_DATA)
+            step_fn = make_train_step(graphdef, _batch_loss("causal"), tx)
+            prog = Progress(p.steps, name="pretrain") if verbose else None
+            with MetricsWriter(directory / "metrics.jsonl") as mw:
+                state = train(state, step_fn, it, p.steps, checkpointer=ckpt,
+                              save_every=max(p.steps // 4, 1), metrics_writer=mw,
+                              log_every=max(p.steps // 20, 1), check_finite_every=50,
+                              progress=(lambda s, m: prog.update(s, m)) if prog else None)
+            metrics = {"train_seconds": time.time() - t0, "steps": p.steps,
+                       "skill_accuracy": _skill_accuracy(cfg, graphdef, state, eval_per_skill)}
+            done.write_text(json.dumps(metrics, indent=1))
+    params = jax.tree.map(np.asarray, state.params)
+    return Pretrained(params, metrics, directory)
+
+
+def _skill_accuracy(cfg, graphdef, state: TrainState, n: int) -> dict[str, float]:
+    """Held-out accuracy of the phase-P model on each skill (spec §7.6: check > 80%);
+    ``n`` = 0 skips it."""
+    if n < 1:
+        return {}
+    model = merge_model(graphdef, state)
+    out = {}
+    for name in PRETRAIN_NAMES:
+        recs = generate(name, n, cfg.seed * 1000 + SEED_PRETRAIN_EVAL, "test",
+                        cfg.data.image_size)
+        out[name] = ev.accuracy(model, collate(recs, layout(cfg, 0)),
+                                cfg.finetune.eval_batch_size)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Phase F
+# --------------------------------------------------------------------------------------------
+
+
+def _fresh(tree):
+    # New device buffers: train steps donate their state, and the cached pretrained params
+    # must survive every run.
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def finetune_model(cfg: LIRConfig, pretrained: Pretrained, seed: int,
+                   num_latents: int | None = None) -> LMM:
+    """The phase-P model with K fresh latent rows (mean embedding + std noise) and LoRA on the
+    LM (B = 0, so it starts equal to the phase-P model), seeded by ``seed``."""
+    k = cfg.finetune.num_latents if num_latents is None else num_latents
+    model = LMM(model_config(cfg, k), rngs=nnx.Rngs(seed * 1000 + SEED_LATENTS))
+    nnx.update(model, _fresh(pretrained.params))
+    if k:
+        reset_latents(model, jax.random.key(seed * 1000 + SEED_LATENTS),
+                      cfg.finetune.latent_init_std)
+    add_lora(model, cfg.finetune.lora, rngs=nnx.Rngs(seed * 1000 + SEED_LORA))
+    return model
+
+
+@dataclasses.dataclass
+class RunResult:
+    """One (task, arm, seed) run: per-epoch validation accuracy, the selected epoch, test
+    diagnostics (``lir.evaluate.diagnostics``), timing."""
+
+    task: str
+    arm: str
+    seed: int
+    num_latents: int
+    val_curve: list[float]
+    best_epoch: int
+    best_val: float
+    test: dict
+    train_seconds: float
+    train_steps: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, seed: int,
+             *, metrics_dir: str | pathlib.Path | None = None,
+             return_model: bool = False):
+    """Phase F for one (task, arm, seed); returns a :class:`RunResult` (and the selected model
+    when ``return_model``). ``data`` must have K slots; the arm decides whether they are used.
+    """
+    ft = cfg.finetune
+    k = data.num_latents if arm.latents else 0
+    if not arm.latents:
+        data = data.without_latents()
+    model = finetune_model(cfg, pretrained, seed, data.num_latents)
+    spe = steps_per_epoch(ft, data.train.batch_size)
+    if spe < 1:
+        raise ValueError(f"n_train={data.train.batch_size} gives no full batch of "
+                         f"{ft.batch_size * ft.accumulation_steps}")
+    lr = ft.prompt_tuning_lr if arm.lr == "prompt_tuning" else ft.learning_rate
+    calls_per_epoch = spe * ft.accumulation_steps
+    best = {"val": -1.0, "epoch": -1, "params": None}
+    curve: list[float] = []
+    epoch0, steps_done, t0 = 0, 0, time.time()
+    writer = MetricsWriter(pathlib.Path(metrics_dir) / "metrics.jsonl") if metrics_dir else None
+    try:
+        for si, (variant, epochs) in enumerate(arm.stages):
+            if epochs == 0:
+                continue
+            opt = stage_optimizer(ft, epochs * spe, learning_rate=lr)
+            gd, state = create_train_state(model, _STEPS.tx(opt), seed * 1000 + SEED_ORDER + si,
+                                           trainable=FILTERS[arm.trainable])
+            step_fn = _STEPS.get(gd, arm.trainable, variant, opt)
+            it = ArrayIterator(_as_arrays(data.train), ft.batch_size,
+                               seed=seed * 1000 + SEED_ORDER)
+            # same epoch order as a one-stage run: stage 2 continues at epoch `epoch0`
+            it.set_state({"epoch": epoch0, "position": 0})
+            eligible = si == arm.eligible_stage()
+
+            def on_epoch(st, _gd=gd, _eligible=eligible):
+                acc = ev.accuracy(merge_model(_gd, st), data.val, ft.eval_batch_size)
+                curve.append(acc)
+                if _eligible and acc >= best["val"]:  # ties -> later epoch (spec §6 #7)
+                    best.update(val=acc, epoch=len(curve), params=jax.tree.map(jnp.copy,
+                                                                             st.params))
+                return {"val_accuracy": acc}
+
+            state = train(state, step_fn, it, epochs * calls_per_epoch, eval_fn=on_epoch,
+                          eval_every=calls_per_epoch, metrics_writer=writer,
+                          log_every=calls_per_epoch, check_finite_every=calls_per_epoch)
+            nnx.update(model, state.params, state.frozen)
+            if eligible:
+                nnx.update(model, best["params"])
+            epoch0 += epochs
+            steps_done += epochs * calls_per_epoch
+    finally:
+        if writer is not None:
+            writer.close()
+    seconds = time.time() - t0
+    test = ev.diagnostics(model, data.test, ft.eval_batch_size)
+    result = RunResult(data.task, arm.name, seed, k, curve, best["epoch"], best["val"], test,
+                       seconds, steps_done)
+    return (result, model) if return_model else result
+
+
+def zero_shot(cfg: LIRConfig, pretrained: Pretrained, data: TaskData) -> RunResult:
+    """The phase-P model on the task's test set, no training (no latents in the input)."""
+    model = finetune_model(cfg, pretrained, 0, data.num_latents)
+    d = data.without_latents()
+    test = ev.diagnostics(model, d.test, cfg.finetune.eval_batch_size)
+    val = ev.accuracy(model, d.val, cfg.finetune.eval_batch_size)
+    return RunResult(data.task, "zero_shot", 0, 0, [], 0, val, test, 0.0, 0)
+
+
+def frozen_params(model: LMM) -> dict[str, np.ndarray]:
+    """Flat path -> array of every param no phase-F arm may change (ViT, projector, LM base
+    weights, embeddings: ``PRETRAIN_FILTER``), with LoRA wrappers' ``base`` level removed so
+    the paths equal those of :attr:`Pretrained.params`. For tests and audits."""
+    state = nnx.state(model, PRETRAIN_FILTER)
+    return {"/".join(str(k) for k in p if k != "base"): np.asarray(v)
+            for p, v in nnx.to_flat_state(state)}
+
+
+def take_rows(data: Batch, n: int) -> Batch:
+    """The first ``n`` rows of a collated split."""
+    return take(data, np.arange(min(n, data.batch_size)))
+
+
+def run_seeds(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm,
+              seeds: Sequence[int]) -> list[RunResult]:
+    """:func:`finetune` for each seed."""
+    return [finetune(cfg, pretrained, data, arm, s) for s in seeds]
