@@ -1,0 +1,13 @@
+"""Spatia (arXiv 2512.15716): video generation with an updatable 3D point-cloud spatial memory.
+
+Geometry side (pure JAX, usable on its own):
+
+* `spatia.geometry`  pinhole cameras, SE(3), projection, the official camera-file format
+* `spatia.scenes`    deterministic synthetic rooms, analytic ray caster, camera trajectories
+* `spatia.memory`    fixed-capacity point memory: static-pixel insertion, voxelisation, edits
+* `spatia.render`    two-pass integer scatter-min z-buffer, splats, top-K compositor, visibility
+* `spatia.retrieval` visibility sets, intersection counts, Hungarian / threshold reference choice
+* `spatia.slam`      point-to-plane ICP pose refinement and memory update from frames
+
+Command line: ``python -m spatia scene|render|edit|memory-report`` (see `spatia.cli`).
+"""
