@@ -14,20 +14,10 @@ import json
 import pathlib
 import sys
 
-from common.config import ConfigError, add_config_args, config_from_args, to_json
+from common.config import ConfigError, add_config_args, config_from_args
 from common.report import command_line
+from common.runtime import enable_compilation_cache, start_run_dir
 from lir.config import PRESETS
-
-_REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _enable_compile_cache() -> None:
-    # The same persistent cache as the tests: a repeated demo skips most XLA compiles.
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(_REPO / ".jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,12 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(PRESETS, args)
     except (ConfigError, ValueError) as err:
         parser.error(str(err))
-    run_dir = pathlib.Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(to_json(cfg))
+    run_dir = start_run_dir(args.run_dir, cfg)
     cache = pathlib.Path(args.pretrain_cache) if args.pretrain_cache else (
         run_dir.resolve().parent / "lir_pretrain_cache")
-    _enable_compile_cache()
+    enable_compilation_cache()
     # Imported after parsing so `--help` and config errors do not pay for JAX start-up.
     from lir import reproduce, train
 
