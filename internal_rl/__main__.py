@@ -1,0 +1,65 @@
+"""CLI: python -m internal_rl pretrain|probe|control|all --preset tiny|small|paper
+[--set key=value ...] --run-dir DIR   (and: report --run-dir DIR [--out reports/internal_rl])
+
+Every stage resumes from what the run directory already holds (pretraining and controller
+checkpoints, finished per-layer controller results), so re-running the same command after
+an interruption continues the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from common.config import ConfigError, add_config_args, config_from_args
+from common.runtime import enable_compilation_cache, start_run_dir
+from internal_rl.config import PRESETS
+
+STAGES = ("pretrain", "probe", "control", "all", "report")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m internal_rl", description=__doc__.split("\n")[0])
+    parser.add_argument("stage", choices=STAGES)
+    add_config_args(parser, default_preset="tiny")
+    parser.add_argument("--run-dir", required=True, help="directory for checkpoints and results")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--out", default="reports/internal_rl",
+                        help="report stage: where base.md and its plots go")
+    args = parser.parse_args(argv)
+    if args.stage == "report":
+        from internal_rl.base_report import write_base_report
+
+        print(f"wrote {write_base_report(args.run_dir, args.out)}")
+        return 0
+    try:
+        cfg = config_from_args(PRESETS, args)
+    except (ConfigError, ValueError) as err:
+        parser.error(str(err))
+    run_dir = start_run_dir(args.run_dir, cfg)
+    enable_compilation_cache()
+
+    # Imported after parsing so `--help` and config errors do not pay for JAX start-up.
+    from internal_rl.analysis import run_control, run_probe
+    from internal_rl.pretrain import run_pretrain
+
+    stages = ("pretrain", "probe", "control") if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        t0 = time.time()
+        if stage == "pretrain":
+            result = run_pretrain(cfg, run_dir, verbose=not args.quiet)
+        elif stage == "probe":
+            result = run_probe(cfg, run_dir)
+        else:
+            result = run_control(cfg, run_dir, verbose=not args.quiet)
+        with open(run_dir / "stage_times.jsonl", "a") as f:
+            f.write(json.dumps({"stage": stage, "seconds": time.time() - t0}) + "\n")
+        print(f"== {stage} ({time.time() - t0:.0f} s)")
+        print(json.dumps(result, indent=1)[:3000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The supervised analysis stages on a pretrained base model: probes and controllers.
+
+`run_probe(cfg, run_dir)`   -> run_dir/probe/results.json + plots (Fig. 3 / A1 analogues)
+`run_control(cfg, run_dir)` -> run_dir/control/results.json + plot (Fig. 4 analogue)
+
+Both read the base model from run_dir's pretraining checkpoints. Controller training uses
+`common.train` with one checkpoint directory per insertion layer; a layer whose results
+file exists is skipped, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from common.checkpoint import Checkpointer
+from common.config import to_dict
+from common.metrics import MetricsWriter, Progress
+from common.train import OptimizerConfig, create_train_state, make_optimizer, make_train_step, train
+from internal_rl.config import Config
+from internal_rl.controllers import CONTROLLER_PARAMS, ControlledModel, controller_loss
+from internal_rl.envs.gridworld import post_task, pretrain_tasks
+from internal_rl.pretrain import (
+    SEED_CONTROL,
+    SEED_EVAL,
+    SEED_PROBE,
+    load_base_model,
+    make_base_eval,
+    make_dataset,
+    make_env,
+    pretrain_checkpoint_config,
+)
+from internal_rl.probes import collect, evaluate_probes, fit_probes
+from internal_rl.rollouts import closed_loop, summarize
+
+
+def _plot_lines(path, xs, series: dict, title: str, xlabel: str, ylabel: str, hline=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for label, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=label, linewidth=1.5, markersize=3)
+    if hline is not None:
+        ax.axhline(hline[1], linestyle="--", color="gray", linewidth=1.0, label=hline[0])
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def probe_checkpoint(cfg: Config, run_dir: pathlib.Path, step: int | None = None) -> dict:
+    """Probes of every layer of the base model at pretraining checkpoint `step` (latest)."""
+    model = load_base_model(cfg, run_dir, step)
+    pc = cfg.probe
+    num_classes = make_env(cfg).num_subgoals
+    train_data = collect(model, make_dataset(cfg, SEED_PROBE), pc.train_trajectories)
+    eval_data = collect(model, make_dataset(cfg, SEED_PROBE + 10), pc.eval_trajectories)
+    params, losses = fit_probes(train_data, num_classes, jax.random.key(cfg.seed * 100 + SEED_PROBE),
+                                pc.steps, pc.batch_size, pc.learning_rate, pc.weight_decay)
+    ev = evaluate_probes(params, eval_data, pc.max_position)
+    tr = evaluate_probes(params, train_data, pc.max_position)
+    return dict(
+        layers=list(range(cfg.model.depth + 1)),
+        eval_accuracy=ev["accuracy"].tolist(), train_accuracy=tr["accuracy"].tolist(),
+        eval_accuracy_by_position=ev["accuracy_by_position"].tolist(),
+        eval_p_true_by_position=ev["p_true_by_position"].tolist(),
+        position_counts=ev["position_counts"].tolist(), chance=1.0 / num_classes,
+        majority_baseline=ev["majority_baseline"], train_tokens=tr["num_tokens"],
+        eval_tokens=ev["num_tokens"], final_train_loss=float(losses[-20:].mean()))
+
+
+def run_probe(cfg: Config, run_dir: str | pathlib.Path) -> dict:
+    """Fits per-layer subgoal probes on fresh expert data; writes results + plots.
+
+    The latest checkpoint is the main result; `probe.checkpoints` adds earlier pretraining
+    steps (those present on disk) for the accuracy-vs-training-step view (Fig. A1).
+    """
+    run_dir = pathlib.Path(run_dir)
+    out = run_dir / "probe"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    results = probe_checkpoint(cfg, run_dir)
+    with Checkpointer(run_dir / "pretrain" / "checkpoints") as ckpt:
+        available = set(ckpt.all_steps())
+    by_step = {}
+    for step in cfg.probe.checkpoints:
+        if step not in available:
+            print(f"[probe] no pretraining checkpoint at step {step}; skipped", flush=True)
+            continue
+        r = probe_checkpoint(cfg, run_dir, step)
+        by_step[str(step)] = dict(eval_accuracy=r["eval_accuracy"], train_accuracy=r["train_accuracy"])
+    results.update(by_checkpoint=by_step, wall_seconds=time.time() - t0)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    layers = results["layers"]
+    chance = results["chance"]
+    _plot_lines(out / "probe_accuracy_by_layer.png", layers,
+                {"held-out": results["eval_accuracy"], "train": results["train_accuracy"]},
+                "Linear probe: subgoal decoding per layer", "residual layer l",
+                "accuracy", hline=("chance", chance))
+    pos = np.arange(cfg.probe.max_position)
+    by_pos = np.asarray(results["eval_accuracy_by_position"], dtype=float)
+    _plot_lines(out / "probe_accuracy_by_position.png", pos,
+                {f"layer {i}": by_pos[i] for i in layers},
+                "Probe accuracy vs steps since the subgoal began", "position in segment",
+                "accuracy", hline=("chance", chance))
+    if by_step:
+        _plot_lines(out / "probe_accuracy_by_checkpoint.png", layers,
+                    {f"step {k}": v["eval_accuracy"] for k, v in by_step.items()},
+                    "Held-out probe accuracy per layer across pretraining", "residual layer l",
+                    "accuracy", hline=("chance", chance))
+    return results
+
+
+def _control_optimizer(cfg: Config) -> OptimizerConfig:
+    c = cfg.control
+    return OptimizerConfig(name="adamw", learning_rate=c.learning_rate, schedule="constant",
+                           weight_decay=c.weight_decay, total_steps=c.steps, grad_clip_norm=1.0)
+
+
+def make_controlled_eval(cfg: Config, graphdef, tasks, num_episodes: int):
+    """Jitted (params, frozen, key) -> episodes of the label-switched controlled model."""
+    env = make_env(cfg)
+    tasks = jnp.asarray(tasks, jnp.int32)
+
+    def run(params, frozen, key):
+        model = nnx.merge(graphdef, params, frozen)
+        k_task, k_run = jax.random.split(key)
+        rows = tasks[jax.random.randint(k_task, (num_episodes,), 0, tasks.shape[0])]
+
+        def step_fn(obs, caches, subgoal):
+            out, caches = model.decode_step(obs, caches, subgoal)
+            return out.action_logits[:, 0], caches
+
+        return closed_loop(env, step_fn, model.base.init_caches(num_episodes, env.horizon),
+                           k_run, rows, env.horizon, cfg.control.greedy)
+
+    return jax.jit(run)
+
+
+def train_controller(cfg: Config, run_dir: pathlib.Path, layer: int, *, verbose: bool = True):
+    """Trains (or resumes) the layer-`layer` controller; returns (graphdef, TrainState)."""
+    base = load_base_model(cfg, run_dir)
+    num_codes = make_env(cfg).num_subgoals
+    model = ControlledModel(base, layer, num_codes, cfg.control.rank, cfg.control.hidden,
+                            rngs=nnx.Rngs(cfg.seed * 100 + SEED_CONTROL + layer))
+    tx = make_optimizer(_control_optimizer(cfg))
+    graphdef, state = create_train_state(model, tx, jax.random.key(cfg.seed * 100 + layer),
+                                         trainable=CONTROLLER_PARAMS)
+    step_fn = make_train_step(graphdef, controller_loss, tx)
+    data = make_dataset(cfg, SEED_CONTROL, cfg.control.batch_size)
+    layer_dir = run_dir / "control" / f"layer_{layer}"
+    ckpt_cfg = dict(pretrain_checkpoint_config(cfg), control=to_dict(cfg.control), layer=layer)
+    ckpt = Checkpointer(layer_dir / "checkpoints", max_to_keep=1, config=ckpt_cfg,
+                        ignore_config_keys=["control.layers", "control.eval_episodes",
+                                            "control.save_every", "control.greedy",
+                                            "pretrain.eval_every", "pretrain.eval_episodes",
+                                            "pretrain.log_every", "pretrain.save_every"])
+    progress = Progress(cfg.control.steps, name=f"control l={layer}",
+                        start_step=ckpt.latest_step() or 0)
+    with MetricsWriter(layer_dir / "metrics.jsonl") as writer:
+        state = train(state, step_fn, data, cfg.control.steps, checkpointer=ckpt,
+                      save_every=cfg.control.save_every, metrics_writer=writer, log_every=25,
+                      progress=(lambda s, m=None: progress.update(s, m)) if verbose else None)
+    ckpt.close()
+    return graphdef, state
+
+
+def run_control(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = True) -> dict:
+    """Sweeps the insertion layer; per layer: train, then evaluate on the held-out task."""
+    run_dir = pathlib.Path(run_dir)
+    out = run_dir / "control"
+    out.mkdir(parents=True, exist_ok=True)
+    n_eval = cfg.control.eval_episodes
+    key = jax.random.key(cfg.seed * 100 + SEED_EVAL + 7)
+    base_file = out / "uncontrolled.json"
+    if not base_file.exists():
+        base = load_base_model(cfg, run_dir)
+        graphdef, params, frozen = nnx.split(base, nnx.Param, ...)
+        base_eval = make_base_eval(cfg, graphdef, post_task()[None], n_eval)
+        base_res = summarize(base_eval(params, frozen, key))
+        base_file.write_text(json.dumps(base_res, indent=2))
+    base_res = json.loads(base_file.read_text())
+
+    per_layer = {}
+    for layer in cfg.control_layers:
+        f = out / f"layer_{layer}" / "results.json"
+        if not f.exists():
+            t0 = time.time()
+            graphdef, state = train_controller(cfg, run_dir, layer, verbose=verbose)
+            t_train = time.time() - t0
+            post = make_controlled_eval(cfg, graphdef, post_task()[None], n_eval)
+            pre = make_controlled_eval(cfg, graphdef, pretrain_tasks(), n_eval)
+            res = dict(layer=layer, train_seconds=t_train,
+                       post_task=summarize(post(state.params, state.frozen, key)),
+                       pretrain_tasks=summarize(pre(state.params, state.frozen, key)),
+                       wall_seconds=time.time() - t0)
+            f.write_text(json.dumps(res, indent=2))
+            if verbose:
+                print(f"[control] layer {layer}: post-task success "
+                      f"{res['post_task']['success_rate']:.3f}", flush=True)
+        per_layer[layer] = json.loads(f.read_text())
+
+    layers = sorted(per_layer)
+    results = dict(
+        layers=layers,
+        post_task_success=[per_layer[layer]["post_task"]["success_rate"] for layer in layers],
+        post_task_progress=[per_layer[layer]["post_task"]["mean_progress"] for layer in layers],
+        pretrain_task_success=[per_layer[layer]["pretrain_tasks"]["success_rate"] for layer in layers],
+        uncontrolled_post_task=base_res, eval_episodes=n_eval)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    _plot_lines(out / "controller_success_by_layer.png", layers,
+                {"held-out task, GT-switched controllers": results["post_task_success"],
+                 "held-out task, fraction of colours reached": results["post_task_progress"]},
+                "Supervised controllers vs insertion layer", "insertion layer l",
+                "success rate", hline=("uncontrolled base", base_res["success_rate"]))
+    return results
