@@ -39,7 +39,7 @@ import numpy as np
 from spatia import geometry as geo
 from spatia import memory as mem_lib
 from spatia import render as rnd
-from spatia import scenes, slam
+from spatia import scenes, slam, trajectories
 
 try:  # optional peer
     import open3d as o3d
@@ -171,7 +171,7 @@ def _room_cloud(n_target, seed=0):
     scene = scenes.make_scene(seed)
     h, w = 120, 160
     t = max(1, int(np.ceil(n_target / (h * w))))
-    w2c = jnp.asarray(scenes.exploration_trajectory(seed, t, scene=scene))
+    w2c = jnp.asarray(trajectories.exploration_trajectory(seed, t, scene=scene))
     intr = geo.intrinsics_from_fov(h, w, 75.0)
     fr = scenes.raycast_views(scene, w2c, intr, h, w, batch=4)
     xyz, col, ok = mem_lib.frames_points(fr.rgb, fr.depth, w2c, intr)

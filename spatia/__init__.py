@@ -3,7 +3,8 @@
 Geometry side (pure JAX, usable on its own):
 
 * `spatia.geometry`  pinhole cameras, SE(3), projection, the official camera-file format
-* `spatia.scenes`    deterministic synthetic rooms, analytic ray caster, camera trajectories
+* `spatia.scenes`    deterministic synthetic rooms and an analytic ray caster
+* `spatia.trajectories` camera paths: exploration splines, exact out-and-back loops, clip splits
 * `spatia.memory`    fixed-capacity point memory: static-pixel insertion, voxelisation, edits
 * `spatia.render`    two-pass integer scatter-min z-buffer, splats, top-K compositor, visibility
 * `spatia.retrieval` visibility sets, intersection counts, Hungarian / threshold reference choice

@@ -28,7 +28,7 @@ from common import config as cfg_lib
 from spatia import geometry as geo
 from spatia import memory as mem_lib
 from spatia import render as rnd
-from spatia import scenes
+from spatia import scenes, trajectories
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +111,10 @@ def setup(cfg: GeomConfig):
     intr = geo.intrinsics_from_fov(cfg.scene.height, cfg.scene.width, cfg.scene.fov_deg)
     t = cfg.traj
     if t.kind == "loop":
-        w2c = scenes.loop_trajectory(t.seed, max(t.n_frames // 2, 1), scene=scene, kind=t.loop_kind,
+        w2c = trajectories.loop_trajectory(t.seed, max(t.n_frames // 2, 1), scene=scene, kind=t.loop_kind,
                                      yaw_deg=t.yaw_deg, dist_m=t.dist_m)
     elif t.kind == "explore":
-        w2c = scenes.exploration_trajectory(t.seed, t.n_frames, scene=scene)
+        w2c = trajectories.exploration_trajectory(t.seed, t.n_frames, scene=scene)
     else:
         raise cfg_lib.ConfigError(f"traj.kind must be 'loop' or 'explore', got {t.kind!r}")
     return scene, intr, jnp.asarray(w2c)
@@ -131,7 +131,7 @@ def memory_from_frames(cfg: GeomConfig, scene, intr, traj_w2c=None, voxel="confi
     if m.source == "trajectory" and traj_w2c is not None:
         w2c = jnp.asarray(traj_w2c)[:: m.source_stride]
     elif m.source in ("trajectory", "explore"):
-        w2c = jnp.asarray(scenes.exploration_trajectory(m.source_seed, m.source_frames, scene=scene))
+        w2c = jnp.asarray(trajectories.exploration_trajectory(m.source_seed, m.source_frames, scene=scene))
     else:
         raise cfg_lib.ConfigError(f"memory.source must be 'trajectory' or 'explore', got {m.source!r}")
     fr = gt_frames(cfg, scene, w2c, intr)
@@ -359,7 +359,7 @@ def write_report(cfg: GeomConfig, out: str, preset: str, overrides=()) -> dict:
         "some memory point covers. No generative model is involved: this is the memory alone.")
 
     # 1. memory renders vs ground truth at held-out poses
-    path = jnp.asarray(scenes.exploration_trajectory(cfg.memory.source_seed, 2 * cfg.memory.source_frames,
+    path = jnp.asarray(trajectories.exploration_trajectory(cfg.memory.source_seed, 2 * cfg.memory.source_frames,
                                                      scene=scene))
     src_cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, source="trajectory", source_stride=2))
     mem, stats, src_w2c, src_fr = memory_from_frames(src_cfg, scene, intr, path)
@@ -379,9 +379,9 @@ def write_report(cfg: GeomConfig, out: str, preset: str, overrides=()) -> dict:
 
     # 2. closed loop: memory from the outbound clip, updated with the return clip
     n_out = max(cfg.traj.n_frames // 2, 2)
-    loop = jnp.asarray(scenes.loop_trajectory(cfg.traj.seed, n_out, scene=scene, kind=cfg.traj.loop_kind,
+    loop = jnp.asarray(trajectories.loop_trajectory(cfg.traj.seed, n_out, scene=scene, kind=cfg.traj.loop_kind,
                                               yaw_deg=cfg.traj.yaw_deg, dist_m=cfg.traj.dist_m))
-    clips = scenes.split_clips(loop.shape[0], 2, overlap=1)
+    clips = trajectories.split_clips(loop.shape[0], 2, overlap=1)
     lf = gt_frames(cfg, scene, loop, intr)
     c0, c1 = jnp.asarray(clips[0]), jnp.asarray(clips[1])
     m0, _ = mem_lib.build_memory(lf.rgb[c0], lf.depth[c0], loop[c0], intr, lf.dynamic[c0],

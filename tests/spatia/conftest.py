@@ -15,11 +15,11 @@ def small_scene():
     import jax.numpy as jnp
 
     from spatia import geometry as geo
-    from spatia import scenes
+    from spatia import scenes, trajectories
 
     scene = scenes.make_scene(7, n_dynamic=2)
     intr = geo.intrinsics_from_fov(H, W, 75.0)
-    w2c = jnp.asarray(scenes.exploration_trajectory(3, 6, scene=scene))
+    w2c = jnp.asarray(trajectories.exploration_trajectory(3, 6, scene=scene))
     frames = scenes.raycast_views(scene, w2c, intr, H, W)
     return dict(scene=scene, intr=intr, w2c=w2c, frames=frames)
 

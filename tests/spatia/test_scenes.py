@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spatia import geometry as geo
-from spatia import scenes
+from spatia import scenes, trajectories
 
 from .conftest import H, W
 
@@ -105,11 +105,11 @@ def test_movers_move():
 
 @pytest.mark.parametrize("kind", ["yaw", "dolly", "orbit"])
 def test_loops_return_exactly_to_the_start(small_scene, kind):
-    traj = scenes.loop_trajectory(4, 10, scene=small_scene["scene"], kind=kind)
+    traj = trajectories.loop_trajectory(4, 10, scene=small_scene["scene"], kind=kind)
     assert traj.shape == (21, 4, 4)
     np.testing.assert_array_equal(traj[-1], traj[0])  # bit for bit
     np.testing.assert_array_equal(traj[10 + 3], traj[10 - 3])
-    deg, m = scenes.step_sizes(traj)
+    deg, m = trajectories.step_sizes(traj)
     assert deg.max() <= 10.0 and m.max() <= 0.15 and (deg.max() > 0.5 or m.max() > 0.01)
     centres = np.asarray(geo.camera_centers(jnp.asarray(traj)))
     assert (np.linalg.norm(centres[:, :2], axis=1) <= scenes.FREE_RADIUS + 1e-5).all()
@@ -117,14 +117,14 @@ def test_loops_return_exactly_to_the_start(small_scene, kind):
 
 def test_loop_frames_render_identically_at_start_and_end(small_scene):
     scene, intr = scenes.make_scene(7), small_scene["intr"]  # no movers: a static scene
-    traj = jnp.asarray(scenes.loop_trajectory(0, 4, scene=scene))
+    traj = jnp.asarray(trajectories.loop_trajectory(0, 4, scene=scene))
     fr = scenes.raycast_views(scene, traj[jnp.array([0, 8])], intr, H, W)
     np.testing.assert_array_equal(np.asarray(fr.rgb[0]), np.asarray(fr.rgb[1]))
 
 
 def test_exploration_is_smooth_and_inside_the_free_region(small_scene):
-    traj = scenes.exploration_trajectory(9, 40, scene=small_scene["scene"])
-    deg, m = scenes.step_sizes(traj)
+    traj = trajectories.exploration_trajectory(9, 40, scene=small_scene["scene"])
+    deg, m = trajectories.step_sizes(traj)
     assert traj.shape == (40, 4, 4) and deg.max() <= 10.0 and m.max() <= 0.15
     centres = np.asarray(geo.camera_centers(jnp.asarray(traj)))
     assert (np.linalg.norm(centres[:, :2], axis=1) <= scenes.FREE_RADIUS + 1e-5).all()
@@ -133,7 +133,7 @@ def test_exploration_is_smooth_and_inside_the_free_region(small_scene):
 @pytest.mark.parametrize("n_clips", [2, 4, 6])
 def test_split_clips(n_clips):
     n = 2 * 24 + 1
-    clips = scenes.split_clips(n, n_clips, overlap=2)
+    clips = trajectories.split_clips(n, n_clips, overlap=2)
     assert len(clips) == n_clips and clips[0][0] == 0 and clips[-1][-1] == n - 1
     new = np.concatenate([clips[0]] + [c[2:] for c in clips[1:]])
     np.testing.assert_array_equal(new, np.arange(n))  # every frame generated exactly once
