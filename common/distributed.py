@@ -2,7 +2,7 @@
 
 Data parallelism is `jax.jit` over a mesh with a `data` axis: the global batch is split
 along its leading dimension across the `data` axis and parameters are replicated (or
-sharded along `model` later). the legacy per-device map API is never used.
+sharded along `model` later). The legacy per-device map API is never used.
 
 Multi-host: every process runs the same program. Call `maybe_initialize_distributed()`
 first (it is a no-op on one machine), build the mesh over `jax.devices()` (all hosts'
