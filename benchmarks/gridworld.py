@@ -13,15 +13,14 @@ ratio is reported. Prints a table and writes JSON (default runs/bench/gridworld.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
 import platform
 import time
 
 import jax
 import jax.numpy as jnp
 
+from common.report import write_json
 from internal_rl.data import expert_batch
 from internal_rl.envs import GridPinpad, pretrain_tasks
 
@@ -133,10 +132,7 @@ def main() -> None:
         print(f"{what:30s} {b:6d} {rate:>20s} {comp:>10s}")
     if not results["xminigrid"]:
         print("xminigrid not importable: no side-by-side comparison in this run")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, results)}")
 
 
 if __name__ == "__main__":

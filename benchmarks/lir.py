@@ -13,7 +13,6 @@ slots, so every task has this cost).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ from flax import nnx  # noqa: E402
 
 from common.config import get_preset  # noqa: E402
 from common.data import ArrayIterator  # noqa: E402
-from common.report import hardware, markdown_table  # noqa: E402
+from common.report import hardware, markdown_table, write_json  # noqa: E402
 from common.train import create_train_state, make_optimizer, make_train_step  # noqa: E402
 from lir import evaluate as ev  # noqa: E402
 from lir import train as T  # noqa: E402
@@ -107,10 +106,7 @@ def main(argv=None) -> dict:
     result = {"rows": rows, "hardware": hardware(),
               "note": "random weights; relative_reflectance records; CPU shared with other "
                       "processes, so treat as approximate"}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, result)}")
     return result
 
 

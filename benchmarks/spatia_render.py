@@ -26,9 +26,7 @@ Prints a table and writes JSON (default benchmarks/results/spatia_render.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
 import platform
 import time
 
@@ -36,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common.report import write_json
 from spatia import geometry as geo
 from spatia import memory as mem_lib
 from spatia import render as rnd
@@ -278,10 +277,7 @@ def main(argv=None):
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         print("  ".join(str(c).ljust(wd) for c, wd in zip(r, widths, strict=True)))
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, results)}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from common import nn, train  # noqa: E402
-from common.report import hardware, markdown_table  # noqa: E402
+from common.report import hardware, markdown_table, write_json  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,10 +145,7 @@ def main(argv=None) -> dict:
     # Other processes on a small machine skew both numbers; the ratio is less sensitive.
     result = {"matmul_peak_gflops": peak, "sizes": rows, "hardware": hardware(),
               "load_average_1m": os.getloadavg()[0]}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, result)}")
     return result
 
 

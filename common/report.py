@@ -113,6 +113,25 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def write_json(path: str | os.PathLike, data: Any) -> str:
+    """Writes `data` (numpy/jax values converted) as indented JSON, atomically; returns the path.
+
+    Readers never see a half-written file: the text goes to a temporary file that replaces
+    the target in one rename.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _write_text_atomic(path, json.dumps(_jsonable(data), indent=2))
+    return path
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 class Report:
     """Collects Markdown sections and writes `report.md` + `results.json` into a run dir."""
 
@@ -194,10 +213,6 @@ class Report:
         prov = self.provenance(wall_seconds)
         md_path = os.path.join(run_dir, "report.md")
         json_path = os.path.join(run_dir, "results.json")
-        payload = {"title": self.title, "provenance": prov, "results": _jsonable(results)}
-        for path, text in ((md_path, self.render(prov)), (json_path, json.dumps(payload, indent=2))):
-            tmp = path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)  # readers never see a half-written report
+        _write_text_atomic(md_path, self.render(prov))
+        write_json(json_path, {"title": self.title, "provenance": prov, "results": results})
         return md_path, json_path
