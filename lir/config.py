@@ -90,6 +90,9 @@ class FinetuneConfig:
                              f"{self.warmup_fraction}")
 
 
+LATENT_DESIGNS = ("before_prompt", "shared")
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
     """Ablation sweeps (spec §5.6, §7.5): stage-1 epochs at a fixed total, and K."""
@@ -100,7 +103,17 @@ class SweepConfig:
     num_latents: tuple[int, ...] = (4, 8, 16, 32)
     # stage-1 mask variants besides the default bottleneck (spec §5.6 masking strategy)
     mask_variants: tuple[str, ...] = ("answer_only", "bottleneck_no_latent_prompt")
+    # latent-design ablations besides the default (unshared, after the prompt)
+    latent_designs: tuple[str, ...] = ("before_prompt", "shared")
     seeds: tuple[int, ...] = (0, 1, 2)
+    # Table 2: multi-task SFT vs LIVR on the union of ``LIRConfig.tasks`` (empty: skipped)
+    multitask_seeds: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        bad = [d for d in self.latent_designs if d not in LATENT_DESIGNS]
+        if bad:
+            raise ValueError(f"sweep.latent_designs: unknown {bad}; expected names from "
+                             f"{LATENT_DESIGNS}")
 
 
 ARM_NAMES = ("sft", "livr", "latents_only", "mask_only", "prompt_tuning")
@@ -186,7 +199,7 @@ def tiny() -> LIRConfig:
         pretrain=PretrainConfig(steps=600, batch_size=32, warmup_steps=50, n_examples=2400),
         finetune=FinetuneConfig(num_latents=8, lora=LoRAConfig(rank=8, alpha=16.0)),
         sweep=SweepConfig(tasks=(), stage1_epochs=(0, 4, 8), num_latents=(4, 8),
-                          mask_variants=(), seeds=(0,)),
+                          mask_variants=(), latent_designs=(), seeds=(0,)),
         tasks=("relative_reflectance", "localization", "colour_control"),
         arms=("sft", "livr", "latents_only", "mask_only"),
         seeds=(0, 1),
@@ -194,20 +207,22 @@ def tiny() -> LIRConfig:
 
 
 def small() -> LIRConfig:
-    """The committed report: the spec §7.3 model (48 px, ViT 64x3, LM 96x4), K = 8, LoRA
-    r 8 / alpha 16, 1k/250/1k examples, 5 seeds, on the four relational tasks spec §7.4 rates
-    most bottleneck-friendly (jigsaw, visual correspondence, relative reflectance, visual
-    similarity) plus the negative control, the four trained Table-1 arms, and the stage-split /
-    K / mask sweeps on relative reflectance with 3 seeds. About 10 hours on 2 shared CPU cores
-    (one phase-F run of 1,250 steps takes about 4-5 minutes there; benchmarks/lir.py)."""
+    """The committed report, sized for about an hour on 2 CPU cores: 32 px images (16 tokens
+    each, up to 3 images, 77-token sequences), ViT 64x2 and LM 64x3 (the spec §7.3 widths of
+    96x4 at 48 px cost 3.6x more per step here; benchmarks/lir.py), K = 8, LoRA r 8 / alpha 16,
+    the paper's 1k/250/1k examples and 10-epoch budget, 5 seeds, on three of the four
+    relational tasks spec §7.4 rates most bottleneck-friendly (jigsaw, visual correspondence,
+    relative reflectance; visual similarity is left out for time) plus the negative control,
+    the four trained Table-1 arms; the stage-split / K / mask / latent-design ablations on
+    relative reflectance and the multi-task run (Table 2) with 3 seeds."""
     return LIRConfig(
-        model=ModelConfig(num_latents=8),
-        data=DataConfig(max_latents=32),
+        model=ModelConfig(image_size=32, vit_depth=2, lm_dim=64, lm_depth=3, num_latents=8),
+        data=DataConfig(image_size=32, max_latents=16),
+        pretrain=PretrainConfig(steps=3000, batch_size=32, warmup_steps=100, n_examples=12000),
         finetune=FinetuneConfig(num_latents=8, lora=LoRAConfig(rank=8, alpha=16.0)),
         sweep=SweepConfig(tasks=("relative_reflectance",), stage1_epochs=(0, 2, 4, 6, 8),
-                          num_latents=(4, 8, 16, 32), seeds=(0, 1, 2)),
-        tasks=("jigsaw", "visual_correspondence", "relative_reflectance", "visual_similarity",
-               "colour_control"),
+                          num_latents=(4, 8, 16), seeds=(0, 1, 2), multitask_seeds=(0, 1, 2)),
+        tasks=("jigsaw", "visual_correspondence", "relative_reflectance", "colour_control"),
         arms=("sft", "livr", "latents_only", "mask_only"),
         seeds=(0, 1, 2, 3, 4),
     )
@@ -226,6 +241,7 @@ def paper() -> LIRConfig:
             warmup_fraction=0.05, batch_size=8, accumulation_steps=1, sft_epochs=10,
             stage1_epochs=4, stage2_epochs=6, num_latents=16,
             lora=LoRAConfig(rank=16, alpha=32.0, dropout=0.05, targets=LM_LORA_TARGETS)),
+        sweep=SweepConfig(seeds=(42,), multitask_seeds=(42,)),
         seeds=(42,),
         seed=42,
     )

@@ -1,7 +1,8 @@
 """``python -m lir reproduce``: the Table 1 analogue, the latent-usage diagnostics (§5.7),
-the stage-split / K / mask-variant ablations (Tables 3-4, when ``cfg.sweep.tasks`` is set) and
-a latent->image attention plot, written as ``report.md`` + ``results.json``
-(``common.report.Report``).
+the stage-split / K / mask-variant / latent-placement-and-sharing ablations (Tables 3-4, when
+``cfg.sweep.tasks`` is set), the multi-task Table 2 analogue (when
+``cfg.sweep.multitask_seeds`` is set) and a latent->image attention plot, written as
+``report.md`` + ``results.json`` (``common.report.Report``).
 
 Resumable: phase P is cached (``lir.train.pretrain``) and every finished (task, arm, seed) run
 is stored as ``<run_dir>/runs/<task>/<arm>/seed<s>.json``; a rerun of the same command skips
@@ -10,7 +11,8 @@ what is there (delete the folder to recompute).
 ``results.json`` holds ``table1`` = {task: {arm: mean test accuracy over seeds}} (fractions,
 arms zero_shot / sft / livr / latents_only / mask_only [/ prompt_tuning]), ``table1_seeds``,
 ``table1_std``, ``paired`` (per-seed LIVR - SFT and sign tests), ``diagnostics``,
-``ablations``, ``pretrain``, ``paper`` (the paper's numbers in %), ``config``.
+``ablations``, ``table2`` (multi-task: per method per-task and mean accuracy, per-seed
+LIVR - SFT, sign test), ``pretrain``, ``paper`` (the paper's numbers in %), ``config``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,18 @@ PAPER_K = {4: (81.15, 62.59, 66.40), 8: (80.33, 63.31, 67.12), 16: (83.61, 64.75
            32: (80.33, 62.59, 63.01)}
 PAPER_MASKS = {"answer_only": (77.87, 60.43, 60.27), "bottleneck": (83.61, 64.75, 67.81),
                "bottleneck_no_latent_prompt": (81.15, 62.59, 63.01)}
+# spec §5.6 (in the text): latent design -> localization / semantic / functional correspondence
+PAPER_LATENT_DESIGN = {"after_prompt_unshared": (83.61, 64.75, 67.81),
+                       "before_prompt": (80.33, 61.87, 63.70),
+                       "shared": (81.15, 61.87, 63.70)}
+# spec §5.2 Table 2 (Qwen3-VL-4B, 6 tasks, final checkpoint): method -> task -> %
+PAPER_TABLE2 = {
+    m: dict(zip(("counting", "localization", "visual_correspondence", "semantic_correspondence",
+                 "functional_correspondence", "relative_reflectance", "mean"), v, strict=True))
+    for m, v in (("zero_shot", (58.52, 59.02, 55.43, 39.57, 31.51, 47.76, 48.64)),
+                 ("sft", (66.10, 77.87, 91.29, 62.59, 63.01, 56.72, 69.60)),
+                 ("livr", (67.80, 81.97, 92.00, 67.63, 64.38, 60.45, 72.37)))
+}
 # spec §5.7 (Qwen3-VL-4B, localization): condition -> (latents-only, LIVR)
 PAPER_DIAGNOSTICS = {
     "accuracy": (79.51, 83.61),
@@ -124,12 +138,13 @@ class Runner:
         self.cfg, self.pre, self.dir, self.log = cfg, pretrained, run_dir / "runs", log
         self._data: dict = {}
 
-    def data(self, task: str, k: int) -> T.TaskData:
-        if (task, k) not in self._data:
+    def data(self, task: str, k: int, placement: str = "after_prompt") -> T.TaskData:
+        key = (task, k, placement)
+        if key not in self._data:
             if len(self._data) >= 6:  # bounded memory; the oldest entry goes
                 self._data.pop(next(iter(self._data)))
-            self._data[(task, k)] = T.task_data(self.cfg, task, k)
-        return self._data[(task, k)]
+            self._data[key] = T.task_data(self.cfg, task, k, placement)
+        return self._data[key]
 
     def zero_shot(self, task: str) -> dict:
         path = self.dir / task / "zero_shot" / "seed0.json"
@@ -143,11 +158,34 @@ class Runner:
 
         def go():
             t0 = time.time()
-            r = T.finetune(self.cfg, self.pre, self.data(task, k), arm, seed,
+            r = T.finetune(self.cfg, self.pre, self.data(task, k, arm.placement), arm, seed,
                            metrics_dir=path.parent / f"seed{seed}")
             self.log(f"{task:26s} {tag or arm.name:22s} seed {seed}: test "
                      f"{r.test['accuracy']:.3f} (best epoch {r.best_epoch}, "
                      f"{time.time() - t0:.0f} s)")
+            return r
+
+        return _cached(path, go)
+
+    def multitask(self, arm: T.Arm, seed: int) -> dict:
+        """One multi-task run on the union of ``cfg.tasks`` (final checkpoint), with the test
+        diagnostics of every task; cached like :meth:`run`."""
+        path = self.dir / "_multitask" / arm.name / f"seed{seed}.json"
+
+        def go():
+            cfg, t0 = self.cfg, time.time()
+            data = T.multitask_data(cfg, cfg.tasks)
+            r, model = T.finetune(cfg, self.pre, data, arm, seed, select="final",
+                                  metrics_dir=path.parent / f"seed{seed}", return_model=True)
+            per_task = {}
+            for task in cfg.tasks:
+                d = T.task_data(cfg, task)
+                d = d if arm.latents else d.without_latents()
+                per_task[task] = ev.diagnostics(model, d.test, cfg.finetune.eval_batch_size)
+            r.test = {"all": r.test, **per_task}
+            self.log(f"{'multi-task':26s} {arm.name:22s} seed {seed}: mean test "
+                     f"{np.mean([v['accuracy'] for v in per_task.values()]):.3f} "
+                     f"({time.time() - t0:.0f} s)")
             return r
 
         return _cached(path, go)
@@ -206,6 +244,9 @@ def reproduce(cfg: LIRConfig, run_dir: str | pathlib.Path, *, preset: str = "cus
     t0 = time.time()
     ablations = _ablations(cfg, runner, raw)
     ablation_seconds = time.time() - t0
+    t0 = time.time()
+    multitask = _multitask(cfg, runner, table1)
+    multitask_seconds = time.time() - t0
 
     # ---- attention plot ----------------------------------------------------------------
     plot = _attention_plot(cfg, pre, runner, run_dir)
@@ -220,14 +261,17 @@ def reproduce(cfg: LIRConfig, run_dir: str | pathlib.Path, *, preset: str = "cus
         "paired": paired,
         "diagnostics": diagnostics,
         "ablations": ablations,
+        "table2": multitask,
         "pretrain": {"directory": str(pre.directory), **pre.metrics},
         "timing_seconds": {"pretrain_or_load": pretrain_seconds, "table1": table_seconds,
-                           "ablations": ablation_seconds, "total": time.time() - t_start},
+                           "ablations": ablation_seconds, "table2": multitask_seconds,
+                           "total": time.time() - t_start},
         "runs": raw,
         "attention_plot": plot,
         "paper": {"table1": PAPER_TABLE1, "table1_backbone_shown": PAPER_BACKBONE,
                   "stage_split": PAPER_STAGE_SPLIT, "num_latents": PAPER_K,
-                  "mask_variants": PAPER_MASKS, "diagnostics_localization": PAPER_DIAGNOSTICS},
+                  "mask_variants": PAPER_MASKS, "latent_design": PAPER_LATENT_DESIGN,
+                  "table2": PAPER_TABLE2, "diagnostics_localization": PAPER_DIAGNOSTICS},
         "config": to_dict(cfg),
     }
     _write_report(report, cfg, preset, results)
@@ -276,7 +320,8 @@ def _ablations(cfg: LIRConfig, runner: Runner, raw: dict) -> dict:
     sw, ft = cfg.sweep, cfg.finetune
     if not sw.tasks:
         return {}
-    out = {"stage_split": {}, "num_latents": {}, "mask_variants": {}, "seeds": list(sw.seeds)}
+    out = {"stage_split": {}, "num_latents": {}, "mask_variants": {}, "latent_design": {},
+           "seeds": list(sw.seeds)}
     default_k = ft.num_latents
 
     def livr_runs(task, arm, k=None, tag=None):
@@ -307,6 +352,40 @@ def _ablations(cfg: LIRConfig, runner: Runner, raw: dict) -> dict:
             arm = T.livr_arm(cfg, variant=v, name=f"livr_mask_{v}")
             masks[v] = acc(livr_runs(task, arm, tag=arm.name))
         out["mask_variants"][task] = masks
+        designs = {"after_prompt_unshared": masks["bottleneck"]}
+        for design in sw.latent_designs:
+            arm = T.livr_arm(cfg, name=f"livr_{design}",
+                             placement="before_prompt" if design == "before_prompt"
+                             else "after_prompt", shared_latents=design == "shared")
+            designs[design] = acc(livr_runs(task, arm, tag=arm.name))
+        out["latent_design"][task] = designs
+    return out
+
+
+def _multitask(cfg: LIRConfig, runner: Runner, table1: dict) -> dict:
+    """Table 2 analogue: multi-task SFT vs LIVR (final checkpoints) over
+    ``cfg.sweep.multitask_seeds``; per task and mean test accuracy, the paired per-seed
+    LIVR - SFT of the task means, and the single-task zero-shot for reference."""
+    seeds = cfg.sweep.multitask_seeds
+    if not seeds:
+        return {}
+    arms = T.multitask_arms(cfg)
+    runs = {name: [runner.multitask(arm, s) for s in seeds] for name, arm in arms.items()}
+    out: dict = {"seeds": list(seeds), "tasks": list(cfg.tasks)}
+    for name, rs in runs.items():
+        per_seed = {t: [r["test"][t]["accuracy"] for r in rs] for t in cfg.tasks}
+        means = [float(np.mean([per_seed[t][i] for t in cfg.tasks])) for i in range(len(rs))]
+        out[name] = {"per_task": {t: _mean_std(v)[0] for t, v in per_seed.items()},
+                     "per_task_seeds": per_seed, "mean_seeds": means,
+                     "mean": float(np.mean(means)),
+                     "train_seconds": [r["train_seconds"] for r in rs]}
+    out["zero_shot"] = {"per_task": {t: table1[t]["zero_shot"] for t in cfg.tasks},
+                        "mean": float(np.mean([table1[t]["zero_shot"] for t in cfg.tasks]))}
+    out["livr-sft"] = {"per_seed": list(np.subtract(out["livr"]["mean_seeds"],
+                                                    out["sft"]["mean_seeds"])),
+                       "sign_test": sign_test(
+                           [d for t in cfg.tasks for d in np.subtract(
+                               out["livr"]["per_task_seeds"][t], out["sft"]["per_task_seeds"][t])])}
     return out
 
 
@@ -448,16 +527,43 @@ def _write_report(report: Report, cfg: LIRConfig, preset: str, res: dict) -> Non
         for key, title, paper in (("stage_split", "Stage-1 epochs (total fixed)",
                                    PAPER_STAGE_SPLIT),
                                   ("num_latents", "Number of latents K", PAPER_K),
-                                  ("mask_variants", "Stage-1 mask variant", PAPER_MASKS)):
+                                  ("mask_variants", "Stage-1 mask variant", PAPER_MASKS),
+                                  ("latent_design", "Latent placement and sharing",
+                                   PAPER_LATENT_DESIGN)):
             report.heading(title, 3)
             rows = []
-            for t, vals in ab[key].items():
+            for t, vals in ab.get(key, {}).items():
                 col = _ABL_TASKS.index(t) if t in _ABL_TASKS else None
                 for setting, (mean, std) in vals.items():
                     pv = paper.get(setting) if col is not None else None
                     rows.append([t, setting, f"{100 * mean:.1f} ± {100 * std:.1f}",
                                  None if pv is None else pv[col]])
             report.table(["task", "setting", "ours (%)", "paper (%)"], rows, fmt="{:.1f}")
+
+    t2 = res["table2"]
+    if t2:
+        report.heading(f"Table 2 analogue: multi-task fine-tuning (final checkpoint, seeds "
+                       f"{t2['seeds']})")
+        rows = []
+        for name in ("zero_shot", "sft", "livr"):
+            rows.append([name] + [100 * t2[name]["per_task"][t] for t in t2["tasks"]]
+                        + [100 * t2[name]["mean"], PAPER_TABLE2[name]["mean"]])
+        rows.append(["Δ LIVR−SFT"] + [100 * (t2["livr"]["per_task"][t] - t2["sft"]["per_task"][t])
+                                       for t in t2["tasks"]]
+                    + [100 * (t2["livr"]["mean"] - t2["sft"]["mean"]),
+                       PAPER_TABLE2["livr"]["mean"] - PAPER_TABLE2["sft"]["mean"]])
+        report.table(["method"] + t2["tasks"] + ["mean", "paper mean"], rows, fmt="{:.1f}")
+        st = t2["livr-sft"]["sign_test"]
+        report.paragraph(
+            f"One model per seed trained on the union of the {len(t2['tasks'])} tasks "
+            f"({cfg.data.n_train} examples each; SFT {cfg.finetune.multitask_sft_epochs} epochs "
+            f"vs LIVR {cfg.finetune.multitask_stage1_epochs} + "
+            f"{cfg.finetune.multitask_stage2_epochs}), evaluated per task at the final "
+            "checkpoint. Zero-shot is the phase-P model. Per-seed LIVR − SFT of the task mean: "
+            + ", ".join(f"{100 * d:+.1f}" for d in t2["livr-sft"]["per_seed"])
+            + f" points; task×seed sign test {st['wins']}/{st['losses']}/{st['ties']} "
+            f"(p = {st['p_value']:.3g}). Paper (Qwen3-VL-4B, six different tasks): +2.77 "
+            "points mean (spec §5.2).")
 
     if res["attention_plot"]:
         report.heading("Latent→image attention")
@@ -469,7 +575,8 @@ def _write_report(report: Report, cfg: LIRConfig, preset: str, res: dict) -> Non
     report.paragraph(_analysis(cfg, res))
     ts = res["timing_seconds"]
     report.paragraph(f"Timing: phase P (train or load) {ts['pretrain_or_load']:.0f} s, "
-                     f"Table 1 runs {ts['table1']:.0f} s, ablations {ts['ablations']:.0f} s "
+                     f"Table 1 runs {ts['table1']:.0f} s, ablations {ts['ablations']:.0f} s, "
+                     f"multi-task {ts['table2']:.0f} s "
                      "(runs already cached by an earlier invocation cost nothing here).")
 
 
@@ -512,6 +619,13 @@ def _analysis(cfg: LIRConfig, res: dict) -> str:
                      f"{100 * chance:.1f}%): " + "; ".join(parts) + ". The paper's pattern is "
                      "LIVR far above chance under the bottleneck and dropping without latents, "
                      "latents-only at chance under the bottleneck and unchanged without latents.")
+    t2 = res.get("table2")
+    if t2:
+        st = t2["livr-sft"]["sign_test"]
+        lines.append(f"- Multi-task (Table 2): LIVR {100 * t2['livr']['mean']:.1f}% vs SFT "
+                     f"{100 * t2['sft']['mean']:.1f}% mean over tasks "
+                     f"({100 * (t2['livr']['mean'] - t2['sft']['mean']):+.1f} points; task×seed "
+                     f"sign test p = {st['p_value']:.3g}); the paper reports +2.77.")
     zs = np.mean([res["table1"][t]["zero_shot"] for t in cfg.tasks])
     lines.append(f"- Zero-shot (phase-P model, never trained on these tasks) averages "
                  f"{100 * zs:.1f}%.")

@@ -100,13 +100,18 @@ class Arm:
     """A fine-tuning recipe. ``stages``: ((mask variant, epochs), ...), run in order, each with
     a fresh optimizer; ``trainable``: a key of :data:`FILTERS`; ``latents``: whether the K
     latent slots are in the input; ``lr``: "finetune" (``finetune.learning_rate``) or
-    "prompt_tuning" (``finetune.prompt_tuning_lr``)."""
+    "prompt_tuning" (``finetune.prompt_tuning_lr``); ``placement``: a
+    ``lir.data.LATENT_PLACEMENTS`` entry (the data must be collated with it);
+    ``shared_latents``: one latent row repeated K times."""
 
     name: str
     stages: tuple[tuple[str, int], ...]
     trainable: str
     latents: bool
     lr: str = "finetune"
+    # latent-design ablations (spec §5.6): where the K slots sit, and one shared row
+    placement: str = "after_prompt"
+    shared_latents: bool = False
 
     @property
     def epochs(self) -> int:
@@ -118,7 +123,8 @@ class Arm:
 
 
 def livr_arm(cfg: LIRConfig, stage1_epochs: int | None = None, variant: str = "bottleneck",
-             name: str | None = None) -> Arm:
+             name: str | None = None, *, placement: str = "after_prompt",
+             shared_latents: bool = False) -> Arm:
     """LIVR with ``stage1_epochs`` of the ``variant`` mask then causal for the rest of
     ``sft_epochs`` (stage1_epochs 0 = latents only)."""
     ft = cfg.finetune
@@ -126,7 +132,19 @@ def livr_arm(cfg: LIRConfig, stage1_epochs: int | None = None, variant: str = "b
     if not 0 <= s1 <= ft.sft_epochs:
         raise ValueError(f"stage1_epochs must be in [0, {ft.sft_epochs}]; got {s1}")
     stages = tuple(s for s in ((variant, s1), ("causal", ft.sft_epochs - s1)) if s[1] > 0)
-    return Arm(name or f"livr_s1_{s1}", stages, "livr", True)
+    return Arm(name or f"livr_s1_{s1}", stages, "livr", True, placement=placement,
+               shared_latents=shared_latents)
+
+
+def multitask_arms(cfg: LIRConfig) -> dict[str, Arm]:
+    """Table 2 arms (spec §2.2): SFT for ``multitask_sft_epochs`` vs LIVR for
+    ``multitask_stage1_epochs`` + ``multitask_stage2_epochs`` on the union of the tasks."""
+    ft = cfg.finetune
+    return {
+        "sft": Arm("multitask_sft", (("causal", ft.multitask_sft_epochs),), "lora", False),
+        "livr": Arm("multitask_livr", (("bottleneck", ft.multitask_stage1_epochs),
+                                       ("causal", ft.multitask_stage2_epochs)), "livr", True),
+    }
 
 
 def arm_specs(cfg: LIRConfig) -> dict[str, Arm]:
@@ -165,17 +183,38 @@ class TaskData:
                                    val=drop_latents(self.val), test=drop_latents(self.test))
 
 
-def task_data(cfg: LIRConfig, task: str, num_latents: int | None = None) -> TaskData:
+def task_data(cfg: LIRConfig, task: str, num_latents: int | None = None,
+              placement: str = "after_prompt") -> TaskData:
     """Train / val (offset stream of the train generator) / test (shifted generator) splits of
-    ``task``, fixed by ``cfg.seed`` (the run seed varies init and order, not the data)."""
+    ``task``, fixed by ``cfg.seed`` (the run seed varies init and order, not the data), with
+    the latent slots at ``placement``."""
     k = cfg.finetune.num_latents if num_latents is None else num_latents
-    lay = layout(cfg, k)
+    lay = layout(cfg, k, latent_placement=placement)
     d = cfg.data
     seed = cfg.seed * 1000 + SEED_TASK_DATA
     gen = lambda n, split, offset: generate(task, n, seed, split, d.image_size, offset)  # noqa: E731
     return TaskData(task, collate(gen(d.n_train, "train", 0), lay),
                     collate(gen(d.n_val, "train", 1), lay),
                     collate(gen(d.n_test, "test", 0), lay), k)
+
+
+def concat_batches(batches: Sequence[Batch]) -> Batch:
+    """Row-wise union of collated splits that share one layout (same sequence length)."""
+    lengths = {b.tokens.shape[1] for b in batches}
+    if len(lengths) != 1:
+        raise ValueError(f"batches must share one layout; got sequence lengths {sorted(lengths)}")
+    return Batch(*(np.concatenate(fields) for fields in zip(*batches, strict=True)))
+
+
+def multitask_data(cfg: LIRConfig, tasks: Sequence[str], num_latents: int | None = None
+                   ) -> TaskData:
+    """The union of the tasks' train / val / test splits (spec §6 #18: a uniform shuffle of the
+    union, task identity only through the prompt). Every task is collated at the run's full
+    layout, so single-image tasks carry padded image slots."""
+    parts = [task_data(cfg, t, num_latents) for t in tasks]
+    return TaskData("+".join(tasks), concat_batches([p.train for p in parts]),
+                    concat_batches([p.val for p in parts]),
+                    concat_batches([p.test for p in parts]), parts[0].num_latents)
 
 
 def _as_arrays(batch: Batch) -> dict[str, np.ndarray]:
@@ -345,11 +384,13 @@ def _fresh(tree):
 
 
 def finetune_model(cfg: LIRConfig, pretrained: Pretrained, seed: int,
-                   num_latents: int | None = None) -> LMM:
-    """The phase-P model with K fresh latent rows (mean embedding + std noise) and LoRA on the
-    LM (B = 0, so it starts equal to the phase-P model), seeded by ``seed``."""
+                   num_latents: int | None = None, shared_latents: bool = False) -> LMM:
+    """The phase-P model with K fresh latent rows (mean embedding + std noise; one row repeated
+    K times when ``shared_latents``) and LoRA on the LM (B = 0, so it starts equal to the
+    phase-P model), seeded by ``seed``."""
     k = cfg.finetune.num_latents if num_latents is None else num_latents
-    model = LMM(model_config(cfg, k), rngs=nnx.Rngs(seed * 1000 + SEED_LATENTS))
+    mcfg = dataclasses.replace(model_config(cfg, k), shared_latents=shared_latents)
+    model = LMM(mcfg, rngs=nnx.Rngs(seed * 1000 + SEED_LATENTS))
     nnx.update(model, _fresh(pretrained.params))
     if k:
         reset_latents(model, jax.random.key(seed * 1000 + SEED_LATENTS),
@@ -378,17 +419,23 @@ class RunResult:
         return dataclasses.asdict(self)
 
 
+SELECTIONS = ("best_val", "final")
+
+
 def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, seed: int,
              *, metrics_dir: str | pathlib.Path | None = None,
-             return_model: bool = False):
+             return_model: bool = False, select: str = "best_val"):
     """Phase F for one (task, arm, seed); returns a :class:`RunResult` (and the selected model
-    when ``return_model``). ``data`` must have K slots; the arm decides whether they are used.
-    """
+    when ``return_model``). ``data`` must have K slots at ``arm.placement``; the arm decides
+    whether they are used. ``select``: "best_val" (single-task: the best eligible epoch) or
+    "final" (multi-task, spec §2.2: the last epoch)."""
+    if select not in SELECTIONS:
+        raise ValueError(f"select must be one of {SELECTIONS}; got {select!r}")
     ft = cfg.finetune
     k = data.num_latents if arm.latents else 0
     if not arm.latents:
         data = data.without_latents()
-    model = finetune_model(cfg, pretrained, seed, data.num_latents)
+    model = finetune_model(cfg, pretrained, seed, data.num_latents, arm.shared_latents)
     spe = steps_per_epoch(ft, data.train.batch_size)
     if spe < 1:
         raise ValueError(f"n_train={data.train.batch_size} gives no full batch of "
@@ -416,7 +463,8 @@ def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, s
             def on_epoch(st, _gd=gd, _eligible=eligible):
                 acc = ev.accuracy(merge_model(_gd, st), data.val, ft.eval_batch_size)
                 curve.append(acc)
-                if _eligible and acc >= best["val"]:  # ties -> later epoch (spec §6 #7)
+                # ties -> later epoch (spec §6 #7); "final" keeps every epoch, so the last wins
+                if _eligible and (acc >= best["val"] or select == "final"):
                     best.update(val=acc, epoch=len(curve), params=jax.tree.map(jnp.copy,
                                                                              st.params))
                 return {"val_accuracy": acc}

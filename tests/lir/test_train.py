@@ -143,7 +143,9 @@ def test_reproduce_writes_table1(setup, tmp_path):
     from lir.reproduce import reproduce
 
     run_dir = tmp_path / "run"
-    res = reproduce(setup["cfg"], run_dir, preset="micro", cache_root=setup["cache"],
+    cfg = dataclasses.replace(setup["cfg"], sweep=dataclasses.replace(
+        setup["cfg"].sweep, multitask_seeds=(0,)))
+    res = reproduce(cfg, run_dir, preset="micro", cache_root=setup["cache"],
                     verbose=False, command="test")
     saved = json.loads((run_dir / "results.json").read_text())["results"]
     assert (run_dir / "report.md").exists()
@@ -156,3 +158,41 @@ def test_reproduce_writes_table1(setup, tmp_path):
     # fixture's
     assert t1["livr"] == setup["runs"]["livr"][0].test["accuracy"]
     assert res["table1"] == saved["table1"]
+    t2 = saved["table2"]
+    assert set(t2["livr"]["per_task"]) == {"relative_reflectance"}
+    assert all(0.0 <= t2[m]["mean"] <= 1.0 for m in ("zero_shot", "sft", "livr"))
+    assert "## Table 2 analogue" in (run_dir / "report.md").read_text()
+
+
+def test_multitask_data_is_the_union_and_final_selection(setup):
+    cfg, pre = setup["cfg"], setup["pre"]
+    tasks = ("relative_reflectance", "colour_control")
+    union = T.multitask_data(cfg, tasks)
+    parts = [T.task_data(cfg, t) for t in tasks]
+    assert union.train.batch_size == sum(p.train.batch_size for p in parts)
+    np.testing.assert_array_equal(union.test.answer[:parts[0].test.batch_size],
+                                  parts[0].test.answer)
+    arm = T.multitask_arms(cfg)["sft"]
+    r = T.finetune(cfg, pre, union, arm, 0, select="final")
+    # the final epoch is kept even when an earlier one validated better
+    assert r.best_epoch == arm.epochs and r.best_val == r.val_curve[-1]
+    with pytest.raises(ValueError, match="select"):
+        T.finetune(cfg, pre, union, arm, 0, select="best")
+
+
+def test_latent_design_arms(setup):
+    cfg, pre = setup["cfg"], setup["pre"]
+    k = cfg.finetune.num_latents
+    shared = T.finetune_model(cfg, pre, 0, k, shared_latents=True)
+    table = [np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(shared, nnx.Param))
+             if "latent" in "/".join(map(str, p))]
+    assert table and all(t.shape[0] == 1 for t in table)
+    before = T.task_data(cfg, "relative_reflectance", placement="before_prompt")
+    after = setup["data"]
+    # the same slots, moved: the latent block now precedes the question text
+    lat_b = np.where(before.train.latent_ids[0] >= 0)[0]
+    lat_a = np.where(after.train.latent_ids[0] >= 0)[0]
+    assert len(lat_b) == len(lat_a) == k and lat_b[0] < lat_a[0]
+    arm = T.livr_arm(cfg, placement="before_prompt", shared_latents=True, name="design")
+    r = T.finetune(cfg, pre, before, arm, 0)
+    assert 0.0 <= r.test["accuracy"] <= 1.0 and r.num_latents == k
