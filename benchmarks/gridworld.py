@@ -15,14 +15,19 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
+# The repo root goes first: this folder holds benchmarks/internal_rl.py, which would otherwise
+# shadow the internal_rl package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.report import write_json
-from internal_rl.data import expert_batch
-from internal_rl.envs import GridPinpad, pretrain_tasks
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from common.report import write_json  # noqa: E402
+from internal_rl.data import expert_batch  # noqa: E402
+from internal_rl.envs import GridPinpad, pretrain_tasks  # noqa: E402
 
 
 def _time(fn, *args, repeats: int) -> tuple[float, float]:
