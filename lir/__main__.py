@@ -5,6 +5,9 @@
 only runs (or loads) the cached phase-P model and prints its held-out skill accuracy. Both
 resume: rerunning the same command continues where an interrupted one stopped. The phase-P
 cache defaults to DIR/../lir_pretrain_cache, so runs side by side share one pretrained model.
+
+``python -m lir finetune|evaluate --backbone qwen2_5_vl ...`` (LIVR / SFT of a local Qwen2.5-VL
+checkpoint on BLINK-format data) is handled by ``lir.finetune_cli``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ from lir.config import PRESETS
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("finetune", "evaluate"):
+        # pretrained-backbone fine-tuning / evaluation (Qwen2.5-VL): lir/finetune_cli.py
+        from lir import finetune_cli
+
+        return finetune_cli.main(argv)
     parser = argparse.ArgumentParser(prog="python -m lir", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=("reproduce", "pretrain"))
     add_config_args(parser, default_preset="tiny")
