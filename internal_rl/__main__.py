@@ -1,5 +1,10 @@
-"""CLI: python -m internal_rl pretrain|probe|control|all --preset tiny|small|paper
-[--set key=value ...] --run-dir DIR   (and: report --run-dir DIR [--out reports/internal_rl])
+"""CLI: python -m internal_rl pretrain|probe|control|metacontroller|all|reproduce
+--preset tiny|small|paper [--set key=value ...] --run-dir DIR
+(and: report --run-dir DIR [--out reports/internal_rl])
+
+`reproduce` runs the whole chain (pretrain -> probes -> controllers -> metacontroller α
+sweep -> internal RL and its baselines) and writes report.md + results.json into DIR;
+`metacontroller` runs only the α sweep (frozen base, β ≡ 1, co-trained).
 
 Every stage resumes from what the run directory already holds (pretraining and controller
 checkpoints, finished per-layer controller results), so re-running the same command after
@@ -17,7 +22,7 @@ from common.config import ConfigError, add_config_args, config_from_args
 from common.runtime import enable_compilation_cache, start_run_dir
 from internal_rl.config import PRESETS
 
-STAGES = ("pretrain", "probe", "control", "all", "report")
+STAGES = ("pretrain", "probe", "control", "metacontroller", "all", "reproduce", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser, default_preset="tiny")
     parser.add_argument("--run-dir", required=True, help="directory for checkpoints and results")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--no-rl", action="store_true",
+                        help="reproduce: stop before the RL stage")
     parser.add_argument("--out", default="reports/internal_rl",
                         help="report stage: where base.md and its plots go")
     args = parser.parse_args(argv)
@@ -40,6 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     run_dir = start_run_dir(args.run_dir, cfg)
     enable_compilation_cache()
+
+    if args.stage == "reproduce":
+        from internal_rl.reproduce import run_reproduce
+
+        run_reproduce(cfg, run_dir, preset=args.preset, rl=not args.no_rl,
+                      verbose=not args.quiet)
+        return 0
+    if args.stage == "metacontroller":
+        from internal_rl.reproduce import stage_metacontroller
+
+        result = stage_metacontroller(cfg, run_dir, verbose=not args.quiet)
+        print(json.dumps({k: v for k, v in result.items() if "alpha" in k}))
+        return 0
 
     # Imported after parsing so `--help` and config errors do not pay for JAX start-up.
     from internal_rl.analysis import run_control, run_probe

@@ -63,7 +63,7 @@ def write_base_report(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
         f"{m.get('num_heads')} heads, MLP {m.get('mlp_hidden')} ReLU, T5 relative bias; "
         f"batch {cfg.get('data', {}).get('batch_size')}, "
         f"{cfg.get('pretrain', {}).get('steps')} steps (the paper: d=256, L=6, batch 1024, "
-        f"256k steps, 10 seeds; here one seed). Wall time per stage (s, all sessions): "
+        f"256k steps, 10 seeds; here one seed). Wall time per stage (s, all invocations): "
         + ", ".join(f"{k} {v:.0f}" for k, v in stage_rows.items()) + ".")
     results: dict = {"config": cfg, "stage_seconds": stage_rows}
 

@@ -68,3 +68,32 @@ def expert_policy(env: GridPinpad, epsilon: float | jax.Array = 0.0) -> PolicyFn
     if isinstance(epsilon, (int, float)) and not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon: expected a probability in [0, 1], got {epsilon}")
     return stateless(lambda key, obs, state: expert_action(env, key, state, epsilon))
+
+
+def oracle_action_accuracy(env: GridPinpad, key: jax.Array, tasks: jax.Array,
+                           num_steps: int) -> tuple[jax.Array, jax.Array]:
+    """Teacher-forced accuracy ceiling of a predictor that knows the current target.
+
+    Rolls out the expert (epsilon = 0) on tasks int32 [N, K] for num_steps steps; at each
+    step an oracle that predicts one of the k shortest-path actions is right with
+    probability 1/k. Returns (mean 1/k over the valid steps of successful episodes f32 [],
+    expert success rate f32 []), the reference point for a model's action accuracy (a
+    model that does not see the task must also infer the target, so its ceiling is lower).
+    """
+    tasks = jnp.asarray(tasks, jnp.int32)
+
+    def episode(k, task):
+        k_reset, k_run = jax.random.split(k)
+        state, _ = env.reset(k_reset, task)
+
+        def body(state, kk):
+            inv = 1.0 / jnp.sum(optimal_action_mask(env, state))
+            alive = ~state.done
+            state, *_ = env.step(state, expert_action(env, kk, state))
+            return state, (jnp.where(alive, inv, 0.0), alive)
+
+        state, (inv, alive) = jax.lax.scan(body, state, jax.random.split(k_run, num_steps))
+        return inv.sum() * state.success, alive.sum() * state.success, state.success
+
+    inv, count, success = jax.vmap(episode)(jax.random.split(key, tasks.shape[0]), tasks)
+    return inv.sum() / jnp.maximum(count.sum(), 1), jnp.mean(success.astype(jnp.float32))

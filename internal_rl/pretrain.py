@@ -8,21 +8,30 @@ latest (or a given) checkpoint as a frozen module for probes and controllers.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from common.checkpoint import Checkpointer
 from common.config import to_dict
 from common.metrics import MetricsWriter, Progress
 from common.train import create_train_state, make_optimizer, make_train_step, merge_model, train
-from internal_rl.config import Config
+from internal_rl.config import Config, EnvConfig
 from internal_rl.data import ExpertDataset
-from internal_rl.envs.gridworld import GridPinpad, post_task, pretrain_tasks
+from internal_rl.envs.gridworld import (
+    POST_TASK,
+    GridPinpad,
+    post_task,
+    pretrain_tasks,
+    sample_layout_pool,
+)
 from internal_rl.models.transformer import BaseModel, pretrain_loss
 from internal_rl.rollouts import closed_loop, summarize
 
@@ -30,10 +39,22 @@ from internal_rl.rollouts import closed_loop, summarize
 SEED_MODEL, SEED_DATA, SEED_EVAL, SEED_PROBE, SEED_CONTROL = 0, 1, 2, 3, 4
 
 
+@functools.lru_cache(maxsize=16)
+def _make_env(env_cfg: EnvConfig) -> GridPinpad:
+    e = env_cfg
+    env = GridPinpad(size=e.size, num_colours=e.num_colours, num_walls=e.num_walls,
+                     horizon=e.horizon)
+    if e.layout_pool:
+        # the pool must serve the pretraining tasks and the held-out task alike
+        tasks = np.concatenate([pretrain_tasks(len(POST_TASK)), post_task()[None]])
+        pool = sample_layout_pool(env, e.layout_pool, e.layout_seed, tasks)
+        env = dataclasses.replace(env, layouts=pool)
+    return env
+
+
 def make_env(cfg: Config) -> GridPinpad:
-    e = cfg.env
-    return GridPinpad(size=e.size, num_colours=e.num_colours, num_walls=e.num_walls,
-                      horizon=e.horizon)
+    """The environment of cfg.env (the layout pool, if any, is built once per config)."""
+    return _make_env(cfg.env)
 
 
 def build_model(cfg: Config) -> BaseModel:
@@ -53,7 +74,13 @@ def make_dataset(cfg: Config, stream: int, batch_size: int | None = None) -> Exp
 def pretrain_checkpoint_config(cfg: Config) -> dict:
     """The config sections a pretraining checkpoint depends on (checked on restore)."""
     d = to_dict(cfg)
-    return {k: d[k] for k in ("seed", "env", "data", "model", "pretrain")}
+    out = {k: d[k] for k in ("seed", "env", "data", "model", "pretrain")}
+    if not cfg.env.layout_pool:
+        # fresh layouts: the pool keys do not matter, and checkpoints written before they
+        # existed stay loadable
+        out["env"] = {k: v for k, v in out["env"].items()
+                      if k not in ("layout_pool", "layout_seed")}
+    return out
 
 
 def _checkpointer(cfg: Config, run_dir: pathlib.Path) -> Checkpointer:

@@ -517,7 +517,7 @@ class RLProgram(NamedTuple):
 
 
 def _checkpointer(directory, name: str, cfg: RLConfig, seed: int) -> Checkpointer:
-    # the budget and the logging period may change between sessions of one run
+    # the budget and the logging period may change between invocations of one run
     config = dict(algorithm=name, seed=seed, rl=dataclasses.asdict(cfg))
     return Checkpointer(directory, max_to_keep=2, config=config,
                         ignore_config_keys=["rl.episodes", "rl.updates_per_call"])

@@ -13,6 +13,11 @@ Layouts are rejection-sampled inside jit so that every leg of the task (start ->
 colour, colour i -> colour i+1) is reachable while avoiding walls and all non-target
 colours. The BFS distance maps computed for that check are kept in the state: they are
 privileged information for the scripted expert (`internal_rl.experts`), not observed.
+
+Optional fixed layout pool (`layouts`, a CPU-scale simplification, not the paper's setup):
+each episode then takes the walls and colours of one layout drawn uniformly from the pool
+and only the agent's start cell is sampled afresh. `sample_layout_pool` builds such a pool
+whose colour-to-colour legs are reachable for a given task table.
 """
 
 from __future__ import annotations
@@ -112,6 +117,9 @@ class GridPinpad:
     horizon: int = 100
     num_actions: int = 4
     action_shape: tuple[int, ...] = ()
+    # Fixed pool of layouts, each (wall cells..., colour cells...) of length W + O; empty =
+    # a fresh layout every episode (the paper). Tuples keep the env hashable.
+    layouts: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         if self.size < 2:
@@ -121,6 +129,13 @@ class GridPinpad:
         if self.num_entities > self.size * self.size:
             raise ValueError(
                 f"{self.num_entities} entities do not fit a {self.size}x{self.size} grid")
+        width = self.num_walls + self.num_colours
+        for i, layout in enumerate(self.layouts):
+            cells = [int(c) for c in layout]
+            if (len(cells) != width or len(set(cells)) != width
+                    or not all(0 <= c < self.num_cells for c in cells)):
+                raise ValueError(f"layouts[{i}]: expected {width} distinct cell ids in "
+                                 f"0..{self.num_cells - 1} (walls then colours), got {layout}")
 
     @property
     def num_cells(self) -> int:
@@ -199,8 +214,18 @@ class GridPinpad:
         return state._replace(solvable=self.is_solvable(state))
 
     def _sample_layout(self, key: jax.Array, task: jax.Array) -> GridState:
-        """One candidate layout (13 distinct uniformly random cells)."""
-        cells = jax.random.permutation(key, self.num_cells)[: self.num_entities].astype(jnp.int32)
+        """One candidate layout (13 distinct uniformly random cells, or a pool layout with a
+        uniformly random free agent cell)."""
+        if self.layouts:
+            pool = jnp.asarray(self.layouts, jnp.int32)  # [P, W + O]
+            k_pick, k_agent = jax.random.split(key)
+            fixed = pool[jax.random.randint(k_pick, (), 0, pool.shape[0])]
+            free = ~jnp.any(jnp.arange(self.num_cells)[:, None] == fixed[None], axis=-1)
+            agent = jax.random.categorical(k_agent, jnp.where(free, 0.0, -jnp.inf))
+            cells = jnp.concatenate([fixed, agent[None].astype(jnp.int32)])
+        else:
+            cells = jax.random.permutation(key, self.num_cells)[: self.num_entities]
+        cells = cells.astype(jnp.int32)
         return self.state_from_layout(
             cells[: self.num_walls], cells[self.num_walls: self.num_walls + self.num_colours],
             cells[-1], task)
@@ -276,6 +301,41 @@ class GridPinpad:
             success=alive & success, wrong_colour=alive & wrong, timeout=alive & timeout,
             progress=new.progress)
         return new, self.observe(new), reward, new.done, info
+
+
+def sample_layout_pool(env: GridPinpad, num_layouts: int, seed: int, tasks) -> tuple:
+    """A fixed pool of `num_layouts` layouts for `GridPinpad(layouts=...)`.
+
+    Layouts (W wall cells then O colour cells, distinct, uniformly random from numpy seed
+    `seed`) are kept only if every colour-to-colour leg of every task in `tasks` (int32
+    [N, K], -1 padded) is reachable avoiding walls and the other colours; the agent's leg
+    is checked at each reset. Returns a tuple of `num_layouts` int tuples (deterministic).
+    """
+    if num_layouts < 1:
+        raise ValueError(f"num_layouts: expected >= 1, got {num_layouts}")
+    tasks = jnp.asarray(tasks, jnp.int32)
+    if tasks.ndim != 2:
+        raise ValueError(f"tasks: expected int32 [N, K], got shape {tasks.shape}")
+    width = env.num_walls + env.num_colours
+    rng = np.random.default_rng(seed)
+
+    @jax.jit
+    def legs_ok(layout):
+        # the agent's cell only enters leg 0, which is not checked here
+        state = env.state_from_layout(layout[: env.num_walls], layout[env.num_walls:],
+                                      jnp.int32(0), tasks[0])
+        legs = jax.vmap(lambda t: env.leg_distances(state._replace(
+            task=t, task_len=task_length(t))))(tasks)  # [N, K]
+        return jnp.all(legs[:, 1:] < INF)
+
+    pool: list[tuple[int, ...]] = []
+    for _ in range(1000 * num_layouts):
+        cells = rng.permutation(env.num_cells)[:width]
+        if bool(legs_ok(jnp.asarray(cells, jnp.int32))):
+            pool.append(tuple(int(c) for c in cells))
+            if len(pool) == num_layouts:
+                return tuple(pool)
+    raise RuntimeError(f"sample_layout_pool: found only {len(pool)} of {num_layouts} layouts")
 
 
 def pretrain_tasks(max_len: int | None = None) -> np.ndarray:

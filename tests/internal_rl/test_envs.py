@@ -16,7 +16,7 @@ from internal_rl.envs import (
     post_task,
     pretrain_tasks,
 )
-from internal_rl.envs.gridworld import INF, distance_maps
+from internal_rl.envs.gridworld import INF, distance_maps, sample_layout_pool
 
 UP, RIGHT, DOWN, LEFT = 0, 1, 2, 3
 ENV = GridPinpad()
@@ -202,3 +202,21 @@ def test_reset_layouts_distinct_solvable_and_deterministic(reset_batch):
     assert not np.array_equal(obs, obs3)
     # layouts vary across episodes (fresh positions every episode)
     assert len({tuple(r) for r in cells.tolist()}) == 64
+
+
+def test_fixed_layout_pool():
+    tasks = np.concatenate([pretrain_tasks(12), post_task()[None]])
+    pool = sample_layout_pool(ENV, 2, seed=0, tasks=tasks)
+    assert pool == sample_layout_pool(ENV, 2, seed=0, tasks=tasks)  # deterministic
+    env = GridPinpad(layouts=pool)
+    rows = jnp.asarray(tasks)[jnp.arange(32) % tasks.shape[0]]
+    states, _ = jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.key(0), 32), rows)
+    fixed = {tuple(w) + tuple(c) for w, c in
+             zip(states.walls.tolist(), states.colours.tolist(), strict=True)}
+    assert fixed == set(pool)  # only pool layouts, both drawn
+    cells = np.concatenate([states.walls, states.colours, states.agent[:, None]], axis=1)
+    assert all(len(set(row)) == 13 for row in cells)  # the agent starts on a free cell
+    assert len(set(states.agent.tolist())) > 8  # and its start varies
+    assert bool(jnp.all(states.solvable))
+    with pytest.raises(ValueError, match="layouts\\[0\\]"):
+        GridPinpad(layouts=((0,) * 12,))

@@ -115,3 +115,14 @@ def test_dataset_determinism_and_resume(dataset):
     assert dataset.get_state() == {"seed": 3, "step": 2}
     with pytest.raises(ValueError, match="set_state"):
         dataset.set_state({"position": 1})
+
+
+def test_oracle_action_accuracy_is_a_probability_above_chance():
+    from internal_rl.experts import oracle_action_accuracy
+
+    tasks = jnp.asarray(pretrain_tasks())[:8]
+    acc, success = jax.jit(lambda k: oracle_action_accuracy(ENV, k, tasks, 100))(
+        jax.random.key(0))
+    # 1/k per step with k in 1..4 optimal actions, never below 1/4; the expert always succeeds
+    assert 0.25 <= float(acc) <= 1.0 and float(success) == 1.0
+    assert float(acc) > 0.5  # most steps of a shortest path have one or two optimal moves

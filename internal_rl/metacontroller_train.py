@@ -1,0 +1,268 @@
+"""Training the metacontroller on expert data (spec §6, §10.2 step 5; paper C.4, C.6).
+
+Three variants share one trainer (`train_metacontroller`), each in its own directory
+`run_dir/metacontroller/<name>/` with orbax checkpoints (model, optimizer, step, RNG, data
+position), so an interrupted run resumes to the result it would have had:
+
+* frozen (the paper's setting): θ is the pretrained base model and stays fixed; φ is
+  trained on action NLL + α·KL (KL charged at every valid step, `metacontroller_loss`);
+* forced resets (`temporal_abstraction=False`): the same with β ≡ 1 (§6.7);
+* co-trained (`cotrain=True`): θ and φ trained jointly, θ from scratch on the grid (§6.6)
+  or from the pretrained weights (`mctrain.cotrain_from_scratch=False`, the ant's setup).
+
+`evaluate_variant` measures NLL, KL, switches per trajectory and switch precision/recall
+against ground-truth subgoal boundaries (±1 step) on held-out expert batches;
+`run_alpha_sweep` trains and evaluates a list of α values (the rate–distortion sweep, Fig. 7),
+skipping variants whose results file already exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from common.checkpoint import Checkpointer
+from common.config import to_dict
+from common.metrics import MetricsWriter, Progress
+from common.train import (
+    OptimizerConfig,
+    TrainState,
+    create_train_state,
+    make_optimizer,
+    make_train_step,
+    merge_model,
+    train,
+)
+from internal_rl.config import Config
+from internal_rl.metacontroller import (
+    MetacontrolledModel,
+    MetacontrollerConfig,
+    metacontroller_loss,
+    trainable_filter,
+)
+from internal_rl.models.transformer import BaseModel
+from internal_rl.pretrain import (
+    SEED_EVAL,
+    build_model,
+    load_base_model,
+    make_dataset,
+    pretrain_checkpoint_config,
+)
+
+# Seed offsets of the metacontroller stage (pretrain.py uses 0..4).
+SEED_MC_DATA, SEED_MC_EVAL, SEED_MC_INIT = 5, 6, 7
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One metacontroller training run: α, β ≡ 1 or not, frozen or co-trained, seed."""
+
+    alpha: float
+    temporal_abstraction: bool = True
+    cotrain: bool = False
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        kind = "cotrained" if self.cotrain else "frozen"
+        if not self.temporal_abstraction:
+            kind += "_beta1"
+        return f"{kind}_alpha{self.alpha:g}_seed{self.seed}"
+
+    def mc_config(self, base_cfg: MetacontrollerConfig) -> MetacontrollerConfig:
+        return dataclasses.replace(base_cfg, kl_weight=float(self.alpha),
+                                   temporal_abstraction=self.temporal_abstraction,
+                                   cotrain=self.cotrain)
+
+
+def variant_dir(run_dir: str | pathlib.Path, variant: Variant) -> pathlib.Path:
+    return pathlib.Path(run_dir) / "metacontroller" / variant.name
+
+
+def _optimizer_config(cfg: Config, variant: Variant) -> OptimizerConfig:
+    m = cfg.mctrain
+    steps = m.cotrain_steps if variant.cotrain else m.steps
+    lr = m.cotrain_learning_rate if variant.cotrain else m.learning_rate
+    return OptimizerConfig(name="adamw", learning_rate=lr, schedule="constant",
+                           weight_decay=m.weight_decay, total_steps=steps, grad_clip_norm=1.0)
+
+
+def num_steps(cfg: Config, variant: Variant) -> int:
+    return cfg.mctrain.cotrain_steps if variant.cotrain else cfg.mctrain.steps
+
+
+def _initial_base(cfg: Config, run_dir: pathlib.Path, variant: Variant,
+                  base: BaseModel | None) -> BaseModel:
+    """θ at the start of training: the pretrained model, or a fresh one when co-training
+    from scratch. `base` (if given) replaces the pretrained checkpoint (tests, notebooks)."""
+    if variant.cotrain and cfg.mctrain.cotrain_from_scratch:
+        return build_model(cfg)
+    if base is not None:
+        # a copy with its own buffers: the train step donates the state it is given
+        graphdef, state = nnx.split(base)
+        return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    return load_base_model(cfg, run_dir)
+
+
+def init_variant(cfg: Config, variant: Variant, base: BaseModel):
+    """(graphdef, TrainState, tx) of a metacontroller (φ freshly initialised) over `base`."""
+    mc_cfg = variant.mc_config(cfg.metacontroller)
+    model = MetacontrolledModel(base, mc_cfg,
+                                rngs=nnx.Rngs(cfg.seed * 100 + SEED_MC_INIT + 1000 * variant.seed))
+    tx = make_optimizer(_optimizer_config(cfg, variant))
+    graphdef, state = create_train_state(
+        model, tx, jax.random.key(cfg.seed * 100 + SEED_MC_INIT + 1000 * variant.seed),
+        trainable=trainable_filter(mc_cfg))
+    return graphdef, state, tx
+
+
+def _checkpointer(cfg: Config, run_dir: pathlib.Path, variant: Variant) -> Checkpointer:
+    ckpt_cfg = dict(pretrain_checkpoint_config(cfg), metacontroller=to_dict(
+        variant.mc_config(cfg.metacontroller)), mctrain=to_dict(cfg.mctrain),
+        variant=dataclasses.asdict(variant))
+    # Settings that do not change the trajectory of this run's training:
+    ignore = ["pretrain.steps", "pretrain.optim.total_steps", "pretrain.log_every",
+              "pretrain.save_every", "pretrain.eval_every", "pretrain.eval_episodes",
+              "mctrain.alphas", "mctrain.seeds", "mctrain.save_every", "mctrain.log_every",
+              "mctrain.eval_batches", "mctrain.trace_examples", "mctrain.steps",
+              "mctrain.cotrain_steps"]
+    return Checkpointer(variant_dir(run_dir, variant) / "checkpoints", max_to_keep=1,
+                        config=ckpt_cfg, ignore_config_keys=ignore)
+
+
+def train_metacontroller(cfg: Config, run_dir: str | pathlib.Path, variant: Variant, *,
+                         base: BaseModel | None = None, steps: int | None = None,
+                         verbose: bool = True) -> tuple[nnx.GraphDef, TrainState]:
+    """Trains (or resumes) `variant` to `steps` (default from cfg.mctrain); returns
+    (graphdef, TrainState). Metrics go to run_dir/metacontroller/<name>/metrics.jsonl."""
+    run_dir = pathlib.Path(run_dir)
+    out = variant_dir(run_dir, variant)
+    out.mkdir(parents=True, exist_ok=True)
+    graphdef, state, tx = init_variant(cfg, variant, _initial_base(cfg, run_dir, variant, base))
+    step_fn = make_train_step(graphdef, metacontroller_loss, tx)
+    data = make_dataset(cfg, SEED_MC_DATA + 1000 * variant.seed, cfg.mctrain.batch_size)
+    total = num_steps(cfg, variant) if steps is None else steps
+    ckpt = _checkpointer(cfg, run_dir, variant)
+    progress = Progress(total, name=f"metacontroller {variant.name}",
+                        start_step=ckpt.latest_step() or 0)
+    with MetricsWriter(out / "metrics.jsonl") as writer:
+        state = train(state, step_fn, data, total, checkpointer=ckpt,
+                      save_every=cfg.mctrain.save_every, metrics_writer=writer,
+                      log_every=cfg.mctrain.log_every,
+                      progress=(lambda s, m=None: progress.update(s, m)) if verbose else None)
+    ckpt.close()
+    return graphdef, state
+
+
+def load_variant(cfg: Config, run_dir: str | pathlib.Path, variant: Variant, *,
+                 base: BaseModel | None = None) -> MetacontrolledModel:
+    """The trained `variant` (latest checkpoint) as a module: `.base` is θ (the co-trained
+    one for co-trained variants) and `.metacontroller` is φ."""
+    run_dir = pathlib.Path(run_dir)
+    graphdef, state, _ = init_variant(cfg, variant, _initial_base(cfg, run_dir, variant, base))
+    ckpt = _checkpointer(cfg, run_dir, variant)
+    if ckpt.latest_step() is None:
+        ckpt.close()
+        raise FileNotFoundError(f"no checkpoint for metacontroller variant {variant.name} "
+                                f"under {variant_dir(run_dir, variant)}")
+    state, _ = ckpt.restore(state)
+    ckpt.close()
+    return merge_model(graphdef, state)
+
+
+def make_eval_fn(graphdef: nnx.GraphDef):
+    """Jitted (params, frozen, batch, key) -> dict of scalar metrics (`metacontroller_loss`
+    with the loss added) and the per-step β f32 [B, T] of the posterior pass."""
+
+    def run(params, frozen, batch, key):
+        model = nnx.merge(graphdef, params, frozen)
+        loss, metrics = metacontroller_loss(model, batch, key)
+        _, mc = model(batch["obs"], batch["mask"].astype(bool), key)
+        return dict(metrics, loss=loss), mc.beta
+
+    return jax.jit(run)
+
+
+def evaluate_variant(cfg: Config, graphdef: nnx.GraphDef, state: TrainState) -> dict:
+    """Metrics on cfg.mctrain.eval_batches held-out expert batches (means over batches)
+    plus β traces of the first batch: {"metrics": {...}, "traces": {beta, subgoal, mask}}."""
+    eval_fn = make_eval_fn(graphdef)
+    data = make_dataset(cfg, SEED_MC_EVAL, cfg.mctrain.batch_size)
+    totals: dict[str, float] = {}
+    traces = None
+    for i in range(cfg.mctrain.eval_batches):
+        batch = data.batch_at(i)
+        key = jax.random.fold_in(jax.random.key(cfg.seed * 100 + SEED_EVAL), i)
+        metrics, beta = eval_fn(state.params, state.frozen, batch, key)
+        for k, v in jax.device_get(metrics).items():
+            totals[k] = totals.get(k, 0.0) + float(v) / cfg.mctrain.eval_batches
+        if traces is None:
+            n = cfg.mctrain.trace_examples
+            traces = dict(beta=np.asarray(beta[:n]).tolist(),
+                          subgoal=np.asarray(batch["subgoal"][:n]).tolist(),
+                          mask=np.asarray(batch["mask"][:n]).tolist())
+    totals["subgoals_per_trajectory"] = totals.pop("boundaries", float("nan"))
+    return dict(metrics=totals, traces=traces)
+
+
+def run_variant(cfg: Config, run_dir: str | pathlib.Path, variant: Variant, *,
+                base: BaseModel | None = None, verbose: bool = True) -> dict:
+    """Train + evaluate `variant`; results cached in <variant dir>/results.json."""
+    out = variant_dir(run_dir, variant) / "results.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    t0 = time.time()
+    graphdef, state = train_metacontroller(cfg, run_dir, variant, base=base, verbose=verbose)
+    res = dict(variant=dataclasses.asdict(variant), name=variant.name, step=int(state.step),
+               **evaluate_variant(cfg, graphdef, state), wall_seconds=time.time() - t0)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res))
+    tmp.replace(out)
+    if verbose:
+        m = res["metrics"]
+        print(f"[metacontroller] {variant.name}: nll {m['action_nll']:.3f} kl {m['kl']:.3f} "
+              f"switches {m['switches']:.2f} (subgoals {m['subgoals_per_trajectory']:.2f}) "
+              f"precision {m['switch_precision']:.2f} recall {m['switch_recall']:.2f}",
+              flush=True)
+    return res
+
+
+def run_alpha_sweep(cfg: Config, run_dir: str | pathlib.Path, alphas=None, *,
+                    cotrain: bool = False, temporal_abstraction: bool = True,
+                    seeds: int | None = None, base: BaseModel | None = None,
+                    verbose: bool = True) -> list[dict]:
+    """`run_variant` for every α in `alphas` (default cfg.mctrain.alphas) × seed."""
+    alphas = cfg.mctrain.alphas if alphas is None else tuple(alphas)
+    seeds = cfg.mctrain.seeds if seeds is None else seeds
+    return [run_variant(cfg, run_dir, Variant(float(a), temporal_abstraction, cotrain, s),
+                        base=base, verbose=verbose)
+            for a in alphas for s in range(seeds)]
+
+
+def select_alpha(results: list[dict]) -> float:
+    """The α whose frozen variant best matches the ground-truth segmentation (highest
+    F1 of switch precision/recall, ties to the lower NLL). The paper selects α by
+    downstream RL success (C.5.5), which is too costly to sweep here."""
+    if not results:
+        raise ValueError("select_alpha: expected at least one sweep result")
+
+    def score(r):
+        m = r["metrics"]
+        p, rc = m["switch_precision"], m["switch_recall"]
+        f1 = 2 * p * rc / (p + rc) if p + rc > 0 else 0.0
+        return (f1, -m["action_nll"])
+
+    return float(max(results, key=score)["variant"]["alpha"])
+
+
+def mean_metrics(results: list[dict]) -> dict[str, float]:
+    """Per-metric mean over seeds of a list of results of one α."""
+    keys = results[0]["metrics"].keys()
+    return {k: float(jnp.mean(jnp.asarray([r["metrics"][k] for r in results]))) for k in keys}

@@ -1,0 +1,447 @@
+"""The whole internal-RL reproduction as one resumable chain (spec §10.2).
+
+    pretrain -> probes -> supervised controllers -> metacontroller α sweep (frozen base,
+    β ≡ 1, co-trained) -> internal RL vs raw-action RL vs β ≡ 1 vs co-trained (seeds)
+    -> report.md + results.json + figures (Figs. 6, 7, 8 analogues)
+
+`run_reproduce(cfg, run_dir)` skips every piece whose result is already on disk (and the
+trainers resume from their checkpoints), so re-running the same command after an
+interruption continues where it stopped. RL runs are cached one file per (method, seed)
+in run_dir/rl/. The report is rebuilt from those files each time.
+
+RL methods: internal RL on the frozen-base metacontroller of the selected α; raw-action RL
+on the base model; internal RL on the β ≡ 1 metacontroller (no temporal abstraction) and
+on the co-trained metacontroller (with its co-trained base). The α is selected by switch
+alignment with the ground-truth subgoals (`metacontroller_train.select_alpha`), not by
+downstream RL success as in the paper (C.5.5), which would multiply the RL cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import pathlib
+import resource
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from common.metrics import plot_curves
+from common.report import Report, write_json
+from internal_rl.config import PRESETS, Config
+
+PAPER = {
+    "probe accuracy, mid-depth": "≈0.5 (chance 0.25)",
+    "switches per trajectory (frozen, good α)": "≈ number of subgoals, quasi-binary β",
+    "internal RL final success": "high (plot only)",
+    "baselines final success": "≈0 within 1e6 episodes",
+}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (on a shared machine a better
+    measure of the work done than wall time)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _stage_log(run_dir: pathlib.Path, stage: str, seconds: float, cpu_seconds: float) -> None:
+    with open(run_dir / "stage_times.jsonl", "a") as f:
+        f.write(json.dumps({"stage": f"reproduce/{stage}", "seconds": seconds,
+                            "cpu_seconds": cpu_seconds}) + "\n")
+
+
+def _cached(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    write_json(path, result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------
+
+
+def stage_pretrain(cfg: Config, run_dir: pathlib.Path, verbose: bool) -> dict:
+    from internal_rl.pretrain import run_pretrain
+
+    summary = run_dir / "pretrain" / "summary.json"
+    if summary.exists():
+        done = json.loads(summary.read_text())
+        if done.get("step") == cfg.pretrain.steps:
+            return done
+    return run_pretrain(cfg, run_dir, verbose=verbose)
+
+
+def stage_probe(cfg: Config, run_dir: pathlib.Path) -> dict:
+    from internal_rl.analysis import run_probe
+
+    path = run_dir / "probe" / "results.json"
+    return json.loads(path.read_text()) if path.exists() else run_probe(cfg, run_dir)
+
+
+def stage_control(cfg: Config, run_dir: pathlib.Path, verbose: bool) -> dict:
+    from internal_rl.analysis import run_control
+
+    return run_control(cfg, run_dir, verbose=verbose)  # skips finished layers itself
+
+
+def stage_metacontroller(cfg: Config, run_dir: pathlib.Path, verbose: bool) -> dict:
+    """Frozen α sweep, β ≡ 1 at the selected α, co-trained sweep."""
+    from internal_rl.metacontroller_train import Variant, run_alpha_sweep, run_variant, select_alpha
+
+    frozen = run_alpha_sweep(cfg, run_dir, verbose=verbose)
+    alpha = select_alpha(frozen)
+    beta1 = run_variant(cfg, run_dir, Variant(alpha, temporal_abstraction=False),
+                        verbose=verbose)
+    cot_alphas = cfg.reproduce.cotrain_alphas or cfg.mctrain.alphas
+    needs_cotrain = "cotrained" in cfg.reproduce.methods or cfg.reproduce.cotrain_alphas
+    cotrained = (run_alpha_sweep(cfg, run_dir, cot_alphas, cotrain=True, seeds=1,
+                                 verbose=verbose) if needs_cotrain else [])
+    cot_alpha = select_alpha(cotrained) if cotrained else None
+    return dict(frozen=frozen, selected_alpha=alpha, beta1=beta1, cotrained=cotrained,
+                cotrained_alpha=cot_alpha)
+
+
+def _rl_subject(cfg: Config, run_dir: pathlib.Path, method: str, mc: dict):
+    """(base model, metacontrolled model or None) that `method` runs RL on."""
+    from internal_rl.metacontroller_train import Variant, load_variant
+    from internal_rl.pretrain import load_base_model
+
+    if method == "raw_action_rl":
+        return load_base_model(cfg, run_dir), None
+    variant = {
+        "internal_rl": Variant(mc["selected_alpha"]),
+        "no_temporal_abstraction": Variant(mc["selected_alpha"], temporal_abstraction=False),
+        "cotrained": Variant(mc["cotrained_alpha"] if mc["cotrained_alpha"] is not None
+                             else mc["selected_alpha"], cotrain=True),
+    }[method]
+    model = load_variant(cfg, run_dir, variant)
+    return model.base, model
+
+
+def rl_task(cfg: Config) -> np.ndarray:
+    """The held-out post-training task (int32 [12]) RL is trained on."""
+    from internal_rl.envs.gridworld import post_task
+
+    return post_task()
+
+
+def stage_rl(cfg: Config, run_dir: pathlib.Path, mc: dict, verbose: bool) -> dict:
+    """{method: [per-seed curve dicts]}; each (method, seed) cached in run_dir/rl/."""
+    from internal_rl.pretrain import make_env
+    from internal_rl.rl import run_internal_rl, run_raw_action_rl
+
+    env = make_env(cfg)
+    task = rl_task(cfg)
+    log = print if verbose else (lambda *a, **k: None)
+    curves: dict[str, list[dict]] = {}
+    for method in cfg.reproduce.methods:
+        curves[method] = []
+        for seed in range(cfg.reproduce.rl_seeds):
+            path = run_dir / "rl" / f"{method}_seed{seed}.json"
+
+            def compute(method=method, seed=seed):
+                base, model = _rl_subject(cfg, run_dir, method, mc)
+                rl_seed = cfg.seed * 1000 + seed
+                if method == "raw_action_rl":
+                    rl_cfg = dataclasses.replace(cfg.rl,
+                                                 learning_rate=cfg.reproduce.raw_learning_rate)
+                    res = run_raw_action_rl(rl_cfg, base, env, task, rl_seed, log=log)
+                else:
+                    res = run_internal_rl(cfg.rl, base, model, env, task, rl_seed, log=log)
+                return dict(method=method, seed=seed, episodes=res.episodes.tolist(),
+                            success_rate=res.success_rate.tolist(),
+                            decisions_per_episode=res.decisions_per_episode.tolist(),
+                            wall_seconds=float(res.wall_seconds))
+
+            curves[method].append(_cached(path, compute))
+    return curves
+
+
+# ---------------------------------------------------------------------------------------
+# Summaries
+# ---------------------------------------------------------------------------------------
+
+
+def final_success(curve: dict, fraction: float) -> float:
+    """Mean on-policy success over the last `fraction` of a run's updates."""
+    s = np.asarray(curve["success_rate"], float)
+    k = max(1, int(round(fraction * len(s))))
+    return float(np.mean(s[-k:]))
+
+
+def quantile_curves(curves: list[dict], key: str = "success_rate"
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(episodes [n], 25%, median, 75% [n]) over seeds (runs truncated to the shortest)."""
+    n = min(len(c[key]) for c in curves)
+    y = np.asarray([c[key][:n] for c in curves], float)
+    q25, med, q75 = np.percentile(y, [25, 50, 75], axis=0)
+    return np.asarray(curves[0]["episodes"][:n]), q25, med, q75
+
+
+def summarize_rl(curves: dict[str, list[dict]], fraction: float) -> dict:
+    out = {}
+    for method, runs in curves.items():
+        finals = [final_success(r, fraction) for r in runs]
+        q25, med, q75 = np.percentile(finals, [25, 50, 75])
+        out[method] = dict(
+            median=float(med), q25=float(q25), q75=float(q75), per_seed=finals,
+            initial_success=float(np.median([r["success_rate"][0] for r in runs])),
+            max_success=float(np.max([np.max(r["success_rate"]) for r in runs])),
+            decisions_per_episode=float(np.median([np.mean(r["decisions_per_episode"][-5:])
+                                                    for r in runs])),
+            episodes=int(runs[0]["episodes"][-1]),
+            wall_seconds=float(np.sum([r["wall_seconds"] for r in runs])))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_beta_traces(traces: dict, path: pathlib.Path, title: str) -> str:
+    """Fig. 6 / A3 analogue: β_t (line) over the ground-truth subgoal (shaded segments)."""
+    plt = _pyplot()
+    beta = np.asarray(traces["beta"], float)
+    subgoal = np.asarray(traces["subgoal"])
+    mask = np.asarray(traces["mask"], bool)
+    n = beta.shape[0]
+    fig, axes = plt.subplots(n, 1, figsize=(6.0, 1.5 * n + 0.4), dpi=120, squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for i, ax in enumerate(axes[:, 0]):
+        t_end = max(int(mask[i].sum()), 1)
+        t = np.arange(t_end)
+        for s in range(t_end):
+            ax.axvspan(s - 0.5, s + 0.5, color=colours(int(subgoal[i, s]) % 10), alpha=0.18,
+                       linewidth=0)
+        ax.plot(t, beta[i, :t_end], color="black", marker="o", markersize=2.5, linewidth=1.2)
+        starts = [s for s in range(1, t_end) if subgoal[i, s] != subgoal[i, s - 1]]
+        for s in starts:
+            ax.axvline(s, color="red", linestyle="--", linewidth=0.8)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_ylabel("β_t")
+    axes[0, 0].set_title(title, fontsize=9)
+    axes[-1, 0].set_xlabel("time step (shading: ground-truth subgoal; dashed: subgoal change)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_rate_distortion(mc: dict, path: pathlib.Path) -> str:
+    """Fig. 7 analogue: rate (KL per step) vs distortion (action NLL) over α."""
+    series = {}
+    for label, results in (("frozen base", mc["frozen"]), ("co-trained", mc["cotrained"])):
+        if not results:
+            continue
+        rows = sorted((r["variant"]["alpha"], r["metrics"]["action_nll"], r["metrics"]["kl"])
+                      for r in results)
+        series[label] = ([r[1] for r in rows], [r[2] for r in rows])
+    return plot_curves(series, path, title="Rate–distortion over α (points: α ascending ←)",
+                       xlabel="distortion: action NLL per step", ylabel="rate: KL per step")
+
+
+def plot_rl_curves(curves: dict[str, list[dict]], path: pathlib.Path) -> str:
+    """Fig. 8 analogue: success vs episodes, median over seeds with the 25–75% band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.8, 3.8), dpi=120)
+    for method, runs in curves.items():
+        x, q25, med, q75 = quantile_curves(runs)
+        (line,) = ax.plot(x, med, label=f"{method} (n={len(runs)})", linewidth=1.5)
+        ax.fill_between(x, q25, q75, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("episodes")
+    ax.set_ylabel("success rate (held-out task)")
+    ax.set_title("RL on the held-out task: median and 25–75% over seeds")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------
+
+
+def _preset_notes(preset: str | None) -> str:
+    fn = PRESETS.get(preset or "")
+    return inspect.cleandoc(fn.__doc__ or "") if fn else ""
+
+
+def _mc_rows(results: list[dict], kind: str) -> list[list]:
+    rows = []
+    for r in sorted(results, key=lambda r: (r["variant"]["alpha"], r["variant"]["seed"])):
+        m = r["metrics"]
+        rows.append([kind, r["variant"]["alpha"], r["variant"]["seed"], m["action_nll"],
+                     m["kl"], m["switches"], m["subgoals_per_trajectory"],
+                     m["switch_precision"], m["switch_recall"]])
+    return rows
+
+
+def write_report(cfg: Config, run_dir: pathlib.Path, parts: dict, *, preset: str | None,
+                 command: str | None, wall_seconds: float) -> tuple[str, str]:
+    """report.md + results.json (+ figures) into run_dir from the stage outputs."""
+    rep = Report(f"Internal RL reproduction ({preset or 'custom'} preset)", command=command)
+    notes = _preset_notes(preset)
+    rep.paragraph(
+        "Gridworld-pinpad, pretraining on the 16 Table A1 tasks, RL on the held-out "
+        "12-colour task A-B-C-D-A-B (only unseen pair transitions). "
+        f"Base model d={cfg.model.dim}, L={cfg.model.depth}; metacontroller at layer "
+        f"{cfg.metacontroller.insertion_layer(cfg.model.depth)}." + (
+            "\n\nPreset notes (deviations from the paper and why):\n\n> "
+            + notes.replace("\n", "\n> ") if notes else ""))
+    results: dict = {}
+
+    pre = parts.get("pretrain")
+    if pre:
+        rep.heading("Base model")
+        base = {
+            "teacher-forced action accuracy": pre.get("heldout_action_acc"),
+            "action NLL": pre.get("heldout_action_nll"),
+            "closed-loop success, pretraining tasks": pre.get("pretrain_task_success_rate"),
+            "fraction of colours reached, pretraining tasks": pre.get(
+                "pretrain_task_mean_progress"),
+            "closed-loop success, held-out task": pre.get("post_task_success_rate"),
+        }
+        rep.compare(None, base, {"closed-loop success, held-out task": "≈1e-6"})
+        rep.paragraph("The task is not observed: a perfect imitator picks each next pair as the "
+                      "data do, so it matches one given pretraining task with probability 1/16 "
+                      "(success ≈ 0.0625 is the ceiling of the pretraining-task success).")
+        results["base"] = base
+    probe = parts.get("probe")
+    if probe:
+        rep.heading("Linear probes (Fig. 3 / A1 analogue)")
+        rep.table(["layer", "held-out accuracy", "train accuracy"],
+                  [[layer, a, b] for layer, a, b in zip(probe["layers"], probe["eval_accuracy"],
+                                                        probe["train_accuracy"], strict=True)])
+        rep.paragraph(f"Chance {probe['chance']:.3f}, majority class "
+                      f"{probe.get('majority_baseline', float('nan')):.3f}. Paper: ≈0.3 at the "
+                      "input, ≈0.5 from mid-depth on.")
+        results["probe_accuracy_by_layer"] = probe["eval_accuracy"]
+    control = parts.get("control")
+    if control:
+        rep.heading("Supervised controllers (Fig. 4 analogue)")
+        rep.table(["insertion layer", "held-out success", "colours reached"],
+                  [[layer, s, p] for layer, s, p in zip(control["layers"],
+                                                        control["post_task_success"],
+                                                        control["post_task_progress"],
+                                                        strict=True)]
+                  + [["none (base)", control["uncontrolled_post_task"]["success_rate"],
+                      control["uncontrolled_post_task"]["mean_progress"]]])
+        results["controller_success_by_layer"] = dict(zip(
+            map(str, control["layers"]), control["post_task_success"], strict=True))
+
+    mc = parts.get("metacontroller")
+    if mc:
+        rep.heading("Metacontroller (Figs. 6, 7, A3 analogues)")
+        rep.table(["variant", "α", "seed", "NLL", "KL", "switches/traj", "subgoals/traj",
+                   "precision ±1", "recall ±1"],
+                  _mc_rows(mc["frozen"], "frozen") + _mc_rows([mc["beta1"]], "β ≡ 1")
+                  + _mc_rows(mc["cotrained"], "co-trained"))
+        rep.paragraph(f"Selected α = {mc['selected_alpha']:g} (best switch F1 against the "
+                      "ground-truth subgoal boundaries, ±1 step; the first step counts as a "
+                      "boundary). Paper: β quasi-binary, one switch per subgoal, aligned with "
+                      "the subgoal changes; co-training collapses to one switch at t = 1.")
+        selected = next(r for r in mc["frozen"] if r["variant"]["alpha"] == mc["selected_alpha"])
+        plot_beta_traces(selected["traces"], run_dir / "fig6_beta_traces.png",
+                         f"β_t, frozen base, α = {mc['selected_alpha']:g}")
+        rep.image("fig6_beta_traces.png", "switching gate β_t vs ground-truth subgoals")
+        if mc["cotrained"]:
+            cot = next(r for r in mc["cotrained"]
+                       if r["variant"]["alpha"] == mc["cotrained_alpha"])
+            plot_beta_traces(cot["traces"], run_dir / "fig6_beta_traces_cotrained.png",
+                             f"β_t, co-trained, α = {mc['cotrained_alpha']:g}")
+            rep.image("fig6_beta_traces_cotrained.png", "β_t of the co-trained metacontroller")
+        plot_rate_distortion(mc, run_dir / "fig7_rate_distortion.png")
+        rep.image("fig7_rate_distortion.png", "rate–distortion, frozen vs co-trained")
+        results["metacontroller"] = dict(
+            selected_alpha=mc["selected_alpha"],
+            frozen={f"{r['variant']['alpha']:g}/{r['variant']['seed']}": r["metrics"]
+                    for r in mc["frozen"]},
+            beta1=mc["beta1"]["metrics"],
+            cotrained={f"{r['variant']['alpha']:g}": r["metrics"] for r in mc["cotrained"]})
+
+    curves = parts.get("rl")
+    if curves:
+        summary = summarize_rl(curves, cfg.reproduce.final_fraction)
+        rep.heading("RL on the held-out task (Fig. 8 / A5 analogue)")
+        rep.table(["method", "final success (median)", "25%", "75%", "first-update success",
+                   "best update", "decisions/episode", "episodes", "wall s"],
+                  [[m, s["median"], s["q25"], s["q75"], s["initial_success"], s["max_success"],
+                    s["decisions_per_episode"], s["episodes"], s["wall_seconds"]]
+                   for m, s in summary.items()])
+        rep.paragraph(
+            f"Final success = mean on-policy success of the last "
+            f"{cfg.reproduce.final_fraction:.0%} of updates, median over "
+            f"{cfg.reproduce.rl_seeds} seed(s). Batch {cfg.rl.batch_episodes} episodes per "
+            f"update, lr {cfg.rl.learning_rate:g} (raw-action RL "
+            f"{cfg.reproduce.raw_learning_rate:g}). Paper: internal RL reaches a high success "
+            "rate; raw-action RL, β ≡ 1 and co-trained stay ≈0 within 1e6 episodes.")
+        plot_rl_curves(curves, run_dir / "fig8_rl_success.png")
+        rep.image("fig8_rl_success.png", "success vs episodes per method")
+        results["rl_final_success"] = {m: s["median"] for m, s in summary.items()}
+        results["rl_summary"] = summary
+    rep.heading("Paper reference points")
+    rep.table(["quantity", "paper"], [[k, v] for k, v in PAPER.items()])
+    results["stage_seconds"] = parts.get("stage_seconds", {})
+    results["stage_cpu_seconds"] = parts.get("stage_cpu_seconds", {})
+    if results["stage_seconds"]:
+        rep.heading("Cost of this invocation")
+        rep.table(["stage", "wall s", "CPU s"],
+                  [[k, v, results["stage_cpu_seconds"].get(k)]
+                   for k, v in results["stage_seconds"].items()], fmt="{:.0f}")
+        rep.paragraph("Stages already done in an earlier invocation were read back (≈0 s). CPU "
+                      "seconds are summed over threads; on a shared machine they measure the "
+                      "work better than wall time.")
+    return rep.write(run_dir, results, wall_seconds=wall_seconds)
+
+
+def run_reproduce(cfg: Config, run_dir: str | pathlib.Path, *, preset: str | None = None,
+                  command: str | None = None, rl: bool = True, verbose: bool = True) -> dict:
+    """Runs (or resumes) every stage and writes the report; returns the stage outputs.
+
+    rl=False stops after the metacontroller stage (the report then has no Fig. 8).
+    """
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    parts: dict = {"stage_seconds": {}, "stage_cpu_seconds": {}}
+
+    def stage(name, fn):
+        t0, c0 = time.time(), _cpu_seconds()
+        parts[name] = fn()
+        wall, cpu = time.time() - t0, _cpu_seconds() - c0
+        parts["stage_seconds"][name], parts["stage_cpu_seconds"][name] = wall, cpu
+        _stage_log(run_dir, name, wall, cpu)
+        if verbose:
+            print(f"== reproduce: {name} ({wall:.0f} s wall, {cpu:.0f} s CPU)", flush=True)
+
+    stage("pretrain", lambda: stage_pretrain(cfg, run_dir, verbose))
+    stage("probe", lambda: stage_probe(cfg, run_dir))
+    stage("control", lambda: stage_control(cfg, run_dir, verbose))
+    stage("metacontroller", lambda: stage_metacontroller(cfg, run_dir, verbose))
+    if rl and cfg.reproduce.methods:
+        stage("rl", lambda: stage_rl(cfg, run_dir, parts["metacontroller"], verbose))
+    md, js = write_report(cfg, run_dir, parts, preset=preset, command=command,
+                          wall_seconds=time.time() - t_start)
+    if verbose:
+        print(f"wrote {md} and {js}", flush=True)
+    return parts
