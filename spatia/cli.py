@@ -1,14 +1,19 @@
-"""Command line for spatia's geometry side: ``python -m spatia scene|render|edit|memory-report``.
+"""Command line: ``python -m spatia scene|render|edit|memory-report|train|reproduce``.
 
     python -m spatia scene  --out runs/spatia/scene            # GT strip + w2c.txt/intrinsics.txt
     python -m spatia render --out runs/spatia/render           # memory vs GT along a trajectory
     python -m spatia render --w2c w2c.txt --intrinsics k.txt   # ... along camera files (official format)
     python -m spatia edit   --out runs/spatia/edit --set edit.op=recolour
     python -m spatia memory-report --out reports/spatia --preset small
+    python -m spatia train     --preset tiny --run-dir runs/spatia/tiny   # staged training only
+    python -m spatia reproduce --preset tiny --run-dir runs/spatia/tiny   # + evaluate + report
 
-Every command takes ``--preset tiny|small`` and dotted ``--set key=value`` overrides of
+The geometry commands take ``--preset tiny|small`` and dotted ``--set key=value`` overrides of
 `GeomConfig` (an unknown key lists the valid ones); the resolved config is written as
 ``config.json`` next to the outputs. Figures are PNG strips drawn with matplotlib (Agg).
+``train`` and ``reproduce`` take ``--preset tiny|small|paper`` and overrides of
+`spatia.config.SpatiaConfig` (e.g. ``--set train.main_steps=500``); both resume from the
+checkpoints in ``--run-dir``.
 """
 
 from __future__ import annotations
@@ -286,9 +291,45 @@ def cmd_edit(cfg: GeomConfig, out: str, **_):
     return dict(selected=int(sel.sum()), before=mem.count(), after=edited.count())
 
 
+def _model_command(args) -> int:
+    """`train` / `reproduce` (spatia.train, spatia.reproduce) on a `SpatiaConfig` preset."""
+    from common.runtime import enable_compilation_cache, start_run_dir
+    from spatia import config as spatia_config
+
+    try:
+        cfg = cfg_lib.config_from_args(spatia_config.PRESETS, args)
+    except cfg_lib.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    enable_compilation_cache()
+    t0 = time.time()
+    try:
+        if args.command == "train":
+            from spatia import datasets, train
+
+            run_dir = start_run_dir(args.run_dir, cfg)
+            data = datasets.load_dataset(cfg, run_dir / "data", "train", verbose=True)
+            train.train_all(cfg, run_dir, data)
+        else:
+            from spatia import reproduce
+
+            reproduce.reproduce(cfg, args.run_dir, preset=args.preset)
+    except (ValueError, cfg_lib.ConfigError, mem_lib.MemoryOverflowError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"done in {time.time() - t0:.1f} s ({jax.default_backend()})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spatia", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, hlp in [("train", "train the generator's stages (resumes from --run-dir)"),
+                      ("reproduce", "train, evaluate closed loops, write report.md + results.json")]:
+        p = sub.add_parser(name, help=hlp)
+        cfg_lib.add_config_args(p, default_preset="tiny")
+        p.add_argument("--run-dir", required=True,
+                       help="run directory (data cache, checkpoints, report)")
     for name, hlp in [("scene", "render a synthetic scene along a trajectory"),
                       ("render", "build a memory from frames and render it along a trajectory"),
                       ("edit", "edit the memory in a 3D box and render two viewpoints"),
@@ -300,6 +341,8 @@ def main(argv=None) -> int:
             p.add_argument("--w2c", dest="w2c_file", help="camera file, one 3x4/4x4 w2c per line")
             p.add_argument("--intrinsics", dest="intrinsics_file", help="normalised [fx/W fy/H cx/W cy/H]")
     args = parser.parse_args(argv)
+    if args.command in ("train", "reproduce"):
+        return _model_command(args)
     try:
         cfg = cfg_lib.config_from_args(PRESETS, args)
     except cfg_lib.ConfigError as err:
