@@ -20,7 +20,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m ''
 
 # Packages with a `tiny` reproduction (`python -m PKG reproduce --preset tiny --run-dir DIR`).
-DEMOS := lir
+DEMOS := lir internal_rl spatia
 DEMO_DIR := runs/demo
 
 demo: $(STAMP)
