@@ -10,5 +10,16 @@ Geometry side (pure JAX, usable on its own):
 * `spatia.retrieval` visibility sets, intersection counts, Hungarian / threshold reference choice
 * `spatia.slam`      point-to-plane ICP pose refinement and memory update from frames
 
-Command line: ``python -m spatia scene|render|edit|memory-report`` (see `spatia.cli`).
+Generation side:
+
+* `spatia.model`, `spatia.flow`, `spatia.model_config`  flow-matching video DiT with a memory
+  control branch; logit-normal timesteps; Euler/Heun samplers
+* `spatia.datasets`  cached synthetic training clips with projections, references, history
+* `spatia.train`     the three training stages (base, control branch, LoRA main branch)
+* `spatia.pipeline`  the clip loop: render memory, retrieve, generate, update memory
+* `spatia.metrics`   PSNR, SSIM, closed-loop and revisit metrics, match accuracy, camera score
+* `spatia.config`, `spatia.reproduce`  presets and the Table 3-7 analogues
+
+Command line: ``python -m spatia scene|render|edit|memory-report|train|reproduce`` (see
+`spatia.cli`).
 """
