@@ -37,6 +37,7 @@ from internal_rl.envs.pinpad_layout import (
     freeze_when_done,
     layout_features,
     layout_sampler,
+    mjx_physics,
     next_colour,
 )
 
@@ -189,13 +190,7 @@ class AntPinpad:
 
     def physics(self, data, action: jax.Array):
         """frame_skip MJX steps with ctrl = clip(action f32 [8], -1, 1)."""
-        data = data.replace(ctrl=jnp.clip(jnp.asarray(action, jnp.float32), -1.0, 1.0))
-
-        def body(d, _):
-            return mjx.step(self.model, d), None
-
-        data, _ = jax.lax.scan(body, data, None, length=self.frame_skip)
-        return data
+        return mjx_physics(self.model, data, action, self.frame_skip)
 
     def step(self, state: ContinuousState, action: jax.Array):
         """Advance one env step. Returns (state, obs f32 [obs_dim], reward f32 [], done

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from mujoco import mjx
 
 from internal_rl.envs.base import make_tasks
 from internal_rl.envs.gridworld import GridPinpad, GridState
@@ -183,3 +184,16 @@ def advance(
 def freeze_when_done(alive: jax.Array, new: Any, old: Any) -> Any:
     """Pytree `new` where alive (bool []), else `old` (the state after `done` is frozen)."""
     return jax.tree.map(lambda n, o: jnp.where(alive, n, o), new, old)
+
+
+def mjx_physics(model: mjx.Model, data: mjx.Data, action: jax.Array, frame_skip: int
+                ) -> mjx.Data:
+    """``frame_skip`` MJX steps of ``model`` with ctrl = clip(action f32 [nu], -1, 1) held
+    constant (the control rate of both continuous pinpads)."""
+    data = data.replace(ctrl=jnp.clip(jnp.asarray(action, jnp.float32), -1.0, 1.0))
+
+    def body(d, _):
+        return mjx.step(model, d), None
+
+    data, _ = jax.lax.scan(body, data, None, length=frame_skip)
+    return data
