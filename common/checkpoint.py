@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 __all__ = [
@@ -289,7 +291,8 @@ class Checkpointer:
                 data=ocp.args.JsonRestore(),
             ),
         )
-        return restored["state"], restored["data"]["data_state"]
+        state = jax.tree.map(_match_commitment, restored["state"], abstract_state)
+        return state, restored["data"]["data_state"]
 
     def wait(self) -> None:
         """Blocks until pending writes are committed (saves are synchronous already)."""
@@ -316,3 +319,16 @@ class Checkpointer:
                 f"no committed checkpoint for step {step} in {self.directory}; available: {steps}"
             )
         return int(step)
+
+
+def _match_commitment(restored: Any, target: Any) -> Any:
+    """Orbax returns arrays committed to their sharding; a freshly initialised state is
+    uncommitted, and ``jax.jit`` keys its cache on that, so a resumed run would compile every
+    step function a second time. Where the target leaf is an uncommitted array, so is the
+    restored one."""
+    if not isinstance(target, jax.Array) or target.committed:
+        return restored
+    if jax.dtypes.issubdtype(target.dtype, jax.dtypes.prng_key):
+        data = jnp.asarray(np.asarray(jax.random.key_data(restored)))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(target))
+    return jnp.asarray(np.asarray(restored))

@@ -75,6 +75,22 @@ def test_round_trip_into_live_and_abstract_targets(tmp_path):
     assert meta["fingerprint"]["params/blocks/0/kernel"] == {"shape": [2, 8], "dtype": "float32"}
 
 
+def test_resumed_state_reuses_the_compiled_step(tmp_path):
+    """A restored state matches a fresh one's placement, so a resumed run does not compile its
+    jitted step a second time."""
+    state = make_state(seed=1, step=3)
+    Checkpointer(tmp_path).save(3, state)
+    fresh = make_state(seed=2)
+    restored, _ = Checkpointer(tmp_path).restore(fresh)
+    assert_trees_equal(restored, state)
+    for got, target in zip(jax.tree.leaves(restored), jax.tree.leaves(fresh), strict=True):
+        assert got.committed == target.committed
+    step = jax.jit(lambda s: jax.tree.map(lambda x: x, s))
+    step(fresh)
+    step(restored)
+    assert step._cache_size() == 1
+
+
 def test_data_state_none_and_retention(tmp_path):
     ckpt = Checkpointer(tmp_path, max_to_keep=2)
     state = make_state()
