@@ -207,7 +207,7 @@ def tiny() -> LIRConfig:
 
 
 def small() -> LIRConfig:
-    """The committed report, sized for about an hour on 2 CPU cores: 32 px images (16 tokens
+    """The committed report, about 1.5 hours on 2 CPU cores: 32 px images (16 tokens
     each, up to 3 images, 77-token sequences), ViT 64x2 and LM 64x3 (the spec §7.3 widths of
     96x4 cost 3.6x more per phase-F step at 32 px here, 72 vs 20 ms at batch 8), K = 8, LoRA r 8 / alpha 16,
     the paper's 1k/250/1k examples and 10-epoch budget, 5 seeds, the four trained Table-1
