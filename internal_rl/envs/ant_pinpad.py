@@ -26,19 +26,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import mujoco
 import numpy as np
 from mujoco import mjx
 
 from internal_rl.envs.pinpad_layout import (
-    CellGrid,
     ContinuousState,
+    MJXPinpad,
     advance,
     freeze_when_done,
     layout_features,
-    layout_sampler,
-    mjx_physics,
-    next_colour,
 )
 
 
@@ -118,37 +114,19 @@ def is_healthy(z: jax.Array) -> jax.Array:
     return (z >= HEALTHY_Z[0]) & (z <= HEALTHY_Z[1])
 
 
-class AntPinpad:
+class AntPinpad(MJXPinpad):
     """Ant-pinpad in MJX (implements `internal_rl.envs.base.PinpadEnv`)."""
 
-    num_actions = None
     action_shape = (8,)
 
     def __init__(self, size: int = 4, cell_size: float = 2.0, num_colours: int = 4,
                  num_walls: int = 1, horizon: int = 500, frame_skip: int = 5,
                  reset_noise: float = 0.1):
-        if horizon < 1 or frame_skip < 1:
-            raise ValueError(f"AntPinpad: expected horizon >= 1 and frame_skip >= 1, got "
-                             f"{horizon} and {frame_skip}")
-        self.grid = CellGrid(size, cell_size)
-        self.num_colours, self.num_walls = num_colours, num_walls
-        self.num_subgoals = num_colours
-        self.horizon, self.frame_skip, self.reset_noise = horizon, frame_skip, reset_noise
-        self.layouts = layout_sampler(self.grid, num_colours, num_walls, horizon)
-        self.mj_model = mujoco.MjModel.from_xml_string(ANT_XML)
-        self.model = mjx.put_model(self.mj_model, impl="jax")
+        super().__init__(ANT_XML, size, cell_size, num_colours, num_walls, horizon, frame_skip)
+        self.reset_noise = reset_noise
         self.init_qpos = np.asarray(self.mj_model.numeric("init_qpos").data, np.float32)
         self.nq, self.nv = int(self.mj_model.nq), int(self.mj_model.nv)
         self.obs_dim = (self.nq - 2) + self.nv + 2 + 2 * (num_colours + num_walls) + 2
-
-    @property
-    def dt(self) -> float:
-        """Seconds of simulated time per env step."""
-        return self.frame_skip * float(self.mj_model.opt.timestep)
-
-    def position(self, state: ContinuousState) -> jax.Array:
-        """f32 [2]: the torso's (x, y)."""
-        return state.data.qpos[:2]
 
     def observe(self, state: ContinuousState) -> jax.Array:
         """f32 [obs_dim] observation (module docstring)."""
@@ -156,10 +134,6 @@ class AntPinpad:
         # choice §8.9: proprio = symlog(qpos[2:], qvel), no contact forces
         proprio = symlog(jnp.concatenate([data.qpos[2:], data.qvel]))
         return jnp.concatenate([proprio, layout_features(self.grid, state.pad, data.qpos[:2])])
-
-    def subgoal(self, state: ContinuousState) -> jax.Array:
-        """int32 []: the next colour to visit (analysis only)."""
-        return next_colour(state.pad)
 
     def state_at(self, pad, qpos: jax.Array, qvel: jax.Array) -> ContinuousState:
         """A state with bookkeeping `pad` (GridState) and the ant at qpos f32 [15], qvel
@@ -187,10 +161,6 @@ class AntPinpad:
         qvel = jax.random.uniform(k_v, (self.nv,), minval=-noise, maxval=noise)
         state = self.state_at(pad, qpos, qvel)
         return state, self.observe(state)
-
-    def physics(self, data, action: jax.Array):
-        """frame_skip MJX steps with ctrl = clip(action f32 [8], -1, 1)."""
-        return mjx_physics(self.model, data, action, self.frame_skip)
 
     def step(self, state: ContinuousState, action: jax.Array):
         """Advance one env step. Returns (state, obs f32 [obs_dim], reward f32 [], done

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import mujoco
 import numpy as np
 from mujoco import mjx
 
@@ -197,3 +198,41 @@ def mjx_physics(model: mjx.Model, data: mjx.Data, action: jax.Array, frame_skip:
 
     data, _ = jax.lax.scan(body, data, None, length=frame_skip)
     return data
+
+
+class MJXPinpad:
+    """What the MJX pinpads share: the cell grid, the layout sampler, the compiled MJX model
+    (always ``impl="jax"``: differentiable and runs on every backend), the frame-skipped
+    physics and the subgoal readout. Subclasses add the body, reset and observation."""
+
+    num_actions = None
+
+    def __init__(self, xml: str, size: int, cell_size: float, num_colours: int,
+                 num_walls: int, horizon: int, frame_skip: int):
+        if horizon < 1 or frame_skip < 1:
+            raise ValueError(f"{type(self).__name__}: expected horizon >= 1 and frame_skip >= 1, "
+                             f"got {horizon} and {frame_skip}")
+        self.grid = CellGrid(size, cell_size)
+        self.num_colours, self.num_walls = num_colours, num_walls
+        self.num_subgoals = num_colours
+        self.horizon, self.frame_skip = horizon, frame_skip
+        self.layouts = layout_sampler(self.grid, num_colours, num_walls, horizon)
+        self.mj_model = mujoco.MjModel.from_xml_string(xml)
+        self.model = mjx.put_model(self.mj_model, impl="jax")
+
+    @property
+    def dt(self) -> float:
+        """Seconds of simulated time per env step."""
+        return self.frame_skip * float(self.mj_model.opt.timestep)
+
+    def position(self, state: ContinuousState) -> jax.Array:
+        """f32 [2]: the body's (x, y)."""
+        return state.data.qpos[:2]
+
+    def subgoal(self, state: ContinuousState) -> jax.Array:
+        """int32 []: the next colour to visit (analysis only)."""
+        return next_colour(state.pad)
+
+    def physics(self, data: mjx.Data, action: jax.Array) -> mjx.Data:
+        """frame_skip MJX steps with ctrl = clip(action f32 [nu], -1, 1)."""
+        return mjx_physics(self.model, data, action, self.frame_skip)

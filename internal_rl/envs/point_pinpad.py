@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import mujoco
 from mujoco import mjx
 
 from internal_rl.envs.pinpad_layout import (
-    CellGrid,
     ContinuousState,
+    MJXPinpad,
     advance,
     freeze_when_done,
     layout_features,
-    layout_sampler,
-    mjx_physics,
-    next_colour,
 )
 
 POINT_XML = """
@@ -53,44 +49,22 @@ POINT_XML = """
 VELOCITY_SCALE = 0.5  # observed velocity = qvel * scale (top speed ≈ 2.4 -> ≈ 1.2)
 
 
-class PointPinpad:
+class PointPinpad(MJXPinpad):
     """Point-mass pinpad in MJX (implements `internal_rl.envs.base.PinpadEnv`)."""
 
-    num_actions = None
     action_shape = (2,)
 
     def __init__(self, size: int = 4, cell_size: float = 1.0, num_colours: int = 4,
                  num_walls: int = 1, horizon: int = 200, frame_skip: int = 5):
-        if horizon < 1 or frame_skip < 1:
-            raise ValueError(f"PointPinpad: expected horizon >= 1 and frame_skip >= 1, got "
-                             f"{horizon} and {frame_skip}")
-        self.grid = CellGrid(size, cell_size)
-        self.num_colours, self.num_walls = num_colours, num_walls
-        self.num_subgoals = num_colours
-        self.horizon, self.frame_skip = horizon, frame_skip
-        self.layouts = layout_sampler(self.grid, num_colours, num_walls, horizon)
-        self.mj_model = mujoco.MjModel.from_xml_string(POINT_XML)
-        self.model = mjx.put_model(self.mj_model, impl="jax")
+        super().__init__(POINT_XML, size, cell_size, num_colours, num_walls, horizon,
+                         frame_skip)
         self.obs_dim = 2 + 2 + 2 * (num_colours + num_walls) + 2
-
-    @property
-    def dt(self) -> float:
-        """Seconds of simulated time per env step."""
-        return self.frame_skip * float(self.mj_model.opt.timestep)
-
-    def position(self, state: ContinuousState) -> jax.Array:
-        """f32 [2]: the point's (x, y)."""
-        return state.data.qpos[:2]
 
     def observe(self, state: ContinuousState) -> jax.Array:
         """f32 [obs_dim] observation (module docstring)."""
         xy = self.position(state)
         feats = layout_features(self.grid, state.pad, xy)
         return jnp.concatenate([feats[:2], state.data.qvel[:2] * VELOCITY_SCALE, feats[2:]])
-
-    def subgoal(self, state: ContinuousState) -> jax.Array:
-        """int32 []: the next colour to visit (analysis only)."""
-        return next_colour(state.pad)
 
     def state_at(self, pad, xy: jax.Array, velocity: jax.Array | None = None) -> ContinuousState:
         """A state with bookkeeping `pad` (GridState) and the point at xy f32 [2] with
@@ -108,10 +82,6 @@ class PointPinpad:
         pad, _ = self.layouts.reset(k_layout, task)
         state = self.state_at(pad, self.grid.sample_in_cell(k_pos, pad.agent))
         return state, self.observe(state)
-
-    def physics(self, data, action: jax.Array):
-        """frame_skip MJX steps with ctrl = clip(action f32 [2], -1, 1)."""
-        return mjx_physics(self.model, data, action, self.frame_skip)
 
     def step(self, state: ContinuousState, action: jax.Array):
         """Advance one env step. Returns (state, obs f32 [obs_dim], reward f32 [], done
