@@ -25,7 +25,7 @@ from common.metrics import MetricsWriter, Progress
 from common.train import OptimizerConfig, create_train_state, make_optimizer, make_train_step, train
 from internal_rl.config import Config
 from internal_rl.controllers import CONTROLLER_PARAMS, ControlledModel, controller_loss
-from internal_rl.envs.gridworld import post_task, pretrain_tasks
+from internal_rl.envs.gridworld import post_task, pretrain_tasks, seen_transition_task
 from internal_rl.pretrain import (
     SEED_CONTROL,
     SEED_EVAL,
@@ -211,7 +211,15 @@ def run_control(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = Tru
             if verbose:
                 print(f"[control] layer {layer}: post-task success "
                       f"{res['post_task']['success_rate']:.3f}", flush=True)
-        per_layer[layer] = json.loads(f.read_text())
+        res = json.loads(f.read_text())
+        if "seen_transition_task" not in res:
+            # the diagnostic task's evaluation, added to results of earlier runs without
+            # retraining (train_controller restores the finished controller)
+            graphdef, state = train_controller(cfg, run_dir, layer, verbose=False)
+            seen = make_controlled_eval(cfg, graphdef, seen_transition_task()[None], n_eval)
+            res["seen_transition_task"] = summarize(seen(state.params, state.frozen, key))
+            f.write_text(json.dumps(res, indent=2))
+        per_layer[layer] = res
 
     layers = sorted(per_layer)
     results = dict(
@@ -219,6 +227,8 @@ def run_control(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = Tru
         post_task_success=[per_layer[layer]["post_task"]["success_rate"] for layer in layers],
         post_task_progress=[per_layer[layer]["post_task"]["mean_progress"] for layer in layers],
         pretrain_task_success=[per_layer[layer]["pretrain_tasks"]["success_rate"] for layer in layers],
+        seen_transition_task_success=[per_layer[layer]["seen_transition_task"]["success_rate"]
+                                      for layer in layers],
         uncontrolled_post_task=base_res, eval_episodes=n_eval)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _plot_lines(out / "controller_success_by_layer.png", layers,

@@ -13,16 +13,18 @@ from internal_rl.envs.base import (
 from internal_rl.envs.gridworld import (
     POST_TASK,
     PRETRAIN_TASKS,
+    SEEN_TRANSITION_TASK,
     GridPinpad,
     GridState,
     distance_maps,
     pair_transitions,
     post_task,
     pretrain_tasks,
+    seen_transition_task,
 )
 
 __all__ = [
     "PAD", "PinpadEnv", "batch_rollout", "make_task", "make_tasks", "rollout", "stateless",
-    "task_length", "POST_TASK", "PRETRAIN_TASKS", "GridPinpad", "GridState", "distance_maps",
-    "pair_transitions", "post_task", "pretrain_tasks",
+    "task_length", "POST_TASK", "PRETRAIN_TASKS", "SEEN_TRANSITION_TASK", "GridPinpad", "GridState", "distance_maps",
+    "pair_transitions", "post_task", "pretrain_tasks", "seen_transition_task",
 ]

@@ -40,6 +40,11 @@ PRETRAIN_TASKS: tuple[tuple[int, ...], ...] = (
 )
 # The held-out post-training task A B C D A B (only unseen pair transitions).
 POST_TASK: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3)
+# A diagnostic long task A C B D C A: as long and as sparse as POST_TASK (6 subgoals, 12
+# colours) but made only of pair transitions the pretraining tasks contain (and of colour
+# transitions they contain, so every pool layout serves it). It separates the long-horizon,
+# sparse-reward part of the held-out problem from the compositional part (unseen pairs).
+SEEN_TRANSITION_TASK: tuple[int, ...] = (0, 1, 4, 5, 2, 3, 6, 7, 4, 5, 0, 1)
 
 INF = 10_000  # distance of unreachable / blocked cells (int32, safe against +1 overflow)
 _DROW = np.array([-1, 0, 1, 0])
@@ -346,6 +351,11 @@ def pretrain_tasks(max_len: int | None = None) -> np.ndarray:
 def post_task(max_len: int | None = None) -> np.ndarray:
     """int32 [max_len] held-out 12-colour task (default max_len 12)."""
     return make_tasks([POST_TASK], max_len)[0]
+
+
+def seen_transition_task(max_len: int | None = None) -> np.ndarray:
+    """int32 [max_len] the diagnostic 12-colour task of seen pair transitions (default 12)."""
+    return make_tasks([SEEN_TRANSITION_TASK], max_len)[0]
 
 
 def pair_transitions(tasks) -> set[tuple[int, int]]:

@@ -10,6 +10,7 @@ import pytest
 from internal_rl.envs import (
     POST_TASK,
     PRETRAIN_TASKS,
+    SEEN_TRANSITION_TASK,
     GridPinpad,
     make_task,
     pair_transitions,
@@ -134,8 +135,13 @@ def test_task_tables():
     cyclic = {(A, B), (B, C), (C, D), (D, A)}
     assert not trans & cyclic
     assert pair_transitions([POST_TASK]) == cyclic and len(POST_TASK) == 12
+    # the diagnostic task: as long as the held-out one, only seen pair and colour transitions
+    assert pair_transitions([SEEN_TRANSITION_TASK]) <= trans and len(SEEN_TRANSITION_TASK) == 12
+    assert SEEN_TRANSITION_TASK not in PRETRAIN_TASKS
+    colour_steps = lambda ts: {(t[i], t[i + 1]) for t in ts for i in range(len(t) - 1)}
+    assert colour_steps([SEEN_TRANSITION_TASK]) <= colour_steps(PRETRAIN_TASKS)
     # every task visits pairs as units (first colour even, then its partner)
-    for t in PRETRAIN_TASKS + (POST_TASK,):
+    for t in PRETRAIN_TASKS + (POST_TASK, SEEN_TRANSITION_TASK):
         assert all(t[i] % 2 == 0 and t[i + 1] == t[i] + 1 for i in range(0, len(t), 2))
     assert pretrain_tasks().shape == (16, 6) and post_task(16).shape == (16,)
     with pytest.raises(ValueError, match="task"):

@@ -66,12 +66,18 @@ def test_report_from_stage_outputs(tmp_path):
         metacontroller=dict(frozen=[mc_result(0.1), mc_result(0.3)], selected_alpha=0.1,
                             beta1=mc_result(0.1), cotrained=[mc_result(0.1)],
                             cotrained_alpha=0.1),
-        rl={m: [_curve(m, s, [0.1 * s, 0.2 * s]) for s in range(3)] for m in RL_METHODS},
+        rl={task: {m: [_curve(m, s, [0.1 * s, scale * s]) for s in range(3)]
+                   for m in RL_METHODS}
+            for task, scale in (("heldout", 0.2), ("seen_transitions", 0.4))},
     )
     md, js = write_report(cfg, tmp_path, parts, preset="tiny", command="cmd", wall_seconds=1.0)
     results = json.loads(open(js).read())["results"]
     assert set(results["rl_final_success"]) == set(RL_METHODS)
     assert results["rl_final_success"]["internal_rl"] == pytest.approx(0.2)
+    by_task = results["rl_final_success_by_task"]
+    assert by_task["heldout"] == results["rl_final_success"]
+    assert by_task["seen_transitions"]["internal_rl"] == pytest.approx(0.4)
+    assert (tmp_path / "fig8_rl_success_seen_transitions.png").stat().st_size > 0
     assert results["probe_accuracy_by_layer"] == [0.3, 0.5, 0.45]
     text = open(md).read()
     assert "one fixed layout" in text  # the preset's documented deviations
