@@ -146,7 +146,7 @@ def test_patchify_roundtrip_and_positions():
 
 
 def test_tokenize_temporal_patch_tiles_refs_and_pools_validity():
-    cfg = VIDEO_MODEL_PRESETS["small"]()  # patch (2, 8, 8)
+    cfg = dataclasses.replace(VIDEO_MODEL_PRESETS["small"](), patch_size=(2, 8, 8))
     r = np.random.default_rng(0)
     Bs, H = 1, 16
     b = dict(
