@@ -121,12 +121,18 @@ class ReproduceConfig:
     cotrain_alphas: tuple[float, ...] = ()  # α values co-trained for Fig. 7; () = mctrain.alphas
     final_fraction: float = 0.1  # "end of the budget" = mean over the last 10% of updates
     rl_tasks: tuple[str, ...] = ("heldout",)  # RL is run on each (RL_TASKS)
+    # those of `methods` also run on the diagnostic tasks (all run on the held-out task)
+    diagnostic_methods: tuple[str, ...] = ("internal_rl", "raw_action_rl")
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in RL_METHODS]
         if unknown:
             raise ValueError(f"reproduce.methods: unknown {unknown}; expected a subset of "
                              f"{RL_METHODS}")
+        unknown = [m for m in self.diagnostic_methods if m not in RL_METHODS]
+        if unknown:
+            raise ValueError(f"reproduce.diagnostic_methods: unknown {unknown}; expected a "
+                             f"subset of {RL_METHODS}")
         unknown = [t for t in self.rl_tasks if t not in RL_TASKS]
         if unknown or not self.rl_tasks:
             raise ValueError(f"reproduce.rl_tasks: got {self.rl_tasks}; expected a non-empty "

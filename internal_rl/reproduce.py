@@ -152,7 +152,9 @@ def stage_rl(cfg: Config, run_dir: pathlib.Path, mc: dict, verbose: bool) -> dic
     for task_name in cfg.reproduce.rl_tasks:
         task = rl_task(task_name)
         curves[task_name] = by_method = {}
-        for method in cfg.reproduce.methods:
+        methods = [m for m in cfg.reproduce.methods
+                   if task_name == "heldout" or m in cfg.reproduce.diagnostic_methods]
+        for method in methods:
             by_method[method] = []
             for seed in range(cfg.reproduce.rl_seeds):
 
