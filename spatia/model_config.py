@@ -150,7 +150,7 @@ def small() -> VideoModelConfig:
     # A token must be able to carry its patch: (1, 4, 4) patches of RGB-D are 64 values for a
     # 128-wide model. With 32 x 32 frames in (2, 8, 8) patches (512 values squeezed through
     # 128 dims) the velocity loss plateaued at 0.83 after 200 steps and closed-loop frames
-    # stayed noise-like (PSNR_C ≈ 8 dB); 32 x 32 in (1, 4, 4) patches costs ≈ 5x per step.
+    # stayed noise-like (PSNR_C ≈ 8 dB); 32 x 32 in (2, 4, 4) patches trained ≈ 4x slower.
     return VideoModelConfig(
         frame_size=(16, 16),
         num_target_frames=8,
