@@ -1,0 +1,183 @@
+"""Configs and presets (tiny | small | paper) for the continuous pinpad pipeline.
+
+Sections: env (Point-pinpad now, MJX Ant-pinpad as the GPU path), data (scripted expert
+D with action noise, D* without), model (the Hawk base model), pretrain, probe, and the
+later stages' settings (metacontroller + mctrain, rl) so that one config describes a
+whole continuous run. `tiny` fits a test (a few steps of a small model), `small` is the
+CPU plan of spec §10.3 (Hawk d=128, L=4, λ=10, AdamW 3e-4 wd 0.03, batch 32, T=200,
+~4000 steps), `paper` holds the ant hyperparameters (Tables A5, A10, A14, A15).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from common.config import get_preset, override
+from common.train import OptimizerConfig
+from internal_rl.config import MetaTrainConfig, ProbeConfig
+from internal_rl.metacontroller import MetacontrollerConfig
+from internal_rl.models.hawk import HawkConfig
+from internal_rl.rl import RLConfig
+
+ENV_KINDS = ("point", "ant")
+POINT_OBS_DIM, POINT_ACTION_DIM = 16, 2  # PointPinpad with 4 colours and 1 wall
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvConfig:
+    """A continuous pinpad (Point-pinpad: spec §10.3; Ant-pinpad: spec §2.2 / §8.7-8.9)."""
+
+    kind: str = "point"
+    size: int = 4
+    cell_size: float = 1.0  # point: 1 (§10.3); ant: 2 (choice §8.8)
+    num_colours: int = 4
+    num_walls: int = 1
+    horizon: int = 200  # T: point 200 (§10.3), ant 500 (§2.2)
+    frame_skip: int = 5
+
+    def __post_init__(self):
+        if self.kind not in ENV_KINDS:
+            raise ValueError(f"env.kind: expected one of {ENV_KINDS}, got {self.kind!r}")
+        if self.horizon < 1:
+            raise ValueError(f"env.horizon: expected >= 1, got {self.horizon}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Expert data: D (pretraining) samples the expert with Gaussian action noise, D*
+    (controllers, metacontroller) uses its noise-free actions (spec §3.2, §10.3)."""
+
+    batch_size: int = 32
+    max_len: int = 200  # steps per padded trajectory (episodes not done by then are dropped)
+    noise_std: float = 0.1  # D
+    star_noise_std: float = 0.0  # D*
+    n_candidates: int | None = None  # episodes rolled out per batch; None = B + max(8, B/4)
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.max_len < 1:
+            raise ValueError(f"data: expected batch_size, max_len >= 1, got "
+                             f"{self.batch_size}, {self.max_len}")
+        if min(self.noise_std, self.star_noise_std) < 0:
+            raise ValueError(f"data: expected noise_std, star_noise_std >= 0, got "
+                             f"{self.noise_std}, {self.star_noise_std}")
+        if self.n_candidates is not None and self.n_candidates < self.batch_size:
+            raise ValueError(f"data.n_candidates: expected None or >= batch_size "
+                             f"({self.batch_size}), got {self.n_candidates}")
+
+
+def _optim(steps: int, lr: float = 3e-4, wd: float = 0.03,
+           clip: float | None = 1.0) -> OptimizerConfig:
+    return OptimizerConfig(name="adamw", learning_rate=lr, schedule="constant",
+                           weight_decay=wd, total_steps=steps, grad_clip_norm=clip)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 4000
+    obs_coef: float = 10.0  # λ of Eq. 5 (ant: 10, Table A5)
+    optim: OptimizerConfig = _optim(4000)
+    log_every: int = 50
+    save_every: int = 250
+    eval_every: int = 500
+    eval_episodes: int = 128  # closed-loop episodes per task set (pretraining, held-out); 0: none
+
+    def __post_init__(self):
+        if self.steps < 0 or self.eval_episodes < 0:
+            raise ValueError(f"pretrain: expected steps, eval_episodes >= 0, got "
+                             f"{self.steps}, {self.eval_episodes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    env: EnvConfig = EnvConfig()
+    data: DataConfig = DataConfig()
+    model: HawkConfig = HawkConfig(obs_dim=POINT_OBS_DIM, action_dim=POINT_ACTION_DIM)
+    pretrain: PretrainConfig = PretrainConfig()
+    probe: ProbeConfig = ProbeConfig()
+    metacontroller: MetacontrollerConfig = MetacontrollerConfig()
+    mctrain: MetaTrainConfig = MetaTrainConfig()
+    rl: RLConfig = RLConfig()
+
+    def __post_init__(self):
+        if self.data.max_len > self.env.horizon:
+            raise ValueError(f"data.max_len={self.data.max_len} exceeds "
+                             f"env.horizon={self.env.horizon}")
+
+
+def tiny() -> Config:
+    """Test scale: a 2-layer, 32-wide Hawk trained for 40 steps of batch 8 on episodes cut
+    at 128 steps (the point expert needs at most ≈130 steps, mean ≈70, so few are lost)."""
+    return Config(
+        env=EnvConfig(horizon=128),
+        data=DataConfig(batch_size=8, max_len=128, n_candidates=12),
+        model=HawkConfig(dim=32, depth=2, num_heads=4, mlp_hidden=64,
+                         obs_dim=POINT_OBS_DIM, action_dim=POINT_ACTION_DIM),
+        pretrain=PretrainConfig(steps=40, optim=_optim(40, lr=3e-3), log_every=10,
+                                save_every=20, eval_every=20, eval_episodes=16),
+        probe=ProbeConfig(train_trajectories=32, eval_trajectories=16, steps=100,
+                          batch_size=128, max_position=8),
+        metacontroller=MetacontrollerConfig(rank=32, embed_width=32),
+        mctrain=MetaTrainConfig(steps=100, batch_size=8, learning_rate=3e-4,
+                                alphas=(0.1,), cotrain_steps=100, save_every=50),
+        rl=RLConfig(episodes=256, batch_episodes=32, learning_rate=1e-3),
+    )
+
+
+def small() -> Config:
+    """CPU plan B of spec §10.3: Point-pinpad, T = 200, Hawk d = 128, L = 4 (MLP 256, 8 gate
+    heads), λ = 10, AdamW 3e-4 / wd 0.03 constant, batch 32, 4000 steps (paper: d 256, L 8,
+    204800 steps of batch 512). Metacontroller: full-rank linear control (rank = d) at
+    lr 3e-4, α ∈ {0.1, 0.3}, 2000 steps; RL batch 128, 10^5 episodes."""
+    return Config(
+        model=HawkConfig(dim=128, depth=4, num_heads=8, mlp_hidden=256,
+                         obs_dim=POINT_OBS_DIM, action_dim=POINT_ACTION_DIM),
+        pretrain=PretrainConfig(steps=4000, optim=_optim(4000), log_every=50,
+                                save_every=250, eval_every=500, eval_episodes=128),
+        probe=ProbeConfig(train_trajectories=512, eval_trajectories=256, steps=2000,
+                          batch_size=512, max_position=24, checkpoints=(1000, 2000)),
+        metacontroller=MetacontrollerConfig(rank=128),
+        mctrain=MetaTrainConfig(steps=2000, batch_size=32, learning_rate=3e-4,
+                                alphas=(0.1, 0.3), cotrain_steps=4000,
+                                cotrain_learning_rate=3e-4, cotrain_from_scratch=False),
+        rl=RLConfig(episodes=100_000, batch_episodes=128, learning_rate=3e-4),
+    )
+
+
+def paper() -> Config:
+    """MJX Ant-pinpad with the paper's hyperparameters: Table A5 (pretraining: Hawk depth
+    8, n_e 256, λ 10, 204800 steps of batch 512, AdamW 3e-4 wd 0.03 constant), Table A15
+    (LRU width 256, 8 heads, MLP 512, init scale 0.1), Table A6 (probes), Table A10
+    (metacontroller: full linear at L/2, 32000 steps of batch 128, lr 3e-4, wd 0.03),
+    Table A14 (RL: 51200 updates of batch 256, lr 3e-5, wd 0). Env: T = 500, cell size 2
+    (choice §8.8); obs 41-d, 8 torques. The ant expert (PPO) is not part of this package:
+    data generation raises for env.kind = "ant"."""
+    return Config(
+        env=EnvConfig(kind="ant", cell_size=2.0, horizon=500),
+        data=DataConfig(batch_size=512, max_len=500),
+        model=HawkConfig(dim=256, depth=8, lru_width=256, num_heads=8, mlp_hidden=512,
+                         init_scale=0.1, obs_dim=41, action_dim=8),
+        pretrain=PretrainConfig(steps=204_800, optim=_optim(204_800, clip=None),
+                                log_every=100, save_every=4000, eval_every=16_000,
+                                eval_episodes=1024),
+        probe=ProbeConfig(train_trajectories=16_384, eval_trajectories=2048, steps=8000,
+                          batch_size=512, learning_rate=1e-3, weight_decay=0.0,
+                          max_position=32, checkpoints=(16_000, 32_000, 64_000, 128_000)),
+        metacontroller=MetacontrollerConfig(rank=256),
+        mctrain=MetaTrainConfig(steps=32_000, batch_size=128, learning_rate=3e-4,
+                                weight_decay=0.03, alphas=(0.0, 0.05, 0.1, 0.17, 0.3, 0.5, 1.0),
+                                seeds=3, cotrain_steps=204_800, cotrain_learning_rate=3e-4,
+                                cotrain_from_scratch=False, save_every=4000, log_every=100,
+                                eval_batches=8),
+        rl=RLConfig(episodes=51_200 * 256, batch_episodes=256, learning_rate=3e-5,
+                    weight_decay=0.0, entropy_coef=0.0, policy_width=256,
+                    updates_per_call=100),
+    )
+
+
+PRESETS = {"tiny": tiny, "small": small, "paper": paper}
+
+
+def make_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Preset by name with dotted `key=value` overrides (e.g. "model.depth=6")."""
+    return override(get_preset(PRESETS, preset), list(overrides))

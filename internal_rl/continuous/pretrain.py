@@ -1,0 +1,217 @@
+"""Behavioural pretraining of the Hawk base model on continuous pinpad expert data
+(spec §3.2, §4.2-4.4, §10.3).
+
+`run_pretrain(cfg, run_dir)` trains `hawk.pretrain_loss` (action NLL + λ · observation NLL)
+with `common.train` (jitted functional step, orbax checkpoints of model + optimizer + RNG
++ data position, resume, non-finite-loss stop) and logs to `run_dir/pretrain/metrics.jsonl`.
+Evaluation: losses on a held-out expert batch, and closed-loop episodes of the base model
+acting with its own Gaussian head (sampled, and greedy = the mean) on the pretraining tasks
+and on the held-out task 0-1-2-3. `load_base_model(cfg, run_dir)` restores a checkpoint as
+a module for probes and controllers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from common.checkpoint import Checkpointer
+from common.config import to_dict
+from common.metrics import MetricsWriter, Progress
+from common.train import create_train_state, make_optimizer, make_train_step, merge_model, train
+from internal_rl.continuous.config import Config, EnvConfig
+from internal_rl.continuous.data import PointExpertDataset
+from internal_rl.continuous.rollouts import gaussian_closed_loop
+from internal_rl.envs.ant_pinpad import AntPinpad
+from internal_rl.envs.pinpad_layout import POST_TASK, post_task, pretrain_tasks
+from internal_rl.envs.point_pinpad import PointPinpad
+from internal_rl.models.hawk import HawkModel, pretrain_loss
+from internal_rl.rollouts import summarize
+
+# Seed offsets keep the streams of the stages independent but derived from cfg.seed.
+SEED_MODEL, SEED_DATA, SEED_EVAL, SEED_PROBE, SEED_CONTROL = 0, 1, 2, 3, 4
+TASK_WIDTH = len(POST_TASK)  # eval tasks padded to 4 colours: one program for both task sets
+
+
+@functools.lru_cache(maxsize=8)
+def _make_env(env_cfg: EnvConfig) -> PointPinpad | AntPinpad:
+    e = env_cfg
+    cls = PointPinpad if e.kind == "point" else AntPinpad
+    return cls(size=e.size, cell_size=e.cell_size, num_colours=e.num_colours,
+               num_walls=e.num_walls, horizon=e.horizon, frame_skip=e.frame_skip)
+
+
+def make_env(cfg: Config) -> PointPinpad | AntPinpad:
+    """The environment of cfg.env (built once per env config)."""
+    return _make_env(cfg.env)
+
+
+def build_model(cfg: Config) -> HawkModel:
+    """A fresh Hawk base model; its I/O sizes must match the env's."""
+    env = make_env(cfg)
+    if cfg.model.obs_dim != env.obs_dim or cfg.model.action_dim != env.action_shape[0]:
+        raise ValueError(f"model.obs_dim / model.action_dim = {cfg.model.obs_dim} / "
+                         f"{cfg.model.action_dim}, but the {cfg.env.kind} env has "
+                         f"{env.obs_dim} / {env.action_shape[0]}")
+    return HawkModel(cfg.model, rngs=nnx.Rngs(cfg.seed * 100 + SEED_MODEL))
+
+
+def make_dataset(cfg: Config, stream: int, *, star: bool = False,
+                 batch_size: int | None = None) -> PointExpertDataset:
+    """Expert data on the pretraining tasks: D (noise cfg.data.noise_std) or, with `star`,
+    D* (cfg.data.star_noise_std). `stream` selects an independent seed."""
+    if cfg.env.kind != "point":
+        raise ValueError(f"env.kind={cfg.env.kind!r}: only the point-mass env has a scripted "
+                         "expert; ant data needs a trained expert policy (spec §3.2)")
+    d = cfg.data
+    return PointExpertDataset(make_env(cfg), pretrain_tasks(), batch_size or d.batch_size,
+                              d.max_len, d.star_noise_std if star else d.noise_std,
+                              seed=cfg.seed * 100 + stream, n_candidates=d.n_candidates)
+
+
+def pretrain_checkpoint_config(cfg: Config) -> dict:
+    """The config sections a pretraining checkpoint depends on (checked on restore)."""
+    d = to_dict(cfg)
+    return {k: d[k] for k in ("seed", "env", "data", "model", "pretrain")}
+
+
+def _checkpointer(cfg: Config, run_dir: pathlib.Path) -> Checkpointer:
+    # Extending a run (more steps, other logging periods) must not invalidate its checkpoints.
+    ignore = ["pretrain.steps", "pretrain.optim.total_steps", "pretrain.log_every",
+              "pretrain.save_every", "pretrain.eval_every", "pretrain.eval_episodes",
+              "data.star_noise_std"]
+    return Checkpointer(run_dir / "pretrain" / "checkpoints", max_to_keep=None,
+                        config=pretrain_checkpoint_config(cfg), ignore_config_keys=ignore)
+
+
+def init_train_state(cfg: Config):
+    """(graphdef, TrainState, tx) of a fresh base model."""
+    tx = make_optimizer(cfg.pretrain.optim)
+    graphdef, state = create_train_state(build_model(cfg), tx, jax.random.key(cfg.seed))
+    return graphdef, state, tx
+
+
+def make_loss_fn(obs_coef: float):
+    """(model, batch, key) -> (loss, metrics): Eq. 5 plus the mean learned action log-std."""
+
+    def loss_fn(model: HawkModel, batch, key):
+        loss, metrics = pretrain_loss(model, batch, key, obs_coef)
+        return loss, {**metrics, "action_log_std": jnp.mean(model.log_std())}
+
+    return loss_fn
+
+
+def eval_tasks(tasks: np.ndarray, num_episodes: int) -> np.ndarray:
+    """int32 [num_episodes, 4]: the task rows cycled in order (equal counts per task when
+    num_episodes is a multiple of the table size), padded to the held-out task's width."""
+    tasks = np.asarray(tasks, np.int32)
+    if tasks.ndim == 1:
+        tasks = tasks[None]
+    padded = np.full((tasks.shape[0], TASK_WIDTH), -1, np.int32)
+    padded[:, : tasks.shape[1]] = tasks
+    return np.resize(padded, (num_episodes, TASK_WIDTH))
+
+
+def make_base_eval(cfg: Config, graphdef, horizon: int | None = None):
+    """Jitted (params, frozen, key, tasks int32 [N, 4], greedy bool []) -> episode dict of
+    the uncontrolled base model acting with its Gaussian head (mean when greedy)."""
+    env = make_env(cfg)
+    horizon = horizon or env.horizon
+
+    def run(params, frozen, key, tasks, greedy):
+        model = nnx.merge(graphdef, params, frozen)
+
+        def step_fn(obs, caches, subgoal):
+            out, caches = model.decode_step(obs, caches, return_residuals=False)
+            return out.action_mean[:, 0], out.action_log_std, caches
+
+        return gaussian_closed_loop(env, step_fn, model.init_caches(tasks.shape[0]), key,
+                                    tasks, horizon, greedy)
+
+    return jax.jit(run)
+
+
+def closed_loop_metrics(base_eval, params, frozen, key: jax.Array,
+                        num_episodes: int) -> dict[str, float]:
+    """Sampled and greedy episode summaries on the pretraining tasks and the held-out task:
+    keys {pretrain_task, post_task}[_greedy]_{success_rate, mean_progress, mean_length}."""
+    metrics = {}
+    for name, tasks in (("pretrain_task", pretrain_tasks()), ("post_task", post_task())):
+        rows = jnp.asarray(eval_tasks(tasks, num_episodes))
+        for suffix, greedy in (("", False), ("_greedy", True)):
+            episodes = base_eval(params, frozen, key, rows, jnp.asarray(greedy))
+            metrics.update({f"{name}{suffix}_{k}": v for k, v in summarize(episodes).items()})
+    return metrics
+
+
+def run_pretrain(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = True) -> dict:
+    """Pretrains (or resumes) the base model to cfg.pretrain.steps; returns a summary dict
+    (also written to run_dir/pretrain/summary.json)."""
+    run_dir = pathlib.Path(run_dir)
+    out_dir = run_dir / "pretrain"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    graphdef, state, tx = init_train_state(cfg)
+    loss_fn = make_loss_fn(cfg.pretrain.obs_coef)
+    step_fn = make_train_step(graphdef, loss_fn, tx)
+    data = make_dataset(cfg, SEED_DATA)
+    heldout_batch = make_dataset(cfg, SEED_EVAL).batch_at(0)
+    batch_eval = jax.jit(lambda p, f, b: loss_fn(nnx.merge(graphdef, p, f), b, None))
+    base_eval = make_base_eval(cfg, graphdef)
+    n_eval = cfg.pretrain.eval_episodes
+
+    done: dict[int, dict] = {}  # the last step is evaluated by `train` and for the summary
+
+    def eval_fn(st):
+        step = int(st.step)
+        if step not in done:
+            done.clear()
+            done[step] = _evaluate(st)
+        return done[step]
+
+    def _evaluate(st):
+        loss, parts = batch_eval(st.params, st.frozen, heldout_batch)
+        metrics = {f"heldout_{k}": v for k, v in {"loss": loss, **parts}.items()}
+        if n_eval:
+            key = jax.random.fold_in(jax.random.key(cfg.seed * 100 + SEED_EVAL), st.step)
+            metrics.update(closed_loop_metrics(base_eval, st.params, st.frozen, key, n_eval))
+        return metrics
+
+    ckpt = _checkpointer(cfg, run_dir)
+    start = ckpt.latest_step() or 0
+    progress = Progress(cfg.pretrain.steps, name="pretrain", start_step=start)
+    t0 = time.time()
+    with MetricsWriter(out_dir / "metrics.jsonl") as writer:
+        state = train(state, step_fn, data, cfg.pretrain.steps, checkpointer=ckpt,
+                      save_every=cfg.pretrain.save_every, eval_fn=eval_fn,
+                      eval_every=cfg.pretrain.eval_every, metrics_writer=writer,
+                      log_every=cfg.pretrain.log_every,
+                      progress=(lambda s, m=None: progress.update(s, m)) if verbose else None)
+    final = {k: float(v) for k, v in jax.device_get(eval_fn(state)).items()}
+    ckpt.close()
+    summary = dict(step=int(state.step), resumed_from=start,
+                   wall_seconds_this_session=time.time() - t0,
+                   compile_seconds=progress.compile_seconds, **final)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_base_model(cfg: Config, run_dir: str | pathlib.Path, step: int | None = None) -> HawkModel:
+    """The pretrained base model from run_dir's checkpoints (latest step by default)."""
+    run_dir = pathlib.Path(run_dir)
+    graphdef, state, _ = init_train_state(cfg)
+    ckpt = _checkpointer(cfg, run_dir)
+    if ckpt.latest_step() is None:
+        ckpt.close()
+        raise FileNotFoundError(
+            f"no pretraining checkpoint under {run_dir / 'pretrain' / 'checkpoints'}; run "
+            "`python -m internal_rl.continuous pretrain` with the same --run-dir first")
+    state, _ = ckpt.restore(state, step)
+    ckpt.close()
+    return merge_model(graphdef, state)
