@@ -11,14 +11,25 @@ subgoal was completed).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from internal_rl.envs.base import PinpadEnv, task_length
 
-# step_fn(obs_t f32 [N, D], caches, subgoal int32 [N]) -> (action_logits f32 [N, A], caches)
-StepFn = Callable[[jax.Array, object, jax.Array], tuple[jax.Array, object]]
+# step_fn(obs_t f32 [N, D], caches, subgoal int32 [N]) -> (policy head output, caches);
+# the head output is action logits f32 [N, A] for `categorical_action`, or whatever the
+# `sample_action` given to `closed_loop` reads
+StepFn = Callable[[jax.Array, object, jax.Array], tuple[Any, object]]
+# sample_action(key, head output, greedy bool or traced bool []) -> action [N, ...]
+SampleFn = Callable[[jax.Array, Any, Any], jax.Array]
+
+
+def categorical_action(key: jax.Array, logits: jax.Array, greedy) -> jax.Array:
+    """int32 [N]: a sample of softmax(logits f32 [N, A]), or its argmax when greedy."""
+    return jnp.where(greedy, jnp.argmax(logits, axis=-1),
+                     jax.random.categorical(key, logits, axis=-1)).astype(jnp.int32)
 
 
 def closed_loop(
@@ -28,16 +39,20 @@ def closed_loop(
     key: jax.Array,
     tasks: jax.Array,
     num_steps: int,
-    greedy: bool = False,
+    greedy: bool | jax.Array = False,
+    sample_action: SampleFn = categorical_action,
 ) -> dict[str, jax.Array]:
     """Runs N episodes (tasks int32 [N, K]) for `num_steps` raw steps.
 
-    `caches` must hold at least num_steps tokens. Actions are sampled from the model's
-    categorical policy (argmax if greedy). Returns per-episode
+    `caches` must hold at least num_steps tokens. Actions come from `sample_action` applied
+    to the model's head output (default: the categorical policy, argmax if greedy); greedy
+    may be traced, so sampled and greedy evaluation share one program. Returns per-episode
       success bool [N], progress f32 [N] (fraction of the task's colours visited),
       length int32 [N] (steps taken), reward f32 [N].
     """
     tasks = jnp.asarray(tasks, jnp.int32)
+    if tasks.ndim != 2:
+        raise ValueError(f"tasks: expected int32 [N, K], got shape {tasks.shape}")
     n = tasks.shape[0]
     k_reset, k_act = jax.random.split(key)
     states, obs = jax.vmap(env.reset)(jax.random.split(k_reset, n), tasks)
@@ -45,9 +60,8 @@ def closed_loop(
     def body(carry, k):
         states, obs, caches, ret = carry
         subgoal = jax.vmap(env.subgoal)(states)
-        logits, caches = step_fn(obs, caches, subgoal)
-        action = jnp.where(greedy, jnp.argmax(logits, axis=-1),
-                           jax.random.categorical(k, logits, axis=-1)).astype(jnp.int32)
+        head, caches = step_fn(obs, caches, subgoal)
+        action = sample_action(k, head, greedy)
         states, obs, reward, _, _ = jax.vmap(env.step)(states, action)
         return (states, obs, caches, ret + reward), None
 

@@ -14,11 +14,19 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from internal_rl.envs.base import PinpadEnv, task_length
+from internal_rl.envs.base import PinpadEnv
+from internal_rl.rollouts import closed_loop
 
 # step_fn(obs_t f32 [N, D], caches, subgoal int32 [N])
 #   -> (action_mean f32 [N, A], action_log_std f32 [A] or [N, A], caches)
 GaussianStepFn = Callable[[jax.Array, object, jax.Array], tuple[jax.Array, jax.Array, object]]
+
+
+def gaussian_action(key: jax.Array, head: tuple[jax.Array, jax.Array], greedy) -> jax.Array:
+    """f32 [N, A]: a sample of N(mean, diag exp(log_std)²), or the mean when greedy.
+    head = (mean f32 [N, A], log_std f32 [A] or [N, A])."""
+    mean, log_std = head
+    return jnp.where(greedy, mean, mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape))
 
 
 def gaussian_closed_loop(
@@ -30,33 +38,16 @@ def gaussian_closed_loop(
     num_steps: int,
     greedy: bool | jax.Array = False,
 ) -> dict[str, jax.Array]:
-    """Runs N episodes (tasks int32 [N, K]) for `num_steps` raw steps.
+    """Runs N episodes (tasks int32 [N, K]) for `num_steps` raw steps
+    (`internal_rl.rollouts.closed_loop` with `gaussian_action`).
 
     greedy may be traced (one compiled program for sampled and greedy evaluation).
     Returns per-episode success bool [N], progress f32 [N] (fraction of the task's colours
     visited), length int32 [N] (steps taken), reward f32 [N].
     """
-    tasks = jnp.asarray(tasks, jnp.int32)
-    if tasks.ndim != 2:
-        raise ValueError(f"tasks: expected int32 [N, K], got shape {tasks.shape}")
-    n = tasks.shape[0]
-    k_reset, k_act = jax.random.split(key)
-    states, obs = jax.vmap(env.reset)(jax.random.split(k_reset, n), tasks)
 
-    def body(carry, k):
-        states, obs, caches, ret = carry
-        subgoal = jax.vmap(env.subgoal)(states)
+    def head_step(obs, caches, subgoal):
         mean, log_std, caches = step_fn(obs, caches, subgoal)
-        noise = jax.random.normal(k, mean.shape)
-        action = jnp.where(greedy, mean, mean + jnp.exp(log_std) * noise)
-        states, obs, reward, _, _ = jax.vmap(env.step)(states, action)
-        return (states, obs, caches, ret + reward), None
+        return (mean, log_std), caches
 
-    (final, _, _, ret), _ = jax.lax.scan(
-        body, (states, obs, caches, jnp.zeros(n, jnp.float32)), jax.random.split(k_act, num_steps))
-    return dict(
-        success=final.success,
-        progress=final.progress.astype(jnp.float32) / task_length(tasks).astype(jnp.float32),
-        length=final.t,
-        reward=ret,
-    )
+    return closed_loop(env, head_step, caches, key, tasks, num_steps, greedy, gaussian_action)
