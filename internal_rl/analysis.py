@@ -36,7 +36,7 @@ from internal_rl.pretrain import (
     make_env,
     pretrain_checkpoint_config,
 )
-from internal_rl.probes import collect, evaluate_probes, fit_probes
+from internal_rl.probes import probe_layers
 from internal_rl.rollouts import closed_loop, summarize
 
 
@@ -64,22 +64,9 @@ def _plot_lines(path, xs, series: dict, title: str, xlabel: str, ylabel: str, hl
 def probe_checkpoint(cfg: Config, run_dir: pathlib.Path, step: int | None = None) -> dict:
     """Probes of every layer of the base model at pretraining checkpoint `step` (latest)."""
     model = load_base_model(cfg, run_dir, step)
-    pc = cfg.probe
-    num_classes = make_env(cfg).num_subgoals
-    train_data = collect(model, make_dataset(cfg, SEED_PROBE), pc.train_trajectories)
-    eval_data = collect(model, make_dataset(cfg, SEED_PROBE + 10), pc.eval_trajectories)
-    params, losses = fit_probes(train_data, num_classes, jax.random.key(cfg.seed * 100 + SEED_PROBE),
-                                pc.steps, pc.batch_size, pc.learning_rate, pc.weight_decay)
-    ev = evaluate_probes(params, eval_data, pc.max_position)
-    tr = evaluate_probes(params, train_data, pc.max_position)
-    return dict(
-        layers=list(range(cfg.model.depth + 1)),
-        eval_accuracy=ev["accuracy"].tolist(), train_accuracy=tr["accuracy"].tolist(),
-        eval_accuracy_by_position=ev["accuracy_by_position"].tolist(),
-        eval_p_true_by_position=ev["p_true_by_position"].tolist(),
-        position_counts=ev["position_counts"].tolist(), chance=1.0 / num_classes,
-        majority_baseline=ev["majority_baseline"], train_tokens=tr["num_tokens"],
-        eval_tokens=ev["num_tokens"], final_train_loss=float(losses[-20:].mean()))
+    return probe_layers(model, make_dataset(cfg, SEED_PROBE), make_dataset(cfg, SEED_PROBE + 10),
+                        make_env(cfg).num_subgoals, cfg.probe,
+                        jax.random.key(cfg.seed * 100 + SEED_PROBE), cfg.model.depth + 1)
 
 
 def run_probe(cfg: Config, run_dir: str | pathlib.Path) -> dict:

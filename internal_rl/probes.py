@@ -133,3 +133,29 @@ def evaluate_probes(params: ProbeParams, data: ProbeData, max_position: int) -> 
     return dict(accuracy=correct.mean(axis=1), accuracy_by_position=by_pos,
                 p_true_by_position=p_by_pos, position_counts=counts,
                 majority_baseline=float(chance), num_tokens=int(len(labels)))
+
+
+def probe_layers(model, train_dataset, eval_dataset, num_classes: int, probe_cfg, key: jax.Array,
+                 num_layers: int) -> dict:
+    """Fits one probe per residual layer on `train_dataset` trajectories and evaluates it on
+    the independent `eval_dataset` (both expert datasets with `batch_at`). probe_cfg: a
+    `ProbeConfig` (train/eval_trajectories, steps, batch_size, learning_rate, weight_decay,
+    max_position); num_layers = L + 1. Returns JSON-ready lists: per-layer train/eval
+    accuracy, eval accuracy and p(correct) by position within a subgoal segment, chance and
+    majority baselines, token counts and the probes' first/final training loss."""
+    pc = probe_cfg
+    train_data = collect(model, train_dataset, pc.train_trajectories)
+    eval_data = collect(model, eval_dataset, pc.eval_trajectories)
+    params, losses = fit_probes(train_data, num_classes, key, pc.steps, pc.batch_size,
+                                pc.learning_rate, pc.weight_decay)
+    ev = evaluate_probes(params, eval_data, pc.max_position)
+    tr = evaluate_probes(params, train_data, pc.max_position)
+    return dict(
+        layers=list(range(num_layers)),
+        eval_accuracy=ev["accuracy"].tolist(), train_accuracy=tr["accuracy"].tolist(),
+        eval_accuracy_by_position=ev["accuracy_by_position"].tolist(),
+        eval_p_true_by_position=ev["p_true_by_position"].tolist(),
+        position_counts=ev["position_counts"].tolist(), chance=1.0 / num_classes,
+        majority_baseline=ev["majority_baseline"], train_tokens=tr["num_tokens"],
+        eval_tokens=ev["num_tokens"], first_train_loss=float(losses[:20].mean()),
+        final_train_loss=float(losses[-20:].mean()))

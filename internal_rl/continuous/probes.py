@@ -1,9 +1,9 @@
 """Linear subgoal probes on the Hawk base model's residual streams (spec §5.1).
 
-The probe machinery is `internal_rl.probes` unchanged: `collect` reads the residual
-streams e_{t,0..L} of any model whose `__call__(obs, return_residuals=True)` returns them
-(the Hawk model does) at the valid steps of expert batches, and `fit_probes` /
-`evaluate_probes` only see features and labels. The label is the next colour (4
+The probe machinery is `internal_rl.probes.probe_layers`, shared with the gridworld: it
+reads the residual streams e_{t,0..L} of any model whose `__call__(obs,
+return_residuals=True)` returns them (the Hawk model does) at the valid steps of expert
+batches, and fits and evaluates the probes on features and labels only. The label is the next colour (4
 classes). `run_probe(cfg, run_dir)` writes run_dir/probe/results.json.
 """
 
@@ -19,30 +19,16 @@ from common.checkpoint import Checkpointer
 from internal_rl.continuous.config import Config
 from internal_rl.continuous.pretrain import SEED_PROBE, load_base_model, make_dataset, make_env
 from internal_rl.models.hawk import HawkModel
-from internal_rl.probes import collect, evaluate_probes, fit_probes
+from internal_rl.probes import probe_layers
 
 
 def probe_model(cfg: Config, model: HawkModel) -> dict:
     """Fits one probe per layer on fresh D trajectories and evaluates it on an independent
     stream. Returns JSON-ready lists: per-layer train/eval accuracy, eval accuracy and
     p(correct) by position within a subgoal segment, chance and majority baselines."""
-    pc = cfg.probe
-    num_classes = make_env(cfg).num_subgoals
-    train_data = collect(model, make_dataset(cfg, SEED_PROBE), pc.train_trajectories)
-    eval_data = collect(model, make_dataset(cfg, SEED_PROBE + 10), pc.eval_trajectories)
-    params, losses = fit_probes(train_data, num_classes, jax.random.key(cfg.seed * 100 + SEED_PROBE),
-                                pc.steps, pc.batch_size, pc.learning_rate, pc.weight_decay)
-    ev = evaluate_probes(params, eval_data, pc.max_position)
-    tr = evaluate_probes(params, train_data, pc.max_position)
-    return dict(
-        layers=list(range(cfg.model.depth + 1)),
-        eval_accuracy=ev["accuracy"].tolist(), train_accuracy=tr["accuracy"].tolist(),
-        eval_accuracy_by_position=ev["accuracy_by_position"].tolist(),
-        eval_p_true_by_position=ev["p_true_by_position"].tolist(),
-        position_counts=ev["position_counts"].tolist(), chance=1.0 / num_classes,
-        majority_baseline=ev["majority_baseline"], train_tokens=tr["num_tokens"],
-        eval_tokens=ev["num_tokens"], first_train_loss=float(losses[:20].mean()),
-        final_train_loss=float(losses[-20:].mean()))
+    return probe_layers(model, make_dataset(cfg, SEED_PROBE), make_dataset(cfg, SEED_PROBE + 10),
+                        make_env(cfg).num_subgoals, cfg.probe,
+                        jax.random.key(cfg.seed * 100 + SEED_PROBE), cfg.model.depth + 1)
 
 
 def run_probe(cfg: Config, run_dir: str | pathlib.Path) -> dict:
