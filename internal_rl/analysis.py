@@ -36,7 +36,7 @@ from internal_rl.pretrain import (
     make_env,
     pretrain_checkpoint_config,
 )
-from internal_rl.probes import probe_layers
+from internal_rl.probes import probe_checkpoints, probe_layers
 from internal_rl.rollouts import closed_loop, summarize
 
 
@@ -77,20 +77,9 @@ def run_probe(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     """
     run_dir = pathlib.Path(run_dir)
     out = run_dir / "probe"
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    results = probe_checkpoint(cfg, run_dir)
-    with Checkpointer(run_dir / "pretrain" / "checkpoints") as ckpt:
-        available = set(ckpt.all_steps())
-    by_step = {}
-    for step in cfg.probe.checkpoints:
-        if step not in available:
-            print(f"[probe] no pretraining checkpoint at step {step}; skipped", flush=True)
-            continue
-        r = probe_checkpoint(cfg, run_dir, step)
-        by_step[str(step)] = dict(eval_accuracy=r["eval_accuracy"], train_accuracy=r["train_accuracy"])
-    results.update(by_checkpoint=by_step, wall_seconds=time.time() - t0)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    results = probe_checkpoints(run_dir, cfg.probe.checkpoints,
+                                lambda step: probe_checkpoint(cfg, run_dir, step))
+    by_step = results["by_checkpoint"]
     layers = results["layers"]
     chance = results["chance"]
     _plot_lines(out / "probe_accuracy_by_layer.png", layers,

@@ -163,16 +163,22 @@ def run_pretrain(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = Tr
     return summary
 
 
+def restore_pretrained(graphdef, state, ckpt: Checkpointer, step: int | None, command: str):
+    """The module of `state` restored from `ckpt` at `step` (latest by default); closes ckpt.
+    An empty checkpoint directory raises FileNotFoundError naming the `command` to run."""
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(
+                f"no pretraining checkpoint under {ckpt.directory}; run `{command}` with the "
+                "same --run-dir first")
+        state, _ = ckpt.restore(state, step)
+    finally:
+        ckpt.close()
+    return merge_model(graphdef, state)
+
+
 def load_base_model(cfg: Config, run_dir: str | pathlib.Path, step: int | None = None) -> BaseModel:
     """The pretrained base model from run_dir's checkpoints (latest step by default)."""
-    run_dir = pathlib.Path(run_dir)
     graphdef, state, _ = init_train_state(cfg)
-    ckpt = _checkpointer(cfg, run_dir)
-    if ckpt.latest_step() is None:
-        ckpt.close()
-        raise FileNotFoundError(
-            f"no pretraining checkpoint under {run_dir / 'pretrain' / 'checkpoints'}; "
-            "run `python -m internal_rl pretrain` with the same --run-dir first")
-    state, _ = ckpt.restore(state, step)
-    ckpt.close()
-    return merge_model(graphdef, state)
+    return restore_pretrained(graphdef, state, _checkpointer(cfg, pathlib.Path(run_dir)), step,
+                              "python -m internal_rl pretrain")

@@ -10,6 +10,9 @@ Results: accuracy per layer and accuracy by position inside a subgoal segment.
 
 from __future__ import annotations
 
+import json
+import pathlib
+import time
 from typing import NamedTuple
 
 import jax
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from common.checkpoint import Checkpointer
 from internal_rl.models.transformer import BaseModel
 
 
@@ -159,3 +163,26 @@ def probe_layers(model, train_dataset, eval_dataset, num_classes: int, probe_cfg
         majority_baseline=ev["majority_baseline"], train_tokens=tr["num_tokens"],
         eval_tokens=ev["num_tokens"], first_train_loss=float(losses[:20].mean()),
         final_train_loss=float(losses[-20:].mean()))
+
+
+def probe_checkpoints(run_dir, steps, probe_at) -> dict:
+    """Probes the latest pretraining checkpoint of run_dir and the earlier `steps` present
+    on disk (the accuracy-vs-training-step view, Fig. A1), writing run_dir/probe/results.json.
+    probe_at(step or None for the latest) -> `probe_layers` dict."""
+    run_dir = pathlib.Path(run_dir)
+    out = run_dir / "probe"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    results = probe_at(None)
+    with Checkpointer(run_dir / "pretrain" / "checkpoints") as ckpt:
+        available = set(ckpt.all_steps())
+    by_step = {}
+    for step in steps:
+        if step not in available:
+            print(f"[probe] no pretraining checkpoint at step {step}; skipped", flush=True)
+            continue
+        r = probe_at(step)
+        by_step[str(step)] = dict(eval_accuracy=r["eval_accuracy"], train_accuracy=r["train_accuracy"])
+    results.update(by_checkpoint=by_step, wall_seconds=time.time() - t0)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results

@@ -25,7 +25,7 @@ from flax import nnx
 from common.checkpoint import Checkpointer
 from common.config import to_dict
 from common.metrics import MetricsWriter, Progress
-from common.train import create_train_state, make_optimizer, make_train_step, merge_model, train
+from common.train import create_train_state, make_optimizer, make_train_step, train
 from internal_rl.continuous.config import Config, EnvConfig
 from internal_rl.continuous.data import PointExpertDataset
 from internal_rl.continuous.rollouts import gaussian_closed_loop
@@ -33,6 +33,7 @@ from internal_rl.envs.ant_pinpad import AntPinpad
 from internal_rl.envs.pinpad_layout import POST_TASK, post_task, pretrain_tasks
 from internal_rl.envs.point_pinpad import PointPinpad
 from internal_rl.models.hawk import HawkModel, pretrain_loss
+from internal_rl.pretrain import restore_pretrained
 from internal_rl.rollouts import summarize
 
 # Seed offsets keep the streams of the stages independent but derived from cfg.seed.
@@ -204,14 +205,6 @@ def run_pretrain(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = Tr
 
 def load_base_model(cfg: Config, run_dir: str | pathlib.Path, step: int | None = None) -> HawkModel:
     """The pretrained base model from run_dir's checkpoints (latest step by default)."""
-    run_dir = pathlib.Path(run_dir)
     graphdef, state, _ = init_train_state(cfg)
-    ckpt = _checkpointer(cfg, run_dir)
-    if ckpt.latest_step() is None:
-        ckpt.close()
-        raise FileNotFoundError(
-            f"no pretraining checkpoint under {run_dir / 'pretrain' / 'checkpoints'}; run "
-            "`python -m internal_rl.continuous pretrain` with the same --run-dir first")
-    state, _ = ckpt.restore(state, step)
-    ckpt.close()
-    return merge_model(graphdef, state)
+    return restore_pretrained(graphdef, state, _checkpointer(cfg, pathlib.Path(run_dir)), step,
+                              "python -m internal_rl.continuous pretrain")

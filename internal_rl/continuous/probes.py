@@ -9,17 +9,14 @@ classes). `run_probe(cfg, run_dir)` writes run_dir/probe/results.json.
 
 from __future__ import annotations
 
-import json
 import pathlib
-import time
 
 import jax
 
-from common.checkpoint import Checkpointer
 from internal_rl.continuous.config import Config
 from internal_rl.continuous.pretrain import SEED_PROBE, load_base_model, make_dataset, make_env
 from internal_rl.models.hawk import HawkModel
-from internal_rl.probes import probe_layers
+from internal_rl.probes import probe_checkpoints, probe_layers
 
 
 def probe_model(cfg: Config, model: HawkModel) -> dict:
@@ -34,21 +31,5 @@ def probe_model(cfg: Config, model: HawkModel) -> dict:
 def run_probe(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     """Probes the latest pretraining checkpoint and, for the Fig. A1 view, the earlier
     steps in cfg.probe.checkpoints that exist on disk; writes run_dir/probe/results.json."""
-    run_dir = pathlib.Path(run_dir)
-    out = run_dir / "probe"
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    results = probe_model(cfg, load_base_model(cfg, run_dir))
-    with Checkpointer(run_dir / "pretrain" / "checkpoints") as ckpt:
-        available = set(ckpt.all_steps())
-    by_step = {}
-    for step in cfg.probe.checkpoints:
-        if step not in available:
-            print(f"[probe] no pretraining checkpoint at step {step}; skipped", flush=True)
-            continue
-        r = probe_model(cfg, load_base_model(cfg, run_dir, step))
-        by_step[str(step)] = dict(eval_accuracy=r["eval_accuracy"],
-                                  train_accuracy=r["train_accuracy"])
-    results.update(by_checkpoint=by_step, wall_seconds=time.time() - t0)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    return results
+    return probe_checkpoints(run_dir, cfg.probe.checkpoints,
+                             lambda step: probe_model(cfg, load_base_model(cfg, run_dir, step)))
