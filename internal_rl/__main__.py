@@ -1,6 +1,10 @@
 """CLI: python -m internal_rl pretrain|probe|control|metacontroller|all|reproduce
---preset tiny|small|paper [--set key=value ...] --run-dir DIR
+[--env gridworld|point|ant] --preset tiny|small|paper [--set key=value ...] --run-dir DIR
 (and: report --run-dir DIR [--out reports/internal_rl])
+
+--env picks the environment family: the grid world (transformer base model, the default)
+or a continuous pinpad in MJX (Hawk base model; `point` uses the continuous presets as they
+are, `ant` is their `paper` preset's environment and needs a trained Ant expert for data).
 
 `reproduce` runs the whole chain (pretrain -> probes -> controllers -> metacontroller α
 sweep -> internal RL and its baselines) and writes report.md + results.json into DIR;
@@ -20,14 +24,25 @@ import time
 
 from common.config import ConfigError, add_config_args, config_from_args
 from common.runtime import enable_compilation_cache, start_run_dir
-from internal_rl.config import PRESETS
 
 STAGES = ("pretrain", "probe", "control", "metacontroller", "all", "reproduce", "report")
+ENVS = ("gridworld", "point", "ant")
+
+
+def presets_for(env: str) -> dict:
+    """The preset table of an environment family."""
+    if env == "gridworld":
+        from internal_rl.config import PRESETS
+    else:
+        from internal_rl.continuous.config import PRESETS
+    return PRESETS
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m internal_rl", description=__doc__.split("\n")[0])
     parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--env", choices=ENVS, default="gridworld",
+                        help="environment family (default: gridworld)")
     add_config_args(parser, default_preset="tiny")
     parser.add_argument("--run-dir", required=True, help="directory for checkpoints and results")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -42,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {write_base_report(args.run_dir, args.out)}")
         return 0
     try:
-        cfg = config_from_args(PRESETS, args)
+        cfg = config_from_args(presets_for(args.env), args)
     except (ConfigError, ValueError) as err:
         parser.error(str(err))
+    if args.env != "gridworld" and cfg.env.kind != args.env:
+        parser.error(f"--env {args.env}: the config's env.kind is {cfg.env.kind!r} (set "
+                     f"--set env.kind={args.env} or pick the preset of that body)")
     run_dir = start_run_dir(args.run_dir, cfg)
     enable_compilation_cache()
 
@@ -63,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported after parsing so `--help` and config errors do not pay for JAX start-up.
     from internal_rl.analysis import run_control, run_probe
-    from internal_rl.pretrain import run_pretrain
+    from internal_rl.pipeline import stages as pipeline_stages
+
+    run_pretrain = pipeline_stages(cfg).run_pretrain
 
     stages = ("pretrain", "probe", "control") if args.stage == "all" else (args.stage,)
     for stage in stages:

@@ -3,7 +3,8 @@
 `run_probe(cfg, run_dir)`   -> run_dir/probe/results.json + plots (Fig. 3 / A1 analogues)
 `run_control(cfg, run_dir)` -> run_dir/control/results.json + plot (Fig. 4 analogue)
 
-Both read the base model from run_dir's pretraining checkpoints. Controller training uses
+Both read the base model from run_dir's pretraining checkpoints, for either environment
+family (`internal_rl.pipeline`: grid world or continuous pinpad). Controller training uses
 `common.train` with one checkpoint directory per insertion layer; a layer whose results
 file exists is skipped, so an interrupted sweep resumes where it stopped.
 """
@@ -15,7 +16,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -23,21 +23,10 @@ from common.checkpoint import Checkpointer
 from common.config import to_dict
 from common.metrics import MetricsWriter, Progress
 from common.train import OptimizerConfig, create_train_state, make_optimizer, make_train_step, train
-from internal_rl.config import Config
 from internal_rl.controllers import CONTROLLER_PARAMS, ControlledModel, controller_loss
-from internal_rl.envs.gridworld import post_task, pretrain_tasks, seen_transition_task
-from internal_rl.pretrain import (
-    SEED_CONTROL,
-    SEED_EVAL,
-    SEED_PROBE,
-    load_base_model,
-    make_base_eval,
-    make_dataset,
-    make_env,
-    pretrain_checkpoint_config,
-)
+from internal_rl.pipeline import PipelineConfig, stages, task_table
 from internal_rl.probes import probe_checkpoints, probe_layers
-from internal_rl.rollouts import closed_loop, summarize
+from internal_rl.rollouts import make_policy_eval, summarize
 
 
 def _plot_lines(path, xs, series: dict, title: str, xlabel: str, ylabel: str, hline=None):
@@ -61,15 +50,21 @@ def _plot_lines(path, xs, series: dict, title: str, xlabel: str, ylabel: str, hl
     plt.close(fig)
 
 
-def probe_checkpoint(cfg: Config, run_dir: pathlib.Path, step: int | None = None) -> dict:
-    """Probes of every layer of the base model at pretraining checkpoint `step` (latest)."""
-    model = load_base_model(cfg, run_dir, step)
-    return probe_layers(model, make_dataset(cfg, SEED_PROBE), make_dataset(cfg, SEED_PROBE + 10),
-                        make_env(cfg).num_subgoals, cfg.probe,
-                        jax.random.key(cfg.seed * 100 + SEED_PROBE), cfg.model.depth + 1)
+def probe_checkpoint(cfg: PipelineConfig, run_dir: pathlib.Path, step: int | None = None
+                     ) -> dict:
+    """Probes of every layer of the base model at pretraining checkpoint `step` (latest),
+    fitted on fresh D trajectories and evaluated on an independent stream: JSON-ready
+    per-layer train/eval accuracy, eval accuracy and p(correct) by position within a subgoal
+    segment, chance and majority baselines (`probes.probe_layers`)."""
+    pipe = stages(cfg)
+    model = pipe.load_base_model(cfg, run_dir, step)
+    return probe_layers(model, pipe.make_dataset(cfg, pipe.SEED_PROBE),
+                        pipe.make_dataset(cfg, pipe.SEED_PROBE + 10),
+                        pipe.make_env(cfg).num_subgoals, cfg.probe,
+                        jax.random.key(cfg.seed * 100 + pipe.SEED_PROBE), cfg.model.depth + 1)
 
 
-def run_probe(cfg: Config, run_dir: str | pathlib.Path) -> dict:
+def run_probe(cfg: PipelineConfig, run_dir: str | pathlib.Path) -> dict:
     """Fits per-layer subgoal probes on fresh expert data; writes results + plots.
 
     The latest checkpoint is the main result; `probe.checkpoints` adds earlier pretraining
@@ -100,45 +95,35 @@ def run_probe(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     return results
 
 
-def _control_optimizer(cfg: Config) -> OptimizerConfig:
+def _control_optimizer(cfg: PipelineConfig) -> OptimizerConfig:
     c = cfg.control
     return OptimizerConfig(name="adamw", learning_rate=c.learning_rate, schedule="constant",
                            weight_decay=c.weight_decay, total_steps=c.steps, grad_clip_norm=1.0)
 
 
-def make_controlled_eval(cfg: Config, graphdef, tasks, num_episodes: int):
+def make_controlled_eval(cfg: PipelineConfig, graphdef, tasks, num_episodes: int):
     """Jitted (params, frozen, key) -> episodes of the label-switched controlled model."""
-    env = make_env(cfg)
-    tasks = jnp.asarray(tasks, jnp.int32)
-
-    def run(params, frozen, key):
-        model = nnx.merge(graphdef, params, frozen)
-        k_task, k_run = jax.random.split(key)
-        rows = tasks[jax.random.randint(k_task, (num_episodes,), 0, tasks.shape[0])]
-
-        def step_fn(obs, caches, subgoal):
-            out, caches = model.decode_step(obs, caches, subgoal)
-            return out.action_logits[:, 0], caches
-
-        return closed_loop(env, step_fn, model.base.init_caches(num_episodes, env.horizon),
-                           k_run, rows, env.horizon, cfg.control.greedy)
-
-    return jax.jit(run)
+    return make_policy_eval(stages(cfg).make_env(cfg), graphdef, tasks, num_episodes,
+                            greedy=cfg.control.greedy, labelled=True)
 
 
-def train_controller(cfg: Config, run_dir: pathlib.Path, layer: int, *, verbose: bool = True):
-    """Trains (or resumes) the layer-`layer` controller; returns (graphdef, TrainState)."""
-    base = load_base_model(cfg, run_dir)
-    num_codes = make_env(cfg).num_subgoals
+def train_controller(cfg: PipelineConfig, run_dir: pathlib.Path, layer: int, *,
+                     verbose: bool = True):
+    """Trains (or resumes) the layer-`layer` controller on D*; returns (graphdef,
+    TrainState)."""
+    pipe = stages(cfg)
+    base = pipe.load_base_model(cfg, run_dir)
+    num_codes = pipe.make_env(cfg).num_subgoals
     model = ControlledModel(base, layer, num_codes, cfg.control.rank, cfg.control.hidden,
-                            rngs=nnx.Rngs(cfg.seed * 100 + SEED_CONTROL + layer))
+                            rngs=nnx.Rngs(cfg.seed * 100 + pipe.SEED_CONTROL + layer))
     tx = make_optimizer(_control_optimizer(cfg))
     graphdef, state = create_train_state(model, tx, jax.random.key(cfg.seed * 100 + layer),
                                          trainable=CONTROLLER_PARAMS)
     step_fn = make_train_step(graphdef, controller_loss, tx)
-    data = make_dataset(cfg, SEED_CONTROL, cfg.control.batch_size)
+    data = pipe.make_dataset(cfg, pipe.SEED_CONTROL, cfg.control.batch_size, star=True)
     layer_dir = run_dir / "control" / f"layer_{layer}"
-    ckpt_cfg = dict(pretrain_checkpoint_config(cfg), control=to_dict(cfg.control), layer=layer)
+    ckpt_cfg = dict(pipe.pretrain_checkpoint_config(cfg), control=to_dict(cfg.control),
+                    layer=layer)
     ckpt = Checkpointer(layer_dir / "checkpoints", max_to_keep=1, config=ckpt_cfg,
                         ignore_config_keys=["control.layers", "control.eval_episodes",
                                             "control.save_every", "control.greedy",
@@ -154,18 +139,24 @@ def train_controller(cfg: Config, run_dir: pathlib.Path, layer: int, *, verbose:
     return graphdef, state
 
 
-def run_control(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = True) -> dict:
-    """Sweeps the insertion layer; per layer: train, then evaluate on the held-out task."""
+def run_control(cfg: PipelineConfig, run_dir: str | pathlib.Path, *, verbose: bool = True
+                ) -> dict:
+    """Sweeps the insertion layer; per layer: train, then evaluate on the held-out task,
+    the pretraining tasks and (where the environment has it) the seen-transition task."""
     run_dir = pathlib.Path(run_dir)
     out = run_dir / "control"
     out.mkdir(parents=True, exist_ok=True)
+    pipe = stages(cfg)
+    post_task = task_table(cfg, "heldout")[None]
+    has_seen = "seen_transitions" in pipe.TASKS
     n_eval = cfg.control.eval_episodes
-    key = jax.random.key(cfg.seed * 100 + SEED_EVAL + 7)
+    key = jax.random.key(cfg.seed * 100 + pipe.SEED_EVAL + 7)
     base_file = out / "uncontrolled.json"
     if not base_file.exists():
-        base = load_base_model(cfg, run_dir)
+        base = pipe.load_base_model(cfg, run_dir)
         graphdef, params, frozen = nnx.split(base, nnx.Param, ...)
-        base_eval = make_base_eval(cfg, graphdef, post_task()[None], n_eval)
+        base_eval = make_policy_eval(pipe.make_env(cfg), graphdef, post_task, n_eval,
+                                     greedy=cfg.control.greedy)
         base_res = summarize(base_eval(params, frozen, key))
         base_file.write_text(json.dumps(base_res, indent=2))
     base_res = json.loads(base_file.read_text())
@@ -177,8 +168,8 @@ def run_control(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = Tru
             t0 = time.time()
             graphdef, state = train_controller(cfg, run_dir, layer, verbose=verbose)
             t_train = time.time() - t0
-            post = make_controlled_eval(cfg, graphdef, post_task()[None], n_eval)
-            pre = make_controlled_eval(cfg, graphdef, pretrain_tasks(), n_eval)
+            post = make_controlled_eval(cfg, graphdef, post_task, n_eval)
+            pre = make_controlled_eval(cfg, graphdef, task_table(cfg, "pretrain"), n_eval)
             res = dict(layer=layer, train_seconds=t_train,
                        post_task=summarize(post(state.params, state.frozen, key)),
                        pretrain_tasks=summarize(pre(state.params, state.frozen, key)),
@@ -188,11 +179,12 @@ def run_control(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = Tru
                 print(f"[control] layer {layer}: post-task success "
                       f"{res['post_task']['success_rate']:.3f}", flush=True)
         res = json.loads(f.read_text())
-        if "seen_transition_task" not in res:
+        if has_seen and "seen_transition_task" not in res:
             # the diagnostic task's evaluation, added to results of earlier runs without
             # retraining (train_controller restores the finished controller)
             graphdef, state = train_controller(cfg, run_dir, layer, verbose=False)
-            seen = make_controlled_eval(cfg, graphdef, seen_transition_task()[None], n_eval)
+            seen = make_controlled_eval(cfg, graphdef, task_table(cfg, "seen_transitions")[None],
+                                        n_eval)
             res["seen_transition_task"] = summarize(seen(state.params, state.frozen, key))
             f.write_text(json.dumps(res, indent=2))
         per_layer[layer] = res
@@ -203,9 +195,10 @@ def run_control(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = Tru
         post_task_success=[per_layer[layer]["post_task"]["success_rate"] for layer in layers],
         post_task_progress=[per_layer[layer]["post_task"]["mean_progress"] for layer in layers],
         pretrain_task_success=[per_layer[layer]["pretrain_tasks"]["success_rate"] for layer in layers],
-        seen_transition_task_success=[per_layer[layer]["seen_transition_task"]["success_rate"]
-                                      for layer in layers],
         uncontrolled_post_task=base_res, eval_episodes=n_eval)
+    if has_seen:
+        results["seen_transition_task_success"] = [
+            per_layer[layer]["seen_transition_task"]["success_rate"] for layer in layers]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _plot_lines(out / "controller_success_by_layer.png", layers,
                 {"held-out task, GT-switched controllers": results["post_task_success"],

@@ -160,16 +160,25 @@ class Config:
     def __post_init__(self):
         if self.data.max_len > self.env.horizon:
             raise ValueError(f"data.max_len={self.data.max_len} exceeds env.horizon={self.env.horizon}")
-        bad = [layer for layer in self.control.layers if not 0 <= layer <= self.model.depth]
-        if bad:
-            raise ValueError(f"control.layers {bad} outside 0..model.depth={self.model.depth}")
+        check_control_layers(self.control, self.model.depth)
 
     @property
     def control_layers(self) -> tuple[int, ...]:
-        """Layers to sweep, the middle (L/2, the paper's choice) first so that an
-        interrupted sweep has the most informative result."""
-        layers = self.control.layers or tuple(range(self.model.depth + 1))
-        return tuple(sorted(layers, key=lambda i: (abs(2 * i - self.model.depth), i)))
+        return sweep_layers(self.control, self.model.depth)
+
+
+def check_control_layers(control: ControlConfig, depth: int) -> None:
+    """Raises if a controller layer is outside the residual streams 0..depth."""
+    bad = [layer for layer in control.layers if not 0 <= layer <= depth]
+    if bad:
+        raise ValueError(f"control.layers {bad} outside 0..model.depth={depth}")
+
+
+def sweep_layers(control: ControlConfig, depth: int) -> tuple[int, ...]:
+    """Controller layers to sweep (() = every layer 0..depth), the middle (L/2, the paper's
+    choice) first so that an interrupted sweep has the most informative result."""
+    layers = control.layers or tuple(range(depth + 1))
+    return tuple(sorted(layers, key=lambda i: (abs(2 * i - depth), i)))
 
 
 def _optim(steps: int, lr: float, wd: float, clip: float | None = 1.0) -> OptimizerConfig:

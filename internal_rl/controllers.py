@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from common.nn import KVCache, dense
-from internal_rl.models.transformer import BaseModel, ModelOutput, masked_mean, sequence_losses
+from internal_rl.models.hawk import HawkModel, HawkOutput
+from internal_rl.models.transformer import BaseModel, ModelOutput, masked_mean
 
 
 class LowRankHyperController(nnx.Module):
@@ -55,7 +56,7 @@ class LowRankHyperController(nnx.Module):
 class ControlledModel(nnx.Module):
     """A base model with a label-conditioned controller at residual layer `layer`."""
 
-    def __init__(self, base: BaseModel, layer: int, num_codes: int, rank: int = 16,
+    def __init__(self, base: BaseModel | HawkModel, layer: int, num_codes: int, rank: int = 16,
                  hidden: int = 32, *, rngs: nnx.Rngs):
         if not 0 <= layer <= base.cfg.depth:
             raise ValueError(f"layer: expected 0..{base.cfg.depth}, got {layer}")
@@ -69,14 +70,14 @@ class ControlledModel(nnx.Module):
         return lambda e: self.controller.apply_codes(e, w)
 
     def __call__(self, obs: jax.Array, labels: jax.Array, *,
-                 return_residuals: bool = False) -> ModelOutput:
-        """obs f32 [B, T, 637], labels int32 [B, T] -> controlled ModelOutput."""
+                 return_residuals: bool = False) -> ModelOutput | HawkOutput:
+        """obs f32 [B, T, obs_dim], labels int32 [B, T] -> the controlled model output."""
         return self.base(obs, intervention=self._edit(labels), intervention_layer=self.layer,
                          return_residuals=return_residuals)
 
     def decode_step(self, obs_t: jax.Array, caches: list[KVCache], labels: jax.Array
-                    ) -> tuple[ModelOutput, list[KVCache]]:
-        """obs_t f32 [B, 637], labels int32 [B] -> (ModelOutput with T = 1, caches)."""
+                    ) -> tuple[ModelOutput | HawkOutput, list]:
+        """obs_t f32 [B, obs_dim], labels int32 [B] -> (model output with T = 1, caches)."""
         return self.base.decode_step(obs_t, caches, intervention=self._edit(labels[:, None]),
                                      intervention_layer=self.layer, return_residuals=False)
 
@@ -87,9 +88,10 @@ CONTROLLER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("controller"))
 
 def controller_loss(model: ControlledModel, batch: dict[str, jax.Array], key: jax.Array
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Action NLL of the controlled model on valid steps (λ = 0, Table A7)."""
+    """Action NLL of the controlled model on valid steps (λ = 0, Table A7), with the
+    action accuracy (discrete) or mean squared action error (continuous)."""
     del key
-    per_step = sequence_losses(model(batch["obs"], batch["subgoal"]), batch)
+    per_step = model.base.sequence_losses(model(batch["obs"], batch["subgoal"]), batch)
     metrics = {k: masked_mean(v, batch["mask"]) for k, v in per_step.items()
-               if k in ("action_nll", "action_acc")}
+               if k in ("action_nll", "action_acc", "action_mse")}
     return metrics["action_nll"], metrics

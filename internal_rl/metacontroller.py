@@ -38,7 +38,8 @@ from flax import nnx
 
 from common.nn import RMSNorm, dense
 from internal_rl.controllers import LowRankHyperController
-from internal_rl.models.transformer import BaseModel, ModelOutput, masked_mean, sequence_losses
+from internal_rl.models.hawk import HawkModel, HawkOutput
+from internal_rl.models.transformer import BaseModel, ModelOutput, masked_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,7 +423,7 @@ class Metacontroller(nnx.Module):
 class MetacontrolledModel(nnx.Module):
     """A base model whose residual stream at `layer` is edited by a metacontroller."""
 
-    def __init__(self, base: BaseModel, cfg: MetacontrollerConfig, *, rngs: nnx.Rngs):
+    def __init__(self, base: BaseModel | HawkModel, cfg: MetacontrollerConfig, *, rngs: nnx.Rngs):
         self.base = base
         self.cfg = cfg
         self.layer = cfg.insertion_layer(base.cfg.depth)
@@ -430,8 +431,8 @@ class MetacontrolledModel(nnx.Module):
 
     def __call__(self, obs: jax.Array, mask: jax.Array, key: jax.Array | None, *,
                  sample: bool = True, return_residuals: bool = False
-                 ) -> tuple[ModelOutput, MetacontrollerOutput]:
-        """obs f32 [B, T, 637], mask bool [B, T] -> (controlled ModelOutput, metacontroller
+                 ) -> tuple[ModelOutput | HawkOutput, MetacontrollerOutput]:
+        """obs f32 [B, T, obs_dim], mask bool [B, T] -> (controlled model output, metacontroller
         output). One base forward: the metacontroller runs inside the intervention hook on
         the full stream e_l [B, T, D], and the upper blocks see ê in one causal pass."""
         captured = {}
@@ -460,20 +461,23 @@ def metacontroller_loss(model: MetacontrolledModel, batch: dict[str, jax.Array],
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Action NLL + α·KL per valid step (spec §6.2, λ = 0); a `common.train` loss_fn.
 
-    batch: obs f32 [B, T, 637], action int32 [B, T], next_cells int32 [B, T, 13],
-    mask bool [B, T]; optional subgoal int32 [B, T] adds switch precision/recall (±1).
-    Metrics: action_nll, action_acc, kl (per valid step), switches (per trajectory),
+    batch: what the base model's `sequence_losses` reads (grid world: obs f32 [B, T, 637],
+    action int32 [B, T], next_cells int32 [B, T, 13]; continuous: obs, action f32 [B, T, A],
+    next_obs), mask bool [B, T]; optional subgoal int32 [B, T] adds switch precision/recall
+    (±1). Metrics: action_nll, action_acc (discrete) or action_mse (continuous), kl (per
+    valid step), switches (per trajectory),
     beta_mean, and with subgoal: switch_precision, switch_recall, boundaries.
     """
     mask = batch["mask"].astype(bool)
     out, mc = model(batch["obs"], mask, key)
-    per_step = sequence_losses(out, batch)
+    per_step = model.base.sequence_losses(out, batch)
     nll = masked_mean(per_step["action_nll"], mask)
     kl = masked_mean(gaussian_kl(mc.mu, mc.log_var), mask)
     thr = model.cfg.switch_threshold
     metrics = dict(
         action_nll=nll,
-        action_acc=masked_mean(per_step["action_acc"], mask),
+        **{k: masked_mean(per_step[k], mask) for k in ("action_acc", "action_mse")
+           if k in per_step},
         kl=kl,
         switches=jnp.mean(switches_per_trajectory(mc.beta, mask, thr)),
         beta_mean=masked_mean(mc.beta, mask),

@@ -14,6 +14,10 @@ position), so an interrupted run resumes to the result it would have had:
 against ground-truth subgoal boundaries (±1 step) on held-out expert batches;
 `run_alpha_sweep` trains and evaluates a list of α values (the rate–distortion sweep, Fig. 7),
 skipping variants whose results file already exists.
+
+`cfg` is a grid-world or a continuous-pinpad config (`internal_rl.pipeline`): the trainer
+is the same, the base model, data (D*, noise-free for the continuous expert) and
+checkpoint keys come from the config's family.
 """
 
 from __future__ import annotations
@@ -40,21 +44,15 @@ from common.train import (
     merge_model,
     train,
 )
-from internal_rl.config import Config
 from internal_rl.metacontroller import (
     MetacontrolledModel,
     MetacontrollerConfig,
     metacontroller_loss,
     trainable_filter,
 )
+from internal_rl.models.hawk import HawkModel
 from internal_rl.models.transformer import BaseModel
-from internal_rl.pretrain import (
-    SEED_EVAL,
-    build_model,
-    load_base_model,
-    make_dataset,
-    pretrain_checkpoint_config,
-)
+from internal_rl.pipeline import PipelineConfig, stages
 
 # Seed offsets of the metacontroller stage (pretrain.py uses 0..4).
 SEED_MC_DATA, SEED_MC_EVAL, SEED_MC_INIT = 5, 6, 7
@@ -86,7 +84,7 @@ def variant_dir(run_dir: str | pathlib.Path, variant: Variant) -> pathlib.Path:
     return pathlib.Path(run_dir) / "metacontroller" / variant.name
 
 
-def _optimizer_config(cfg: Config, variant: Variant) -> OptimizerConfig:
+def _optimizer_config(cfg: PipelineConfig, variant: Variant) -> OptimizerConfig:
     m = cfg.mctrain
     steps = m.cotrain_steps if variant.cotrain else m.steps
     lr = m.cotrain_learning_rate if variant.cotrain else m.learning_rate
@@ -94,24 +92,24 @@ def _optimizer_config(cfg: Config, variant: Variant) -> OptimizerConfig:
                            weight_decay=m.weight_decay, total_steps=steps, grad_clip_norm=1.0)
 
 
-def num_steps(cfg: Config, variant: Variant) -> int:
+def num_steps(cfg: PipelineConfig, variant: Variant) -> int:
     return cfg.mctrain.cotrain_steps if variant.cotrain else cfg.mctrain.steps
 
 
-def _initial_base(cfg: Config, run_dir: pathlib.Path, variant: Variant,
-                  base: BaseModel | None) -> BaseModel:
+def _initial_base(cfg: PipelineConfig, run_dir: pathlib.Path, variant: Variant,
+                  base: BaseModel | HawkModel | None) -> BaseModel | HawkModel:
     """θ at the start of training: the pretrained model, or a fresh one when co-training
     from scratch. `base` (if given) replaces the pretrained checkpoint (tests, notebooks)."""
     if variant.cotrain and cfg.mctrain.cotrain_from_scratch:
-        return build_model(cfg)
+        return stages(cfg).build_model(cfg)
     if base is not None:
         # a copy with its own buffers: the train step donates the state it is given
         graphdef, state = nnx.split(base)
         return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
-    return load_base_model(cfg, run_dir)
+    return stages(cfg).load_base_model(cfg, run_dir)
 
 
-def init_variant(cfg: Config, variant: Variant, base: BaseModel):
+def init_variant(cfg: PipelineConfig, variant: Variant, base: BaseModel | HawkModel):
     """(graphdef, TrainState, tx) of a metacontroller (φ freshly initialised) over `base`."""
     mc_cfg = variant.mc_config(cfg.metacontroller)
     model = MetacontrolledModel(base, mc_cfg,
@@ -123,8 +121,8 @@ def init_variant(cfg: Config, variant: Variant, base: BaseModel):
     return graphdef, state, tx
 
 
-def _checkpointer(cfg: Config, run_dir: pathlib.Path, variant: Variant) -> Checkpointer:
-    ckpt_cfg = dict(pretrain_checkpoint_config(cfg), metacontroller=to_dict(
+def _checkpointer(cfg: PipelineConfig, run_dir: pathlib.Path, variant: Variant) -> Checkpointer:
+    ckpt_cfg = dict(stages(cfg).pretrain_checkpoint_config(cfg), metacontroller=to_dict(
         variant.mc_config(cfg.metacontroller)), mctrain=to_dict(cfg.mctrain),
         variant=dataclasses.asdict(variant))
     # Settings that do not change the trajectory of this run's training:
@@ -137,8 +135,8 @@ def _checkpointer(cfg: Config, run_dir: pathlib.Path, variant: Variant) -> Check
                         config=ckpt_cfg, ignore_config_keys=ignore)
 
 
-def train_metacontroller(cfg: Config, run_dir: str | pathlib.Path, variant: Variant, *,
-                         base: BaseModel | None = None, steps: int | None = None,
+def train_metacontroller(cfg: PipelineConfig, run_dir: str | pathlib.Path, variant: Variant, *,
+                         base: BaseModel | HawkModel | None = None, steps: int | None = None,
                          verbose: bool = True) -> tuple[nnx.GraphDef, TrainState]:
     """Trains (or resumes) `variant` to `steps` (default from cfg.mctrain); returns
     (graphdef, TrainState). Metrics go to run_dir/metacontroller/<name>/metrics.jsonl."""
@@ -147,7 +145,8 @@ def train_metacontroller(cfg: Config, run_dir: str | pathlib.Path, variant: Vari
     out.mkdir(parents=True, exist_ok=True)
     graphdef, state, tx = init_variant(cfg, variant, _initial_base(cfg, run_dir, variant, base))
     step_fn = make_train_step(graphdef, metacontroller_loss, tx)
-    data = make_dataset(cfg, SEED_MC_DATA + 1000 * variant.seed, cfg.mctrain.batch_size)
+    data = stages(cfg).make_dataset(cfg, SEED_MC_DATA + 1000 * variant.seed,
+                                    cfg.mctrain.batch_size, star=True)
     total = num_steps(cfg, variant) if steps is None else steps
     ckpt = _checkpointer(cfg, run_dir, variant)
     progress = Progress(total, name=f"metacontroller {variant.name}",
@@ -161,8 +160,8 @@ def train_metacontroller(cfg: Config, run_dir: str | pathlib.Path, variant: Vari
     return graphdef, state
 
 
-def load_variant(cfg: Config, run_dir: str | pathlib.Path, variant: Variant, *,
-                 base: BaseModel | None = None) -> MetacontrolledModel:
+def load_variant(cfg: PipelineConfig, run_dir: str | pathlib.Path, variant: Variant, *,
+                 base: BaseModel | HawkModel | None = None) -> MetacontrolledModel:
     """The trained `variant` (latest checkpoint) as a module: `.base` is θ (the co-trained
     one for co-trained variants) and `.metacontroller` is φ."""
     run_dir = pathlib.Path(run_dir)
@@ -190,16 +189,16 @@ def make_eval_fn(graphdef: nnx.GraphDef):
     return jax.jit(run)
 
 
-def evaluate_variant(cfg: Config, graphdef: nnx.GraphDef, state: TrainState) -> dict:
+def evaluate_variant(cfg: PipelineConfig, graphdef: nnx.GraphDef, state: TrainState) -> dict:
     """Metrics on cfg.mctrain.eval_batches held-out expert batches (means over batches)
     plus β traces of the first batch: {"metrics": {...}, "traces": {beta, subgoal, mask}}."""
     eval_fn = make_eval_fn(graphdef)
-    data = make_dataset(cfg, SEED_MC_EVAL, cfg.mctrain.batch_size)
+    data = stages(cfg).make_dataset(cfg, SEED_MC_EVAL, cfg.mctrain.batch_size, star=True)
     totals: dict[str, float] = {}
     traces = None
     for i in range(cfg.mctrain.eval_batches):
         batch = data.batch_at(i)
-        key = jax.random.fold_in(jax.random.key(cfg.seed * 100 + SEED_EVAL), i)
+        key = jax.random.fold_in(jax.random.key(cfg.seed * 100 + stages(cfg).SEED_EVAL), i)
         metrics, beta = eval_fn(state.params, state.frozen, batch, key)
         for k, v in jax.device_get(metrics).items():
             totals[k] = totals.get(k, 0.0) + float(v) / cfg.mctrain.eval_batches
@@ -212,8 +211,8 @@ def evaluate_variant(cfg: Config, graphdef: nnx.GraphDef, state: TrainState) -> 
     return dict(metrics=totals, traces=traces)
 
 
-def run_variant(cfg: Config, run_dir: str | pathlib.Path, variant: Variant, *,
-                base: BaseModel | None = None, verbose: bool = True) -> dict:
+def run_variant(cfg: PipelineConfig, run_dir: str | pathlib.Path, variant: Variant, *,
+                base: BaseModel | HawkModel | None = None, verbose: bool = True) -> dict:
     """Train + evaluate `variant`; results cached in <variant dir>/results.json."""
     out = variant_dir(run_dir, variant) / "results.json"
     if out.exists():
@@ -234,9 +233,9 @@ def run_variant(cfg: Config, run_dir: str | pathlib.Path, variant: Variant, *,
     return res
 
 
-def run_alpha_sweep(cfg: Config, run_dir: str | pathlib.Path, alphas=None, *,
+def run_alpha_sweep(cfg: PipelineConfig, run_dir: str | pathlib.Path, alphas=None, *,
                     cotrain: bool = False, temporal_abstraction: bool = True,
-                    seeds: int | None = None, base: BaseModel | None = None,
+                    seeds: int | None = None, base: BaseModel | HawkModel | None = None,
                     verbose: bool = True) -> list[dict]:
     """`run_variant` for every α in `alphas` (default cfg.mctrain.alphas) × seed."""
     alphas = cfg.mctrain.alphas if alphas is None else tuple(alphas)

@@ -15,7 +15,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -31,12 +30,16 @@ from internal_rl.envs.gridworld import (
     post_task,
     pretrain_tasks,
     sample_layout_pool,
+    seen_transition_task,
 )
 from internal_rl.models.transformer import BaseModel, pretrain_loss
-from internal_rl.rollouts import closed_loop, summarize
+from internal_rl.rollouts import make_policy_eval, summarize
 
 # Seed offsets keep the streams of the stages independent but derived from cfg.seed.
 SEED_MODEL, SEED_DATA, SEED_EVAL, SEED_PROBE, SEED_CONTROL = 0, 1, 2, 3, 4
+# The task tables the later stages evaluate on, by name (`internal_rl.pipeline`).
+TASKS = {"pretrain": pretrain_tasks, "heldout": post_task,
+         "seen_transitions": seen_transition_task}
 
 
 @functools.lru_cache(maxsize=16)
@@ -65,8 +68,11 @@ def build_model(cfg: Config) -> BaseModel:
     return BaseModel(cfg.model, rngs=nnx.Rngs(cfg.seed * 100 + SEED_MODEL))
 
 
-def make_dataset(cfg: Config, stream: int, batch_size: int | None = None) -> ExpertDataset:
-    """Expert data on the pretraining tasks (D and D* are generated the same way, §3.1)."""
+def make_dataset(cfg: Config, stream: int, batch_size: int | None = None, *,
+                 star: bool = False) -> ExpertDataset:
+    """Expert data on the pretraining tasks. D and D* are generated the same way (§3.1),
+    so `star` (the continuous pipeline's noise-free D*) changes nothing here."""
+    del star
     return ExpertDataset(make_env(cfg), pretrain_tasks(), batch_size or cfg.data.batch_size,
                          cfg.data.max_len, cfg.data.epsilon, seed=cfg.seed * 100 + stream)
 
@@ -100,23 +106,8 @@ def init_train_state(cfg: Config):
 
 def make_base_eval(cfg: Config, graphdef, tasks, num_episodes: int, horizon: int | None = None):
     """Jitted (params, frozen, key) -> episode dict of the uncontrolled base model."""
-    env = make_env(cfg)
-    horizon = horizon or env.horizon
-    tasks = jnp.asarray(tasks, jnp.int32)
-
-    def run(params, frozen, key):
-        model = nnx.merge(graphdef, params, frozen)
-        k_task, k_run = jax.random.split(key)
-        rows = tasks[jax.random.randint(k_task, (num_episodes,), 0, tasks.shape[0])]
-
-        def step_fn(obs, caches, subgoal):
-            out, caches = model.decode_step(obs, caches, return_residuals=False)
-            return out.action_logits[:, 0], caches
-
-        return closed_loop(env, step_fn, model.init_caches(num_episodes, horizon), k_run,
-                           rows, horizon, cfg.control.greedy)
-
-    return jax.jit(run)
+    return make_policy_eval(make_env(cfg), graphdef, tasks, num_episodes, horizon=horizon,
+                            greedy=cfg.control.greedy)
 
 
 def run_pretrain(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = True) -> dict:

@@ -30,8 +30,14 @@ import numpy as np
 
 from common.metrics import plot_curves
 from common.report import Report, write_json
-from internal_rl.config import PRESETS, Config
+from internal_rl.pipeline import PipelineConfig, is_continuous, stages, task_table
 
+CONTINUOUS_PAPER = {
+    "probe accuracy, mid-depth (ant)": "high from mid-depth (Fig. 3b)",
+    "β_t (ant, Fig. 6)": "one switch per subgoal, aligned with entering each target cell",
+    "internal RL final success (ant, normalised by the expert's 0.7)": "high (plot only)",
+    "raw-action RL, β ≡ 1, co-trained (ant)": "≈0 within 1e6 episodes",
+}
 PAPER = {
     "probe accuracy, mid-depth": "≈0.5 (chance 0.25)",
     "switches per trajectory (frozen, good α)": "≈ number of subgoals, quasi-binary β",
@@ -66,31 +72,29 @@ def _cached(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def stage_pretrain(cfg: Config, run_dir: pathlib.Path, verbose: bool) -> dict:
-    from internal_rl.pretrain import run_pretrain
-
+def stage_pretrain(cfg: PipelineConfig, run_dir: pathlib.Path, verbose: bool) -> dict:
     summary = run_dir / "pretrain" / "summary.json"
     if summary.exists():
         done = json.loads(summary.read_text())
         if done.get("step") == cfg.pretrain.steps:
             return done
-    return run_pretrain(cfg, run_dir, verbose=verbose)
+    return stages(cfg).run_pretrain(cfg, run_dir, verbose=verbose)
 
 
-def stage_probe(cfg: Config, run_dir: pathlib.Path) -> dict:
+def stage_probe(cfg: PipelineConfig, run_dir: pathlib.Path) -> dict:
     from internal_rl.analysis import run_probe
 
     path = run_dir / "probe" / "results.json"
     return json.loads(path.read_text()) if path.exists() else run_probe(cfg, run_dir)
 
 
-def stage_control(cfg: Config, run_dir: pathlib.Path, verbose: bool) -> dict:
+def stage_control(cfg: PipelineConfig, run_dir: pathlib.Path, verbose: bool) -> dict:
     from internal_rl.analysis import run_control
 
     return run_control(cfg, run_dir, verbose=verbose)  # skips finished layers itself
 
 
-def stage_metacontroller(cfg: Config, run_dir: pathlib.Path, verbose: bool) -> dict:
+def stage_metacontroller(cfg: PipelineConfig, run_dir: pathlib.Path, verbose: bool) -> dict:
     """Frozen α sweep, β ≡ 1 at the selected α, co-trained sweep."""
     from internal_rl.metacontroller_train import Variant, run_alpha_sweep, run_variant, select_alpha
 
@@ -107,13 +111,12 @@ def stage_metacontroller(cfg: Config, run_dir: pathlib.Path, verbose: bool) -> d
                 cotrained_alpha=cot_alpha)
 
 
-def _rl_subject(cfg: Config, run_dir: pathlib.Path, method: str, mc: dict):
+def _rl_subject(cfg: PipelineConfig, run_dir: pathlib.Path, method: str, mc: dict):
     """(base model, metacontrolled model or None) that `method` runs RL on."""
     from internal_rl.metacontroller_train import Variant, load_variant
-    from internal_rl.pretrain import load_base_model
 
     if method == "raw_action_rl":
-        return load_base_model(cfg, run_dir), None
+        return stages(cfg).load_base_model(cfg, run_dir), None
     variant = {
         "internal_rl": Variant(mc["selected_alpha"]),
         "no_temporal_abstraction": Variant(mc["selected_alpha"], temporal_abstraction=False),
@@ -124,33 +127,21 @@ def _rl_subject(cfg: Config, run_dir: pathlib.Path, method: str, mc: dict):
     return model.base, model
 
 
-def rl_task(name: str) -> np.ndarray:
-    """The 12-colour task (int32 [12]) RL runs on: "heldout" (the paper's post-training
-    task) or "seen_transitions" (the diagnostic task of seen pair transitions)."""
-    from internal_rl.envs.gridworld import post_task, seen_transition_task
-
-    tasks = {"heldout": post_task, "seen_transitions": seen_transition_task}
-    if name not in tasks:
-        raise ValueError(f"rl_task: expected one of {sorted(tasks)}, got {name!r}")
-    return tasks[name]()
-
-
 def rl_cache_path(run_dir: pathlib.Path, task: str, method: str, seed: int) -> pathlib.Path:
     """One JSON per (task, method, seed); the held-out task's directly under rl/."""
     sub = run_dir / "rl" if task == "heldout" else run_dir / "rl" / task
     return sub / f"{method}_seed{seed}.json"
 
 
-def stage_rl(cfg: Config, run_dir: pathlib.Path, mc: dict, verbose: bool) -> dict:
+def stage_rl(cfg: PipelineConfig, run_dir: pathlib.Path, mc: dict, verbose: bool) -> dict:
     """{task: {method: [per-seed curve dicts]}}; each (task, method, seed) cached."""
-    from internal_rl.pretrain import make_env
     from internal_rl.rl import run_internal_rl, run_raw_action_rl
 
-    env = make_env(cfg)
+    env = stages(cfg).make_env(cfg)
     log = print if verbose else (lambda *a, **k: None)
     curves: dict[str, dict[str, list[dict]]] = {}
     for task_name in cfg.reproduce.rl_tasks:
-        task = rl_task(task_name)
+        task = task_table(cfg, task_name)
         curves[task_name] = by_method = {}
         methods = [m for m in cfg.reproduce.methods
                    if task_name == "heldout" or m in cfg.reproduce.diagnostic_methods]
@@ -274,10 +265,11 @@ RL_TASK_TITLES = {
     "heldout": "the held-out task A-B-C-D-A-B",
     "seen_transitions": "the seen-transition task A-C-B-D-C-A",
 }
+CONTINUOUS_RL_TASK_TITLES = {"heldout": "the held-out task 0-1-2-3"}
 
 
 def plot_rl_curves(curves: dict[str, list[dict]], path: pathlib.Path,
-                   task: str = "heldout") -> str:
+                   task: str = "heldout", titles: dict[str, str] | None = None) -> str:
     """Fig. 8 analogue: success vs episodes, median over seeds with the 25–75% band."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.8, 3.8), dpi=120)
@@ -287,7 +279,8 @@ def plot_rl_curves(curves: dict[str, list[dict]], path: pathlib.Path,
         ax.fill_between(x, q25, q75, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("episodes")
     ax.set_ylabel("success rate")
-    ax.set_title(f"RL on {RL_TASK_TITLES[task]}: median, 25–75% over seeds", fontsize=9)
+    ax.set_title(f"RL on {(titles or RL_TASK_TITLES)[task]}: median, 25–75% over seeds",
+                 fontsize=9)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -302,9 +295,42 @@ def plot_rl_curves(curves: dict[str, list[dict]], path: pathlib.Path,
 # ---------------------------------------------------------------------------------------
 
 
-def _preset_notes(preset: str | None) -> str:
+def _preset_notes(cfg: PipelineConfig, preset: str | None) -> str:
+    if is_continuous(cfg):
+        from internal_rl.continuous.config import PRESETS
+    else:
+        from internal_rl.config import PRESETS
     fn = PRESETS.get(preset or "")
     return inspect.cleandoc(fn.__doc__ or "") if fn else ""
+
+
+def _setting(cfg: PipelineConfig) -> dict:
+    """The environment-specific sentences of the report."""
+    layer = cfg.metacontroller.insertion_layer(cfg.model.depth)
+    if not is_continuous(cfg):
+        return dict(
+            title="Internal RL reproduction",
+            intro=("Gridworld-pinpad, pretraining on the 16 Table A1 tasks, RL on the held-out "
+                   "12-colour task A-B-C-D-A-B (only unseen pair transitions). "
+                   f"Base model d={cfg.model.dim}, L={cfg.model.depth}; metacontroller at layer "
+                   f"{layer}."),
+            fit=("teacher-forced action accuracy", "heldout_action_acc"),
+            heldout_paper="≈1e-6", titles=RL_TASK_TITLES, paper=PAPER)
+    e = cfg.env
+    return dict(
+        title=f"Internal RL reproduction, {e.kind.capitalize()}-pinpad",
+        intro=(f"{e.kind.capitalize()}-pinpad in MJX ({e.size}×{e.size} cells of size "
+               f"{e.cell_size:g}, {e.num_colours} colours, {e.num_walls} wall, T = {e.horizon}), "
+               "pretraining on the 16 Table A2 tasks of a scripted BFS + PD expert (action "
+               f"noise σ = {cfg.data.noise_std:g} for D, {cfg.data.star_noise_std:g} for D* "
+               "which trains the controllers and the metacontroller), RL on the held-out task "
+               "0-1-2-3. The scripted expert succeeds on every task, so RL success needs no "
+               "normalisation (the paper divides its ant numbers by the ant expert's 0.7). "
+               f"Hawk base model d={cfg.model.dim}, L={cfg.model.depth}; metacontroller at "
+               f"layer {layer}."),
+        fit=("teacher-forced action MSE", "heldout_action_mse"),
+        heldout_paper="≈0 (not stated for the ant)", titles=CONTINUOUS_RL_TASK_TITLES,
+        paper=CONTINUOUS_PAPER)
 
 
 def _mc_rows(results: list[dict], kind: str) -> list[list]:
@@ -317,16 +343,14 @@ def _mc_rows(results: list[dict], kind: str) -> list[list]:
     return rows
 
 
-def write_report(cfg: Config, run_dir: pathlib.Path, parts: dict, *, preset: str | None,
+def write_report(cfg: PipelineConfig, run_dir: pathlib.Path, parts: dict, *, preset: str | None,
                  command: str | None, wall_seconds: float) -> tuple[str, str]:
     """report.md + results.json (+ figures) into run_dir from the stage outputs."""
-    rep = Report(f"Internal RL reproduction ({preset or 'custom'} preset)", command=command)
-    notes = _preset_notes(preset)
+    setting = _setting(cfg)
+    rep = Report(f"{setting['title']} ({preset or 'custom'} preset)", command=command)
+    notes = _preset_notes(cfg, preset)
     rep.paragraph(
-        "Gridworld-pinpad, pretraining on the 16 Table A1 tasks, RL on the held-out "
-        "12-colour task A-B-C-D-A-B (only unseen pair transitions). "
-        f"Base model d={cfg.model.dim}, L={cfg.model.depth}; metacontroller at layer "
-        f"{cfg.metacontroller.insertion_layer(cfg.model.depth)}." + (
+        setting["intro"] + (
             "\n\nPreset notes (deviations from the paper and why):\n\n> "
             + notes.replace("\n", "\n> ") if notes else ""))
     results: dict = {}
@@ -335,16 +359,16 @@ def write_report(cfg: Config, run_dir: pathlib.Path, parts: dict, *, preset: str
     if pre:
         rep.heading("Base model")
         base = {
-            "teacher-forced action accuracy": pre.get("heldout_action_acc"),
+            setting["fit"][0]: pre.get(setting["fit"][1]),
             "action NLL": pre.get("heldout_action_nll"),
             "closed-loop success, pretraining tasks": pre.get("pretrain_task_success_rate"),
             "fraction of colours reached, pretraining tasks": pre.get(
                 "pretrain_task_mean_progress"),
             "closed-loop success, held-out task": pre.get("post_task_success_rate"),
         }
-        rep.compare(None, base, {"closed-loop success, held-out task": "≈1e-6"})
-        rep.paragraph("The task is not observed: a perfect imitator picks each next pair as the "
-                      "data do, so it matches one given pretraining task with probability 1/16 "
+        rep.compare(None, base, {"closed-loop success, held-out task": setting["heldout_paper"]})
+        rep.paragraph("The task is not observed: a perfect imitator picks each next subgoal as "
+                      "the data do, so it matches one given pretraining task with probability 1/16 "
                       "(success ≈ 0.0625 is the ceiling of the pretraining-task success).")
         results["base"] = base
     probe = parts.get("probe")
@@ -370,9 +394,11 @@ def write_report(cfg: Config, run_dir: pathlib.Path, parts: dict, *, preset: str
                   + [["none (base)", control["uncontrolled_post_task"]["success_rate"],
                       control["uncontrolled_post_task"]["mean_progress"], None]])
         rep.paragraph("Controllers switched by the ground-truth subgoal labels, evaluated "
-                      "closed loop. The seen-transition task (A-C-B-D-C-A, 12 colours, only "
-                      "pair transitions of the pretraining tasks) separates executing a long "
-                      "sequence of known abstract actions from composing unseen transitions.")
+                      "closed loop." + (
+                          " The seen-transition task (A-C-B-D-C-A, 12 colours, only pair "
+                          "transitions of the pretraining tasks) separates executing a long "
+                          "sequence of known abstract actions from composing unseen "
+                          "transitions." if control.get("seen_transition_task_success") else ""))
         if control.get("seen_transition_task_success"):
             results["controller_seen_transition_success_by_layer"] = dict(zip(
                 map(str, control["layers"]), control["seen_transition_task_success"],
@@ -436,15 +462,15 @@ def write_report(cfg: Config, run_dir: pathlib.Path, parts: dict, *, preset: str
                 " Paper: internal RL reaches a high success rate; raw-action RL, β ≡ 1 and "
                 "co-trained stay ≈0 within 1e6 episodes." if task == "heldout" else ""))
         fig = "fig8_rl_success.png" if task == "heldout" else f"fig8_rl_success_{task}.png"
-        plot_rl_curves(curves, run_dir / fig, task)
-        rep.image(fig, f"success vs episodes per method, {RL_TASK_TITLES[task]}")
+        plot_rl_curves(curves, run_dir / fig, task, setting["titles"])
+        rep.image(fig, f"success vs episodes per method, {setting['titles'][task]}")
         finals = {m: s["median"] for m, s in summary.items()}
         if task == "heldout":
             results["rl_final_success"] = finals
         results.setdefault("rl_final_success_by_task", {})[task] = finals
         results.setdefault("rl_summary", {})[task] = summary
     rep.heading("Paper reference points")
-    rep.table(["quantity", "paper"], [[k, v] for k, v in PAPER.items()])
+    rep.table(["quantity", "paper"], [[k, v] for k, v in setting["paper"].items()])
     results["stage_seconds"] = parts.get("stage_seconds", {})
     results["stage_cpu_seconds"] = parts.get("stage_cpu_seconds", {})
     if results["stage_seconds"]:
@@ -458,7 +484,7 @@ def write_report(cfg: Config, run_dir: pathlib.Path, parts: dict, *, preset: str
     return rep.write(run_dir, results, wall_seconds=wall_seconds)
 
 
-def run_reproduce(cfg: Config, run_dir: str | pathlib.Path, *, preset: str | None = None,
+def run_reproduce(cfg: PipelineConfig, run_dir: str | pathlib.Path, *, preset: str | None = None,
                   command: str | None = None, rl: bool = True, verbose: bool = True) -> dict:
     """Runs (or resumes) every stage and writes the report; returns the stage outputs.
 

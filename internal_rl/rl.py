@@ -31,7 +31,9 @@ Presets: `RL_PRESETS` (tiny | small = spec §10.2 | paper = Table A13).
 
 Variants (β ≡ 1 metacontroller, co-trained metacontroller) run through the same code:
 `run_internal_rl` takes whichever `Metacontroller` (or `MetacontrolledModel`) it is given.
-Only discrete-action environments are supported (the grid world's base model).
+Both base models run through the same code: the grid world's transformer (categorical
+actions) and the continuous pinpads' Hawk model (diagonal Gaussian actions); the model
+supplies its lower/upper halves, its action sampler and its log-probabilities.
 """
 
 from __future__ import annotations
@@ -53,7 +55,12 @@ from common.checkpoint import Checkpointer
 from common.nn import RMSNorm, dense
 from common.train import OptimizerConfig, make_optimizer
 from internal_rl.metacontroller import MetacontrolledModel, Metacontroller
+from internal_rl.models.hawk import HawkModel
 from internal_rl.models.transformer import BaseModel
+
+# Either base model: both implement the policy interface (`lower_step`, `upper_step`,
+# `policy_head`, `sample_action`, `action_log_prob`, `action_log_probs`).
+PolicyModel = BaseModel | HawkModel
 
 _LOG_2PI = math.log(2.0 * math.pi)
 RAW_TRAINABLE = ("all", "action_head")
@@ -258,20 +265,7 @@ def _reset(env, key: jax.Array, tasks: jax.Array):
     return jax.vmap(env.reset)(jax.random.split(key, tasks.shape[0]), tasks)
 
 
-def _lower(base: BaseModel, obs: jax.Array, caches, layer: int):
-    """Embed o_t [B, obs_dim] and run blocks 0..l-1 -> (stream l f32 [B, D], caches)."""
-    res = base.stack(base.embed(obs.astype(jnp.float32))[:, None], caches=caches,
-                     start_layer=0, stop_layer=layer, return_residuals=True)
-    return res.residuals[-1][:, 0], res.caches  # residuals: before any final norm
-
-
-def _upper_logits(base: BaseModel, e_hat: jax.Array, caches, layer: int):
-    """Blocks l..L-1 + final norm + action head on ê [B, D] -> (logits [B, A], caches)."""
-    res = base.stack(e_hat[:, None], caches=caches, start_layer=layer)
-    return base.action_head(res.out)[:, 0], res.caches
-
-
-def internal_rollout(env, base: BaseModel, metacontroller: Metacontroller,
+def internal_rollout(env, base: PolicyModel, metacontroller: Metacontroller,
                      policy: LatentPolicy, key: jax.Array, tasks: jax.Array, **kwargs
                      ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """Reset B envs on tasks int32 [B, K], then `internal_episodes` (same kwargs)."""
@@ -282,7 +276,7 @@ def internal_rollout(env, base: BaseModel, metacontroller: Metacontroller,
 
 def internal_episodes(
     env,
-    base: BaseModel,
+    base: PolicyModel,
     metacontroller: Metacontroller,
     policy: LatentPolicy,
     states: Any,
@@ -302,7 +296,8 @@ def internal_episodes(
       z f32 [B, T, n_z]      code in force at t (new where decision)
       logp f32 [B, T]        log π of z at decisions (0 elsewhere)
       decision bool [B, T]   the agent chose a new code at t (t = 0, or β_t >= threshold)
-      beta f32 [B, T], action int32 [B, T], reward f32 [B, T], valid bool [B, T]
+      beta f32 [B, T], reward f32 [B, T], valid bool [B, T]
+      action int32 [B, T] (discrete) or f32 [B, T, A] (continuous)
       obs f32 [B, T, obs_dim] (only with record_obs)
     and episode leaves [B]: success bool, return f32, decisions f32, length int32.
     """
@@ -315,7 +310,7 @@ def internal_episodes(
         states, obs, caches, h_switch, z, h_pi, t = carry
         k_z, k_a = jax.random.split(k)
         alive = ~states.done
-        e, caches = _lower(base, obs, caches, layer)
+        e, caches = base.lower_step(obs, caches, layer)
         beta, h_switch = metacontroller.switch_step(e, h_switch, z)
         decision = alive & ((beta >= beta_threshold) | (t == 0))  # first code at t = 1 (Alg. 2)
         h_new, mean, log_std = policy.step(h_pi, e)
@@ -323,8 +318,8 @@ def internal_episodes(
         logp = jnp.where(decision, gaussian_log_prob(z_new, mean, log_std), 0.0)
         z = jnp.where(decision[:, None], z_new, z)
         h_pi = jnp.where(decision[:, None], h_new, h_pi)
-        logits, caches = _upper_logits(base, metacontroller.control(e, z), caches, layer)
-        action = jax.random.categorical(k_a, logits, axis=-1).astype(jnp.int32)
+        head, caches = base.upper_step(metacontroller.control(e, z), caches, layer)
+        action = base.sample_action(k_a, head)
         states, next_obs, reward, _, _ = jax.vmap(env.step)(states, action)
         out = dict(e=e, z=z, logp=logp, decision=decision, beta=beta, action=action,
                    reward=reward, valid=alive)
@@ -337,7 +332,7 @@ def internal_episodes(
     return traj, _episode_stats(final, traj)
 
 
-def raw_rollout(env, base: BaseModel, key: jax.Array, tasks: jax.Array, *, horizon: int
+def raw_rollout(env, base: PolicyModel, key: jax.Array, tasks: jax.Array, *, horizon: int
                 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """Reset B envs on tasks int32 [B, K], then `raw_episodes`."""
     k_reset, k_run = jax.random.split(key)
@@ -345,14 +340,14 @@ def raw_rollout(env, base: BaseModel, key: jax.Array, tasks: jax.Array, *, horiz
     return raw_episodes(env, base, states, obs, k_run, horizon=horizon)
 
 
-def raw_episodes(env, base: BaseModel, states: Any, obs: jax.Array, key: jax.Array, *,
+def raw_episodes(env, base: PolicyModel, states: Any, obs: jax.Array, key: jax.Array, *,
                  horizon: int) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """B episodes sampling the base model's own actions (KV-cached decoding), from reset
     states / obs f32 [B, obs_dim] as in `internal_episodes`.
 
     Returns (traj, episode) as `internal_episodes` with traj: obs f32 [B, T, obs_dim],
-    action int32, logp f32 (log p_θ(a_t | o_1:t)), decision (= valid) bool, reward f32,
-    valid bool, all [B, T].
+    action (int32 [B, T] or f32 [B, T, A]), logp f32 (log p_θ(a_t | o_1:t)), decision
+    (= valid) bool, reward f32, valid bool, all [B, T].
     """
     n = obs.shape[0]
 
@@ -360,9 +355,9 @@ def raw_episodes(env, base: BaseModel, states: Any, obs: jax.Array, key: jax.Arr
         states, obs, caches = carry
         alive = ~states.done
         out, caches = base.decode_step(obs, caches, return_residuals=False)
-        logits = out.action_logits[:, 0]
-        action = jax.random.categorical(k, logits, axis=-1).astype(jnp.int32)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], -1)[:, 0]
+        head = base.policy_head(out)
+        action = base.sample_action(k, head)
+        logp = base.action_log_prob(head, action)
         states, next_obs, reward, _, _ = jax.vmap(env.step)(states, action)
         rec = dict(obs=obs, action=action, logp=jnp.where(alive, logp, 0.0), decision=alive,
                    reward=reward, valid=alive)
@@ -380,13 +375,11 @@ def _episode_stats(final_states, traj) -> dict[str, jax.Array]:
                 length=jnp.sum(traj["valid"], axis=1).astype(jnp.int32))
 
 
-def raw_log_probs(base: BaseModel, obs: jax.Array, action: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Full causal forward: obs f32 [B, T, obs_dim], action int32 [B, T] ->
-    (log p_θ(a_t | o_1:t) f32 [B, T], entropy f32 [B, T])."""
-    logits = base(obs, return_residuals=False).action_logits.astype(jnp.float32)
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
-    logp = jnp.take_along_axis(logp_all, action[..., None], axis=-1)[..., 0]
-    return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+def raw_log_probs(base: PolicyModel, obs: jax.Array, action: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Full causal forward: obs f32 [B, T, obs_dim], action [B, T] (int32) or [B, T, A]
+    (f32) -> (log p_θ(a_t | o_1:t) f32 [B, T], entropy f32 [B, T] or [])."""
+    return base.action_log_probs(obs, action)
 
 
 # ---------------------------------------------------------------------------------------
@@ -489,14 +482,16 @@ def _horizon(cfg: RLConfig, env) -> int:
     return int(cfg.horizon or env.horizon)
 
 
-def _check_discrete(env, base: BaseModel) -> None:
-    if getattr(env, "num_actions", None) is None:
-        raise ValueError("env: RL here needs a discrete-action env (num_actions is None)")
+def _check_env(env, base: PolicyModel) -> None:
     if env.obs_dim != base.cfg.obs_dim:
         raise ValueError(f"env.obs_dim={env.obs_dim} but base.cfg.obs_dim={base.cfg.obs_dim}")
-    if env.num_actions != base.cfg.num_actions:
-        raise ValueError(f"env.num_actions={env.num_actions} but base.cfg.num_actions="
-                         f"{base.cfg.num_actions}")
+    if isinstance(base, HawkModel):
+        if env.action_shape != (base.cfg.action_dim,):
+            raise ValueError(f"env.action_shape={env.action_shape} but the Gaussian base model "
+                             f"acts in {base.cfg.action_dim} dimensions")
+    elif getattr(env, "num_actions", None) != base.cfg.num_actions:
+        raise ValueError(f"env.num_actions={getattr(env, 'num_actions', None)} but "
+                         f"base.cfg.num_actions={base.cfg.num_actions}")
 
 
 class RLProgram(NamedTuple):
@@ -581,7 +576,7 @@ def run_program(name: str, cfg: RLConfig, program: RLProgram, seed: int, log=pri
         metrics=metrics)
 
 
-def resolve_metacontroller(metacontroller, base: BaseModel) -> tuple[Metacontroller, int]:
+def resolve_metacontroller(metacontroller, base: PolicyModel) -> tuple[Metacontroller, int]:
     """(Metacontroller, insertion layer) from a Metacontroller or a MetacontrolledModel."""
     if isinstance(metacontroller, MetacontrolledModel):
         return metacontroller.metacontroller, metacontroller.layer
@@ -594,11 +589,11 @@ def resolve_metacontroller(metacontroller, base: BaseModel) -> tuple[Metacontrol
     return metacontroller, metacontroller.cfg.insertion_layer(base.cfg.depth)
 
 
-def make_internal_rl(cfg: RLConfig, base: BaseModel, metacontroller, env, task,
+def make_internal_rl(cfg: RLConfig, base: PolicyModel, metacontroller, env, task,
                      seed: int = 0) -> RLProgram:
     """The internal-RL program: params are a fresh `LatentPolicy`'s (seeded by `seed`);
     the base model and metacontroller are frozen in `static`."""
-    _check_discrete(env, base)
+    _check_env(env, base)
     mc, layer = resolve_metacontroller(metacontroller, base)
     horizon = _horizon(cfg, env)
     tasks = _tasks(task, cfg.batch_episodes)
@@ -619,7 +614,7 @@ def make_internal_rl(cfg: RLConfig, base: BaseModel, metacontroller, env, task,
     return RLProgram(rollout_fn, logp_fn, params, (e_state, p_rest), p_graph, cfg.optimizer())
 
 
-def run_internal_rl(cfg: RLConfig, base: BaseModel, metacontroller, env, task: np.ndarray,
+def run_internal_rl(cfg: RLConfig, base: PolicyModel, metacontroller, env, task: np.ndarray,
                     seed: int, *, log=print, checkpoint_dir: str | os.PathLike | None = None
                     ) -> RLResult:
     """Internal RL (Alg. 3) on the held-out `task` (int32 [K], -1 padded) for cfg.episodes.
@@ -640,10 +635,10 @@ def raw_trainable_filter(cfg: RLConfig):
     return nnx.Param
 
 
-def make_raw_action_rl(cfg: RLConfig, base: BaseModel, env, task) -> RLProgram:
+def make_raw_action_rl(cfg: RLConfig, base: PolicyModel, env, task) -> RLProgram:
     """The raw-action RL program: params are the `raw_trainable` parameters of `base`
     (`run_program` trains copies; the caller's module is not changed)."""
-    _check_discrete(env, base)
+    _check_env(env, base)
     horizon = _horizon(cfg, env)
     tasks = _tasks(task, cfg.batch_episodes)
     graph, params, rest = nnx.split(base, raw_trainable_filter(cfg), ...)
@@ -659,7 +654,7 @@ def make_raw_action_rl(cfg: RLConfig, base: BaseModel, env, task) -> RLProgram:
     return RLProgram(rollout_fn, logp_fn, params, rest, graph, cfg.optimizer())
 
 
-def run_raw_action_rl(cfg: RLConfig, base: BaseModel, env, task: np.ndarray, seed: int, *,
+def run_raw_action_rl(cfg: RLConfig, base: PolicyModel, env, task: np.ndarray, seed: int, *,
                       log=print, checkpoint_dir: str | os.PathLike | None = None) -> RLResult:
     """Raw-action RL baseline (App. C.5.3): PPO on the base model's token policy, one
     decision per raw step; trains cfg.raw_trainable parameters of a copy of `base`.

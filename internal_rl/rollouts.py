@@ -15,8 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from internal_rl.envs.base import PinpadEnv, task_length
+from internal_rl.models.transformer import categorical_action
 
 # step_fn(obs_t f32 [N, D], caches, subgoal int32 [N]) -> (policy head output, caches);
 # the head output is action logits f32 [N, A] for `categorical_action`, or whatever the
@@ -24,12 +26,6 @@ from internal_rl.envs.base import PinpadEnv, task_length
 StepFn = Callable[[jax.Array, object, jax.Array], tuple[Any, object]]
 # sample_action(key, head output, greedy bool or traced bool []) -> action [N, ...]
 SampleFn = Callable[[jax.Array, Any, Any], jax.Array]
-
-
-def categorical_action(key: jax.Array, logits: jax.Array, greedy) -> jax.Array:
-    """int32 [N]: a sample of softmax(logits f32 [N, A]), or its argmax when greedy."""
-    return jnp.where(greedy, jnp.argmax(logits, axis=-1),
-                     jax.random.categorical(key, logits, axis=-1)).astype(jnp.int32)
 
 
 def closed_loop(
@@ -73,6 +69,37 @@ def closed_loop(
         length=final.t,
         reward=ret,
     )
+
+
+def make_policy_eval(env: PinpadEnv, graphdef, tasks, num_episodes: int, *,
+                     horizon: int | None = None, greedy: bool = False, labelled: bool = False):
+    """Jitted (params, frozen, key) -> episode dict (`closed_loop`) of a model acting with
+    its own policy head, on `num_episodes` rows drawn uniformly from tasks int32 [N, K].
+
+    The model (`nnx.merge(graphdef, params, frozen)`) is a base model (transformer or Hawk:
+    `policy_head` and `sample_action` pick the action distribution), or with `labelled` a
+    label-switched `ControlledModel` fed `env.subgoal` at every step.
+    """
+    horizon = horizon or env.horizon
+    tasks = jnp.asarray(tasks, jnp.int32)
+
+    def run(params, frozen, key):
+        model = nnx.merge(graphdef, params, frozen)
+        base = model.base if labelled else model
+        k_task, k_run = jax.random.split(key)
+        rows = tasks[jax.random.randint(k_task, (num_episodes,), 0, tasks.shape[0])]
+
+        def step_fn(obs, caches, subgoal):
+            if labelled:
+                out, caches = model.decode_step(obs, caches, subgoal)
+            else:
+                out, caches = model.decode_step(obs, caches, return_residuals=False)
+            return base.policy_head(out), caches
+
+        return closed_loop(env, step_fn, base.init_caches(num_episodes, horizon), k_run, rows,
+                           horizon, greedy, base.sample_action)
+
+    return jax.jit(run)
 
 
 def summarize(episodes: dict[str, jax.Array]) -> dict[str, float]:

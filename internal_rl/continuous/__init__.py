@@ -1,4 +1,5 @@
-"""The continuous pinpad pipeline (spec §10.3): Point-pinpad (MJX) expert data, Hawk
-base-model pretraining with closed-loop evaluation, and residual-stream subgoal probes.
-CLI: `python -m internal_rl.continuous`.
+"""The continuous pinpads (spec §10.3): configs and presets, Point-pinpad (MJX) expert data,
+Hawk base-model pretraining with closed-loop evaluation. Every later stage (probes,
+controllers, metacontroller, RL, reproduce) is the grid world's, dispatched by
+`internal_rl.pipeline`. CLI: `python -m internal_rl <stage> --env point`.
 """

@@ -14,7 +14,14 @@ import dataclasses
 
 from common.config import get_preset, override
 from common.train import OptimizerConfig
-from internal_rl.config import MetaTrainConfig, ProbeConfig
+from internal_rl.config import (
+    ControlConfig,
+    MetaTrainConfig,
+    ProbeConfig,
+    ReproduceConfig,
+    check_control_layers,
+    sweep_layers,
+)
 from internal_rl.metacontroller import MetacontrollerConfig
 from internal_rl.models.hawk import HawkConfig
 from internal_rl.rl import RLConfig
@@ -95,14 +102,24 @@ class Config:
     model: HawkConfig = HawkConfig(obs_dim=POINT_OBS_DIM, action_dim=POINT_ACTION_DIM)
     pretrain: PretrainConfig = PretrainConfig()
     probe: ProbeConfig = ProbeConfig()
+    control: ControlConfig = ControlConfig()
     metacontroller: MetacontrollerConfig = MetacontrollerConfig()
     mctrain: MetaTrainConfig = MetaTrainConfig()
     rl: RLConfig = RLConfig()
+    reproduce: ReproduceConfig = ReproduceConfig()
 
     def __post_init__(self):
         if self.data.max_len > self.env.horizon:
             raise ValueError(f"data.max_len={self.data.max_len} exceeds "
                              f"env.horizon={self.env.horizon}")
+        check_control_layers(self.control, self.model.depth)
+        if "seen_transitions" in self.reproduce.rl_tasks:
+            raise ValueError("reproduce.rl_tasks: the continuous pinpads have no "
+                             "seen-transition task; expected ('heldout',)")
+
+    @property
+    def control_layers(self) -> tuple[int, ...]:
+        return sweep_layers(self.control, self.model.depth)
 
 
 def tiny() -> Config:
@@ -120,7 +137,11 @@ def tiny() -> Config:
         metacontroller=MetacontrollerConfig(rank=32, embed_width=32),
         mctrain=MetaTrainConfig(steps=100, batch_size=8, learning_rate=3e-4,
                                 alphas=(0.1,), cotrain_steps=100, save_every=50),
-        rl=RLConfig(episodes=256, batch_episodes=32, learning_rate=1e-3),
+        control=ControlConfig(layers=(1,), steps=20, batch_size=8, save_every=10,
+                              eval_episodes=16),
+        rl=RLConfig(episodes=64, batch_episodes=32, learning_rate=1e-3, updates_per_call=2),
+        reproduce=ReproduceConfig(rl_seeds=1, methods=("internal_rl", "raw_action_rl"),
+                                  diagnostic_methods=()),
     )
 
 

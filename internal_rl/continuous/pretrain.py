@@ -38,6 +38,8 @@ from internal_rl.rollouts import summarize
 
 # Seed offsets keep the streams of the stages independent but derived from cfg.seed.
 SEED_MODEL, SEED_DATA, SEED_EVAL, SEED_PROBE, SEED_CONTROL = 0, 1, 2, 3, 4
+# The task tables the later stages evaluate on, by name (`internal_rl.pipeline`).
+TASKS = {"pretrain": pretrain_tasks, "heldout": post_task}
 TASK_WIDTH = len(POST_TASK)  # eval tasks padded to 4 colours: one program for both task sets
 
 
@@ -64,8 +66,8 @@ def build_model(cfg: Config) -> HawkModel:
     return HawkModel(cfg.model, rngs=nnx.Rngs(cfg.seed * 100 + SEED_MODEL))
 
 
-def make_dataset(cfg: Config, stream: int, *, star: bool = False,
-                 batch_size: int | None = None) -> PointExpertDataset:
+def make_dataset(cfg: Config, stream: int, batch_size: int | None = None, *,
+                 star: bool = False) -> PointExpertDataset:
     """Expert data on the pretraining tasks: D (noise cfg.data.noise_std) or, with `star`,
     D* (cfg.data.star_noise_std). `stream` selects an independent seed."""
     if cfg.env.kind != "point":
@@ -207,4 +209,4 @@ def load_base_model(cfg: Config, run_dir: str | pathlib.Path, step: int | None =
     """The pretrained base model from run_dir's checkpoints (latest step by default)."""
     graphdef, state, _ = init_train_state(cfg)
     return restore_pretrained(graphdef, state, _checkpointer(cfg, pathlib.Path(run_dir)), step,
-                              "python -m internal_rl.continuous pretrain")
+                              "python -m internal_rl pretrain --env point")

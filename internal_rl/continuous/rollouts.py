@@ -12,21 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 
 from internal_rl.envs.base import PinpadEnv
+from internal_rl.models.hawk import gaussian_action
 from internal_rl.rollouts import closed_loop
 
 # step_fn(obs_t f32 [N, D], caches, subgoal int32 [N])
 #   -> (action_mean f32 [N, A], action_log_std f32 [A] or [N, A], caches)
 GaussianStepFn = Callable[[jax.Array, object, jax.Array], tuple[jax.Array, jax.Array, object]]
-
-
-def gaussian_action(key: jax.Array, head: tuple[jax.Array, jax.Array], greedy) -> jax.Array:
-    """f32 [N, A]: a sample of N(mean, diag exp(log_std)²), or the mean when greedy.
-    head = (mean f32 [N, A], log_std f32 [A] or [N, A])."""
-    mean, log_std = head
-    return jnp.where(greedy, mean, mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape))
 
 
 def gaussian_closed_loop(

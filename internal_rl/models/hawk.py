@@ -246,6 +246,15 @@ class HawkBlock(nnx.Module):
         return x + self.mlp(self.norm2(x)), cache
 
 
+def gaussian_action(key: jax.Array, head: tuple[jax.Array, jax.Array], greedy=False
+                    ) -> jax.Array:
+    """f32 [N, A]: a sample of N(mean, diag exp(log_std)²), or the mean when greedy (may be
+    traced). head = (mean f32 [N, A], log_std f32 [A] or [N, A]). Not clipped: the env
+    clips to its control range."""
+    mean, log_std = head
+    return jnp.where(greedy, mean, mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape))
+
+
 class HawkModel(nnx.Module):
     """Causal Hawk stack over continuous observations with Gaussian action and observation
     heads (the ant / point-mass analogue of `internal_rl.models.transformer.BaseModel`)."""
@@ -371,6 +380,55 @@ class HawkModel(nnx.Module):
             intervention_layer=intervention_layer, return_residuals=return_residuals)
         return HawkOutput(*self.heads(x), residuals, caches), caches
 
+    # -- the policy interface shared with the transformer `BaseModel` (controllers,
+    # -- metacontroller, RL); a policy head is (mean f32 [B, A], log_std f32 [A])
+    def sequence_losses(self, out: HawkOutput, batch: dict[str, jax.Array]
+                        ) -> dict[str, jax.Array]:
+        """Per-step losses of a forward pass (`sequence_losses`)."""
+        return sequence_losses(out, batch)
+
+    @staticmethod
+    def policy_head(out: HawkOutput) -> tuple[jax.Array, jax.Array]:
+        """The action distribution of a one-token output: (mean f32 [B, A], log_std [A])."""
+        return out.action_mean[:, 0], out.action_log_std
+
+    sample_action = staticmethod(gaussian_action)
+
+    @staticmethod
+    def action_log_prob(head: tuple[jax.Array, jax.Array], action: jax.Array) -> jax.Array:
+        """log N(action f32 [..., A]; mean, diag exp(log_std)²) -> f32 [...]."""
+        mean, log_std = head
+        return -gaussian_nll(action, mean, log_std)
+
+    def action_log_probs(self, obs: jax.Array, action: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+        """Full causal forward: obs f32 [B, T, obs_dim], action f32 [B, T, A] ->
+        (log p(a_t | o_1:t) f32 [B, T], policy entropy f32 [] (state-independent))."""
+        out = self(obs, return_residuals=False)
+        log_std = out.action_log_std
+        entropy = jnp.sum(jnp.broadcast_to(log_std, (self.cfg.action_dim,))
+                          + 0.5 * (LOG_2PI + 1.0))
+        return self.action_log_prob((out.action_mean, log_std), action), entropy
+
+    def lower_step(self, obs_t: jax.Array, caches: list[HawkCache], layer: int
+                   ) -> tuple[jax.Array, list[HawkCache]]:
+        """Embed o_t f32 [B, obs_dim] and run blocks 0..layer-1 with the step path ->
+        (stream e_{t,layer} f32 [B, D], caches): the half below an intervention."""
+        self._check(obs_t, 2, self.cfg.obs_dim, "obs_t [B, obs_dim]")
+        x = self.embed(obs_t.astype(jnp.float32))[:, None]
+        x, _, caches = self.run_blocks(x, caches, step=True, stop_layer=layer,
+                                       return_residuals=False)
+        return x[:, 0], caches
+
+    def upper_step(self, e_hat: jax.Array, caches: list[HawkCache], layer: int
+                   ) -> tuple[tuple[jax.Array, jax.Array], list[HawkCache]]:
+        """Blocks layer..L-1, final norm and action head on the (edited) stream ê f32
+        [B, D] -> ((mean f32 [B, A], log_std f32 [A]), caches)."""
+        x, _, caches = self.run_blocks(e_hat[:, None], caches, step=True, start_layer=layer,
+                                       return_residuals=False)
+        mean, log_std, _ = self.heads(x)
+        return (mean[:, 0], log_std), caches
+
 
 # ------------------------------------------------------------------------------- losses
 def gaussian_nll(x: jax.Array, mean: jax.Array, log_std: jax.Array) -> jax.Array:
@@ -380,17 +438,6 @@ def gaussian_nll(x: jax.Array, mean: jax.Array, log_std: jax.Array) -> jax.Array
     """
     z = (x - mean) * jnp.exp(-log_std)
     return jnp.sum(0.5 * jnp.square(z) + log_std + 0.5 * LOG_2PI, axis=-1)
-
-
-def sample_action(key: jax.Array, out: HawkOutput, greedy: bool = False) -> jax.Array:
-    """Action f32 [B, T, A] from the Gaussian head (its mean when greedy).
-
-    Not clipped: the env clips to its control range.
-    """
-    if greedy:
-        return out.action_mean
-    noise = jax.random.normal(key, out.action_mean.shape)
-    return out.action_mean + jnp.exp(out.action_log_std) * noise
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:

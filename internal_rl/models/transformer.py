@@ -65,6 +65,13 @@ class ModelOutput(NamedTuple):
 Intervention = Callable[[jax.Array], jax.Array]
 
 
+def categorical_action(key: jax.Array, logits: jax.Array, greedy=False) -> jax.Array:
+    """int32 [N]: a sample of softmax(logits f32 [N, A]), or its argmax when greedy
+    (greedy may be traced)."""
+    return jnp.where(greedy, jnp.argmax(logits, axis=-1),
+                     jax.random.categorical(key, logits, axis=-1)).astype(jnp.int32)
+
+
 class BaseModel(nnx.Module):
     """Causal transformer over observations with action and next-observation heads."""
 
@@ -135,6 +142,49 @@ class BaseModel(nnx.Module):
         res = self.stack(x, caches=caches, return_residuals=return_residuals,
                          intervention=intervention, intervention_layer=intervention_layer)
         return self._heads(res.out, res.residuals), res.caches
+
+    # -- the policy interface shared with `HawkModel` (controllers, metacontroller, RL) --
+    def sequence_losses(self, out: ModelOutput, batch: dict[str, jax.Array]
+                        ) -> dict[str, jax.Array]:
+        """Per-step losses of a forward pass (`sequence_losses`)."""
+        return sequence_losses(out, batch)
+
+    @staticmethod
+    def policy_head(out: ModelOutput) -> jax.Array:
+        """The action distribution of a one-token output: logits f32 [B, A]."""
+        return out.action_logits[:, 0]
+
+    sample_action = staticmethod(categorical_action)
+
+    @staticmethod
+    def action_log_prob(logits: jax.Array, action: jax.Array) -> jax.Array:
+        """log p(action int32 [...]) under logits f32 [..., A] -> f32 [...]."""
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.take_along_axis(logp, action[..., None], axis=-1)[..., 0]
+
+    def action_log_probs(self, obs: jax.Array, action: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+        """Full causal forward: obs f32 [B, T, 637], action int32 [B, T] ->
+        (log p(a_t | o_1:t) f32 [B, T], policy entropy f32 [B, T])."""
+        logits = self(obs, return_residuals=False).action_logits.astype(jnp.float32)
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
+        return (self.action_log_prob(logits, action),
+                -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1))
+
+    def lower_step(self, obs_t: jax.Array, caches: list[KVCache], layer: int
+                   ) -> tuple[jax.Array, list[KVCache]]:
+        """Embed o_t f32 [B, 637] and run blocks 0..layer-1 -> (stream e_{t,layer} f32
+        [B, D], caches): the half of the model below an intervention."""
+        res = self.stack(self.embed(obs_t.astype(jnp.float32))[:, None], caches=caches,
+                         start_layer=0, stop_layer=layer, return_residuals=True)
+        return res.residuals[-1][:, 0], res.caches  # residuals: before any final norm
+
+    def upper_step(self, e_hat: jax.Array, caches: list[KVCache], layer: int
+                   ) -> tuple[jax.Array, list[KVCache]]:
+        """Blocks layer..L-1, final norm and action head on the (edited) stream ê f32
+        [B, D] -> (logits f32 [B, A], caches)."""
+        res = self.stack(e_hat[:, None], caches=caches, start_layer=layer)
+        return self.action_head(res.out)[:, 0], res.caches
 
 
 def sequence_losses(out: ModelOutput, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:

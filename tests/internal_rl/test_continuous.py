@@ -15,6 +15,7 @@ import pytest
 
 from common.config import ConfigError
 from common.metrics import read_metrics
+from internal_rl.analysis import probe_checkpoint
 from internal_rl.continuous.config import PRESETS, make_config
 from internal_rl.continuous.data import PointExpertDataset, point_expert_batch
 from internal_rl.continuous.pretrain import (
@@ -26,7 +27,6 @@ from internal_rl.continuous.pretrain import (
     make_env,
     run_pretrain,
 )
-from internal_rl.continuous.probes import probe_model
 from internal_rl.data import segment_position
 from internal_rl.envs.pinpad_layout import PRETRAIN_TASKS, post_task, pretrain_tasks
 
@@ -233,7 +233,7 @@ def test_resume_equals_uninterrupted(cfg, full_run, tmp_path):
 
 def test_probes_run_on_every_layer(cfg, full_run):
     run_dir, _ = full_run
-    res = probe_model(cfg, load_base_model(cfg, run_dir))
+    res = probe_checkpoint(cfg, run_dir)
     layers = cfg.model.depth + 1
     assert res["layers"] == list(range(layers))
     for key in ("eval_accuracy", "train_accuracy"):
@@ -245,10 +245,54 @@ def test_probes_run_on_every_layer(cfg, full_run):
     assert res["final_train_loss"] < res["first_train_loss"] < np.log(4) + 1e-3
 
 
-def test_cli_rejects_a_bad_override(tmp_path, capsys):
-    from internal_rl.continuous.__main__ import main
+def test_cli_rejects_a_bad_override_and_a_mismatched_env(tmp_path, capsys):
+    from internal_rl.__main__ import main
 
     with pytest.raises(SystemExit):
-        main(["pretrain", "--set", "model.widht=3", "--run-dir", str(tmp_path / "run")])
+        main(["pretrain", "--env", "point", "--set", "model.widht=3",
+              "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert "model.widht" in err and "model.dim" in err  # names the key, lists valid ones
+    with pytest.raises(SystemExit):  # the continuous paper preset is the ant's
+        main(["pretrain", "--env", "point", "--preset", "paper", "--run-dir", str(tmp_path / "r")])
+    assert "env.kind" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ later stages
+CHAIN = [
+    "control.steps=3", "control.batch_size=4", "control.eval_episodes=4",
+    "metacontroller.n_z=4", "metacontroller.gru_hidden=8", "metacontroller.embed_dim=8",
+    "metacontroller.embed_width=8", "metacontroller.encoder_hidden=16",
+    "metacontroller.switch_hidden=16", "metacontroller.decoder_hidden=8",
+    "metacontroller.rank=4", "mctrain.batch_size=4", "mctrain.steps=3",
+    "mctrain.eval_batches=1", "mctrain.trace_examples=2",
+    "rl.episodes=8", "rl.batch_episodes=4", "rl.horizon=16", "rl.updates_per_call=2",
+    "rl.policy_width=8", "reproduce.methods=(internal_rl,raw_action_rl)",
+]
+
+
+def test_the_whole_chain_runs_on_the_hawk_model(full_run):
+    """Controllers, the metacontroller α sweep, internal and raw-action RL and the report
+    on the pretrained point-pinpad model (the grid world's stages, through
+    `internal_rl.pipeline`); shapes and finiteness, not quality."""
+    from internal_rl.reproduce import run_reproduce
+
+    run_dir, _ = full_run
+    chain_cfg = make_config("tiny", OVERRIDES + CHAIN)
+    parts = run_reproduce(chain_cfg, run_dir, preset="tiny", verbose=False)
+    control = parts["control"]
+    assert control["layers"] == [1] and "seen_transition_task_success" not in control
+    mc = parts["metacontroller"]["frozen"][0]["metrics"]
+    assert {"action_nll", "action_mse", "kl", "switch_precision"} <= mc.keys()
+    assert np.isfinite([mc["action_nll"], mc["kl"], mc["action_mse"]]).all()
+    for method in ("internal_rl", "raw_action_rl"):
+        (curve,) = parts["rl"]["heldout"][method]
+        assert len(curve["success_rate"]) == 2 and curve["episodes"] == [4, 8]
+        assert 1 <= min(curve["decisions_per_episode"])
+    # raw-action RL decides at every live raw step; internal RL at most that often
+    raw = parts["rl"]["heldout"]["raw_action_rl"][0]["decisions_per_episode"]
+    internal = parts["rl"]["heldout"]["internal_rl"][0]["decisions_per_episode"]
+    assert max(internal) <= 16 and max(raw) <= 16
+    results = json.loads((run_dir / "results.json").read_text())["results"]
+    assert set(results["rl_final_success"]) == {"internal_rl", "raw_action_rl"}
+    assert "Point-pinpad" in (run_dir / "report.md").read_text()

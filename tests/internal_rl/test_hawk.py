@@ -181,3 +181,38 @@ def test_training_lowers_loss_and_ignores_padding():
         losses.append(float(m["loss"]))
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_policy_interface_matches_the_step_and_sequence_paths(model, forward, obs):
+    """lower_step + upper_step (the split RL runs, with no edit) act as decode_step, and
+    the full-sequence action log-probabilities equal the per-step ones."""
+    graphdef, state = nnx.split(model)
+    action = jax.random.normal(jax.random.key(3), (B, T, CFG.action_dim))
+
+    @jax.jit
+    def split_steps(o, a):
+        m = nnx.merge(graphdef, state)
+
+        def body(caches, xs):
+            o_t, a_t = xs
+            e, caches = m.lower_step(o_t, caches, 1)
+            head, caches = m.upper_step(e, caches, 1)
+            return caches, (head[0], m.action_log_prob(head, a_t))
+
+        return jax.lax.scan(body, m.init_caches(B), (jnp.swapaxes(o, 0, 1),
+                                                      jnp.swapaxes(a, 0, 1)))[1]
+
+    mean, logp_steps = split_steps(obs, action)
+    np.testing.assert_allclose(jnp.swapaxes(mean, 0, 1), forward(obs).action_mean,
+                               rtol=1e-4, atol=1e-5)
+    logp_seq, entropy = model.action_log_probs(obs, action)
+    np.testing.assert_allclose(logp_seq, jnp.swapaxes(logp_steps, 0, 1), rtol=1e-4, atol=1e-4)
+    log_std = model.log_std()
+    np.testing.assert_allclose(entropy, jnp.sum(log_std + 0.5 * (np.log(2 * np.pi) + 1)),
+                               rtol=1e-6)
+    # greedy sampling is the mean; sampled actions have the head's spread
+    head = (mean[0], log_std)
+    np.testing.assert_array_equal(model.sample_action(jax.random.key(0), head, True), mean[0])
+    draws = jax.vmap(lambda k: model.sample_action(k, head))(jax.random.split(jax.random.key(1), 4000))
+    np.testing.assert_allclose(jnp.std(draws, axis=0), jnp.broadcast_to(jnp.exp(log_std), mean[0].shape),
+                               rtol=0.1)
