@@ -28,7 +28,10 @@ demo: $(STAMP)
 	  echo "== $$pkg: tiny reproduction"; \
 	  $(BIN)/python -m $$pkg reproduce --preset tiny --run-dir $(DEMO_DIR)/$$pkg; \
 	done; \
-	for pkg in $(DEMOS); do echo "report: $(DEMO_DIR)/$$pkg/report.md"; done
+	echo "== internal_rl: tiny reproduction on the point-mass pinpad (MJX, Hawk base model)"; \
+	$(BIN)/python -m internal_rl reproduce --env point --preset tiny \
+	  --run-dir $(DEMO_DIR)/internal_rl_point; \
+	for pkg in $(DEMOS) internal_rl_point; do echo "report: $(DEMO_DIR)/$$pkg/report.md"; done
 
 bench: $(STAMP)
 	@for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -148,8 +148,13 @@ def tiny() -> Config:
 def small() -> Config:
     """CPU plan B of spec §10.3: Point-pinpad, T = 200, Hawk d = 128, L = 4 (MLP 256, 8 gate
     heads), λ = 10, AdamW 3e-4 / wd 0.03 constant, batch 32, 4000 steps (paper: d 256, L 8,
-    204800 steps of batch 512). Metacontroller: full-rank linear control (rank = d) at
-    lr 3e-4, α ∈ {0.1, 0.3}, 2000 steps; RL batch 128, 10^5 episodes."""
+    204800 steps of batch 512). Later stages, cut to fit one CPU session:
+    - controllers at layers 0, 2, 4 only, 500 steps of batch 32 on D*;
+    - metacontroller: full-rank linear control (rank = d) at lr 3e-4, α ∈ {0.1, 0.3},
+      1000 steps each (spec: 2000), β ≡ 1 at the selected α, no co-training;
+    - RL: 100 updates of 128 episodes (12,800 episodes, spec: ≈1e5) at lr 1e-3 (raw-action
+      RL 1e-4), 2 seeds per method; one raw-action update (backward through the whole
+      base model over 128 × 200 steps) costs ≈6 s here, an internal-RL update ≈1 s."""
     return Config(
         model=HawkConfig(dim=128, depth=4, num_heads=8, mlp_hidden=256,
                          obs_dim=POINT_OBS_DIM, action_dim=POINT_ACTION_DIM),
@@ -157,11 +162,15 @@ def small() -> Config:
                                 save_every=250, eval_every=500, eval_episodes=128),
         probe=ProbeConfig(train_trajectories=512, eval_trajectories=256, steps=2000,
                           batch_size=512, max_position=24, checkpoints=(1000, 2000)),
+        control=ControlConfig(layers=(0, 2, 4), steps=500, batch_size=32, save_every=250,
+                              eval_episodes=256),
         metacontroller=MetacontrollerConfig(rank=128),
-        mctrain=MetaTrainConfig(steps=2000, batch_size=32, learning_rate=3e-4,
-                                alphas=(0.1, 0.3), cotrain_steps=4000,
+        mctrain=MetaTrainConfig(steps=1000, batch_size=32, learning_rate=3e-4,
+                                alphas=(0.1, 0.3), save_every=250, cotrain_steps=4000,
                                 cotrain_learning_rate=3e-4, cotrain_from_scratch=False),
-        rl=RLConfig(episodes=100_000, batch_episodes=128, learning_rate=3e-4),
+        rl=RLConfig(episodes=12_800, batch_episodes=128, learning_rate=1e-3),
+        reproduce=ReproduceConfig(rl_seeds=2, diagnostic_methods=(), methods=(
+            "internal_rl", "raw_action_rl", "no_temporal_abstraction")),
     )
 
 
