@@ -30,7 +30,12 @@ from internal_rl.continuous.config import Config, EnvConfig
 from internal_rl.continuous.data import PointExpertDataset
 from internal_rl.continuous.rollouts import gaussian_closed_loop
 from internal_rl.envs.ant_pinpad import AntPinpad
-from internal_rl.envs.pinpad_layout import POST_TASK, post_task, pretrain_tasks
+from internal_rl.envs.pinpad_layout import (
+    POST_TASK,
+    post_task,
+    pretrain_tasks,
+    seen_transition_task,
+)
 from internal_rl.envs.point_pinpad import PointPinpad
 from internal_rl.models.hawk import HawkModel, pretrain_loss
 from internal_rl.pretrain import restore_pretrained
@@ -39,7 +44,8 @@ from internal_rl.rollouts import summarize
 # Seed offsets keep the streams of the stages independent but derived from cfg.seed.
 SEED_MODEL, SEED_DATA, SEED_EVAL, SEED_PROBE, SEED_CONTROL = 0, 1, 2, 3, 4
 # The task tables the later stages evaluate on, by name (`internal_rl.pipeline`).
-TASKS = {"pretrain": pretrain_tasks, "heldout": post_task}
+TASKS = {"pretrain": pretrain_tasks, "heldout": post_task,
+         "seen_transitions": seen_transition_task}
 TASK_WIDTH = len(POST_TASK)  # eval tasks padded to 4 colours: one program for both task sets
 
 

@@ -36,6 +36,10 @@ PRETRAIN_TASKS: tuple[tuple[int, ...], ...] = (
     (1, 3, 1), (1, 3, 2), (2, 0, 2), (2, 0, 3), (2, 1, 3), (3, 1, 0), (3, 1, 3), (3, 2, 0),
 )
 POST_TASK: tuple[int, ...] = (0, 1, 2, 3)
+# Diagnostic (not in the paper): as long as the held-out task, but every colour-to-colour
+# transition (0→3, 3→2, 2→1) occurs in the pretraining tasks, whereas 0→1, 1→2 and 2→3
+# never do.
+SEEN_TRANSITION_TASK: tuple[int, ...] = (0, 3, 2, 1)
 
 
 def pretrain_tasks(max_len: int | None = None) -> np.ndarray:
@@ -46,6 +50,11 @@ def pretrain_tasks(max_len: int | None = None) -> np.ndarray:
 def post_task(max_len: int | None = None) -> np.ndarray:
     """int32 [max_len] held-out task 0-1-2-3 (default max_len 4)."""
     return make_tasks([POST_TASK], max_len)[0]
+
+
+def seen_transition_task(max_len: int | None = None) -> np.ndarray:
+    """int32 [max_len] the diagnostic task 0-3-2-1 of seen transitions (default max_len 4)."""
+    return make_tasks([SEEN_TRANSITION_TASK], max_len)[0]
 
 
 @dataclasses.dataclass(frozen=True)

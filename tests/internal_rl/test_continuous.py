@@ -74,6 +74,18 @@ def test_presets_build_and_match_the_spec():
     assert paper.rl.episodes == 51_200 * 256
 
 
+def test_seen_transition_task_uses_only_pretraining_transitions():
+    from internal_rl.envs.pinpad_layout import POST_TASK, SEEN_TRANSITION_TASK
+
+    def transitions(task):
+        return set(zip(task[:-1], task[1:], strict=True))
+
+    seen = set().union(*map(transitions, PRETRAIN_TASKS))
+    assert transitions(SEEN_TRANSITION_TASK) <= seen
+    assert not transitions(POST_TASK) & seen  # the held-out task's are all unseen
+    assert len(SEEN_TRANSITION_TASK) == len(POST_TASK)
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="env.kind"):
         make_config("tiny", ["env.kind=cheetah"])
