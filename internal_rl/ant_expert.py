@@ -70,7 +70,7 @@ import optax
 from flax import nnx
 
 from common.checkpoint import Checkpointer
-from common.config import add_config_args, config_from_args
+from common.config import add_config_args, config_from_args, from_json
 from common.metrics import MetricsWriter
 from common.nn import dense
 from common.train import OptimizerConfig, make_optimizer
@@ -745,6 +745,24 @@ def train_ant_expert(cfg: AntExpertConfig, run_dir: str | os.PathLike,
         history={k: np.asarray(v, np.float32) for k, v in history.items()},
         updates=done, env_steps=done * cfg.steps_per_update,
         wall_seconds=time.perf_counter() - t0, steps_per_second=sps)
+
+
+def load_expert(run_dir: str | os.PathLike) -> tuple[AntExpertConfig, ExpertParams]:
+    """(config, params) of the expert trained in `run_dir` (its config.json and latest
+    checkpoint), for data generation. Raises FileNotFoundError naming what is missing."""
+    run_dir = pathlib.Path(run_dir)
+    config_file = run_dir / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"no Ant expert run at {run_dir} (no config.json); train one "
+                                f"with: python -m internal_rl.ant_expert --run-dir {run_dir}")
+    cfg = from_json(AntExpertConfig, config_file.read_text())
+    ckpt = _checkpointer(run_dir, cfg)
+    latest = ckpt.latest_step()
+    ckpt.close()
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint under {run_dir / 'checkpoints'}")
+    run = train_ant_expert(cfg, run_dir, num_updates=0, log=lambda *a: None)  # restore only
+    return cfg, run.params
 
 
 def main(argv: list[str] | None = None) -> int:

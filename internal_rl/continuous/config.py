@@ -59,6 +59,9 @@ class DataConfig:
     noise_std: float = 0.1  # D
     star_noise_std: float = 0.0  # D*
     n_candidates: int | None = None  # episodes rolled out per batch; None = B + max(8, B/4)
+    # Ant only: the `python -m internal_rl.ant_expert` run whose latest checkpoint is the
+    # expert; noise_std / star_noise_std then scale the expert's own std (1 = sample, 0 = mean)
+    expert_run_dir: str | None = None
 
     def __post_init__(self):
         if self.batch_size < 1 or self.max_len < 1:
@@ -180,11 +183,13 @@ def paper() -> Config:
     (LRU width 256, 8 heads, MLP 512, init scale 0.1), Table A6 (probes), Table A10
     (metacontroller: full linear at L/2, 32000 steps of batch 128, lr 3e-4, wd 0.03),
     Table A14 (RL: 51200 updates of batch 256, lr 3e-5, wd 0). Env: T = 500, cell size 2
-    (choice §8.8); obs 41-d, 8 torques. The ant expert (PPO) is not part of this package:
-    data generation raises for env.kind = "ant"."""
+    (choice §8.8); obs 41-d, 8 torques. Data D samples the trained Ant PPO expert of
+    data.expert_run_dir (`python -m internal_rl.ant_expert --preset paper --run-dir
+    runs/ant_expert`), D* takes its mean."""
     return Config(
         env=EnvConfig(kind="ant", cell_size=2.0, horizon=500),
-        data=DataConfig(batch_size=512, max_len=500),
+        data=DataConfig(batch_size=512, max_len=500, noise_std=1.0,
+                        expert_run_dir="runs/ant_expert"),
         model=HawkConfig(dim=256, depth=8, lru_width=256, num_heads=8, mlp_hidden=512,
                          init_scale=0.1, obs_dim=41, action_dim=8),
         pretrain=PretrainConfig(steps=204_800, optim=_optim(204_800, clip=None),

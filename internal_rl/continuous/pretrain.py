@@ -27,7 +27,7 @@ from common.config import to_dict
 from common.metrics import MetricsWriter, Progress
 from common.train import create_train_state, make_optimizer, make_train_step, train
 from internal_rl.continuous.config import Config, EnvConfig
-from internal_rl.continuous.data import PointExpertDataset
+from internal_rl.continuous.data import AntExpertDataset, PointExpertDataset
 from internal_rl.continuous.rollouts import gaussian_closed_loop
 from internal_rl.envs.ant_pinpad import AntPinpad
 from internal_rl.envs.pinpad_layout import (
@@ -73,16 +73,42 @@ def build_model(cfg: Config) -> HawkModel:
 
 
 def make_dataset(cfg: Config, stream: int, batch_size: int | None = None, *,
-                 star: bool = False) -> PointExpertDataset:
+                 star: bool = False) -> PointExpertDataset | AntExpertDataset:
     """Expert data on the pretraining tasks: D (noise cfg.data.noise_std) or, with `star`,
-    D* (cfg.data.star_noise_std). `stream` selects an independent seed."""
-    if cfg.env.kind != "point":
-        raise ValueError(f"env.kind={cfg.env.kind!r}: only the point-mass env has a scripted "
-                         "expert; ant data needs a trained expert policy (spec §3.2)")
+    D* (cfg.data.star_noise_std). `stream` selects an independent seed. The point-mass
+    expert is scripted; the Ant's is the trained PPO expert of cfg.data.expert_run_dir."""
     d = cfg.data
-    return PointExpertDataset(make_env(cfg), pretrain_tasks(), batch_size or d.batch_size,
-                              d.max_len, d.star_noise_std if star else d.noise_std,
-                              seed=cfg.seed * 100 + stream, n_candidates=d.n_candidates)
+    noise = d.star_noise_std if star else d.noise_std
+    seed = cfg.seed * 100 + stream
+    if cfg.env.kind == "point":
+        return PointExpertDataset(make_env(cfg), pretrain_tasks(), batch_size or d.batch_size,
+                                  d.max_len, noise, seed=seed, n_candidates=d.n_candidates)
+    expert_cfg, params = _ant_expert(cfg)
+    return AntExpertDataset(expert_cfg, params, pretrain_tasks(TASK_WIDTH),
+                            batch_size or d.batch_size, d.max_len, noise, seed=seed,
+                            n_candidates=d.n_candidates)
+
+
+def _ant_expert(cfg: Config):
+    """(expert config, params) of cfg.data.expert_run_dir, checked against cfg.env."""
+    from internal_rl.ant_expert import build_program, load_expert
+
+    if cfg.data.expert_run_dir is None:
+        raise ValueError("data.expert_run_dir: the Ant-pinpad's data come from a trained "
+                         "expert; train one (python -m internal_rl.ant_expert --run-dir DIR) "
+                         "and set data.expert_run_dir=DIR")
+    expert_cfg, params = load_expert(cfg.data.expert_run_dir)
+    expert_env, env = build_program(expert_cfg).env, make_env(cfg)
+    def geometry(e):
+        return dict(size=e.grid.size, cell_size=e.grid.cell_size, num_colours=e.num_colours,
+                    num_walls=e.num_walls, horizon=e.horizon, frame_skip=e.frame_skip)
+
+    theirs, ours = geometry(expert_env), geometry(env)
+    mismatch = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+    if mismatch:
+        raise ValueError(f"data.expert_run_dir={cfg.data.expert_run_dir}: the expert's env "
+                         f"differs from cfg.env in {mismatch} (expert, config)")
+    return expert_cfg, params
 
 
 def pretrain_checkpoint_config(cfg: Config) -> dict:

@@ -297,3 +297,34 @@ def test_evaluate_expert_reports_both_task_sets(runs):
     assert 1 <= res["mean_length"] <= TINY.horizon
     with pytest.raises(ValueError, match="tasks"):
         evaluate_expert(TINY, runs["full"].params, tasks=np.zeros((2, 3), np.int32))
+
+
+@pytest.mark.slow  # reuses the training fixture's MJX Ant compile: make test-all
+def test_ant_expert_run_feeds_the_continuous_pipeline_data(runs):
+    """`data.expert_run_dir` turns a trained expert run into D / D* batches of the Ant
+    sequence model's shapes; an env that differs from the expert's is refused."""
+    from common.config import to_json
+    from internal_rl.continuous.config import make_config
+    from internal_rl.continuous.pretrain import SEED_DATA, make_dataset
+
+    run_dir = runs["root"] / "full"
+    (run_dir / "config.json").write_text(to_json(TINY))
+    sets = [f"data.expert_run_dir={run_dir}", "data.batch_size=3", "data.n_candidates=4",
+            "data.max_len=24", f"env.horizon={TINY.horizon}"]
+    cfg = make_config("paper", sets)
+    d, d_star = make_dataset(cfg, SEED_DATA), make_dataset(cfg, SEED_DATA, star=True)
+    batch, again, star = d.batch_at(0), d.batch_at(0), d_star.batch_at(0)
+    assert batch["obs"].shape == (3, 24, cfg.model.obs_dim) == (3, 24, 41)
+    assert batch["action"].shape == (3, 24, cfg.model.action_dim) == (3, 24, 8)
+    assert np.all(np.abs(np.asarray(batch["action"])) <= 1.0)
+    for k in batch:
+        np.testing.assert_array_equal(np.asarray(batch[k]), np.asarray(again[k]))
+    # same key, same resets: D* differs from D only by the expert's sampling noise
+    np.testing.assert_array_equal(np.asarray(batch["obs"][:, 0]), np.asarray(star["obs"][:, 0]))
+    assert not np.allclose(np.asarray(batch["action"][:, 0]), np.asarray(star["action"][:, 0]))
+    # a trajectory is valid only if the expert succeeded, and only up to its length
+    mask, success = np.asarray(batch["mask"]), np.asarray(batch["success"])
+    assert not mask[~success].any()
+    with pytest.raises(ValueError, match="horizon"):
+        make_dataset(make_config("paper", sets[:-1] + [f"env.horizon={TINY.horizon - 100}",
+                                                       "data.max_len=24"]), SEED_DATA)

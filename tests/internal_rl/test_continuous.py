@@ -95,8 +95,14 @@ def test_config_errors():
         make_config("tiny", ["data.max_len=300"])
     with pytest.raises(ValueError, match="obs_dim"):
         build_model(make_config("tiny", ["model.obs_dim=15"]))
-    with pytest.raises(ValueError, match="scripted"):
-        make_dataset(make_config("paper"), SEED_DATA)
+    with pytest.raises(ValueError, match="data.expert_run_dir"):
+        make_dataset(make_config("paper", ["data.expert_run_dir=None"]), SEED_DATA)
+
+
+def test_ant_data_needs_a_trained_expert_run(tmp_path):
+    missing = make_config("paper", [f"data.expert_run_dir={tmp_path / 'none'}"])
+    with pytest.raises(FileNotFoundError, match="python -m internal_rl.ant_expert"):
+        make_dataset(missing, SEED_DATA)
 
 
 # ------------------------------------------------------------------------ data
