@@ -1,8 +1,10 @@
 """Internal-RL throughput: abstract-env episodes/s and PPO updates/s (spec §7, §10.2).
 
 For the base-model sizes of the `tiny` and `small` presets (random weights; the cost does
-not depend on them) on the full Gridworld-pinpad (637-d obs, T = 100 raw steps) with the
-paper-size metacontroller, measures with a batch of B episodes on the held-out task:
+not depend on them) on the full Gridworld-pinpad (637-d obs, T = 100 raw steps, transformer)
+or with `--env point` on the MJX Point-pinpad (16-d obs, T = 200 raw steps, Hawk), with the
+preset's metacontroller (the grid world: the paper-size one), measures with a batch of B
+episodes on the held-out task:
 
   rollout       internal-RL rollout (reset + T raw steps of lower blocks, switch unit,
                 policy, controlled upper blocks, env) -> episodes/s and raw steps/s
@@ -15,7 +17,9 @@ Compile time (first call) is reported separately from the steady state (best of
 --repeats), with the CPU seconds this process used during that call (on a shared machine
 wall time overstates the cost when CPU seconds << 2 x wall on 2 cores). Prints a table and writes JSON (default benchmarks/results/internal_rl.json).
 
-    python benchmarks/internal_rl.py [--out PATH] [--presets tiny,small] [--batch 128]
+    python benchmarks/internal_rl.py [--env gridworld|point] [--out PATH]
+                                     [--presets tiny,small] [--batch 128]
+    (default --out: benchmarks/results/internal_rl.json, internal_rl_point.json for point)
 """
 
 from __future__ import annotations
@@ -34,11 +38,9 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from common.report import hardware, write_json  # noqa: E402
-from internal_rl.config import make_config  # noqa: E402
-from internal_rl.envs import post_task  # noqa: E402
+from internal_rl.__main__ import presets_for  # noqa: E402
 from internal_rl.metacontroller import Metacontroller, MetacontrollerConfig  # noqa: E402
-from internal_rl.models import BaseModel  # noqa: E402
-from internal_rl.pretrain import make_env  # noqa: E402
+from internal_rl.pipeline import is_continuous, stages, task_table  # noqa: E402
 from internal_rl.rl import (  # noqa: E402
     RLConfig,
     make_internal_rl,
@@ -67,18 +69,21 @@ def _time(fn, *args, repeats: int) -> tuple[float, float, float]:
     return first, best, cpu
 
 
-def bench_preset(preset: str, batch: int, repeats: int) -> list[dict]:
-    cfg = make_config(preset)
-    env = make_env(cfg)
-    base = BaseModel(cfg.model, rngs=nnx.Rngs(0))
-    mc = Metacontroller(MetacontrollerConfig(), cfg.model.dim, rngs=nnx.Rngs(1))
+def bench_preset(preset: str, batch: int, repeats: int, env_name: str = "gridworld"
+                 ) -> list[dict]:
+    cfg = presets_for(env_name)[preset]()
+    pipe = stages(cfg)
+    env = pipe.make_env(cfg)
+    base = pipe.build_model(cfg)
+    mc_cfg = cfg.metacontroller if is_continuous(cfg) else MetacontrollerConfig()
+    mc = Metacontroller(mc_cfg, cfg.model.dim, rngs=nnx.Rngs(1))
     rl_cfg = RLConfig(episodes=batch, batch_episodes=batch, epochs=2, minibatches=1,
                       updates_per_call=1)
-    task = post_task()
+    task = task_table(cfg, "heldout")
     horizon = env.horizon
     prog = make_internal_rl(rl_cfg, base, mc, env, task, seed=0)
-    size = dict(preset=preset, dim=cfg.model.dim, depth=cfg.model.depth, batch=batch,
-                horizon=horizon)
+    size = dict(env=env_name, preset=preset, dim=cfg.model.dim, depth=cfg.model.depth,
+                batch=batch, horizon=horizon)
     rows = []
 
     rollout = jax.jit(prog.rollout_fn)
@@ -116,7 +121,8 @@ def bench_preset(preset: str, batch: int, repeats: int) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="benchmarks/results/internal_rl.json")
+    p.add_argument("--env", choices=("gridworld", "point"), default="gridworld")
+    p.add_argument("--out", default=None)
     p.add_argument("--presets", default="tiny,small")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
@@ -124,7 +130,7 @@ def main() -> None:
     load_before = os.getloadavg()
     rows = []
     for preset in args.presets.split(","):
-        rows.extend(bench_preset(preset, args.batch, args.repeats))
+        rows.extend(bench_preset(preset, args.batch, args.repeats, args.env))
     print(f"{'preset':6s} {'d':>4s} {'L':>2s} {'what':10s} {'B':>4s} {'rate':>28s} {'step s':>8s} "
           f"{'cpu s':>7s} {'compile s':>9s}")
     for r in rows:
@@ -136,9 +142,15 @@ def main() -> None:
               f"{rate:>28s} {r['seconds']:8.2f} {r['cpu_seconds']:7.2f} {r['compile_s']:9.1f}")
     meta = dict(hardware=hardware(), load_average_before=load_before,
                 load_average_after=os.getloadavg(), repeats=args.repeats,
-                note="random weights; full gridworld (637-d obs, T=100), held-out task, "
-                     "paper-size metacontroller, 2 PPO epochs x 1 minibatch")
-    print(f"wrote {write_json(args.out, dict(results=rows, meta=meta))}")
+                note=("random weights; full gridworld (637-d obs, T=100), held-out task, "
+                      "paper-size metacontroller, 2 PPO epochs x 1 minibatch")
+                if args.env == "gridworld" else
+                ("random weights; MJX Point-pinpad (16-d obs, T=200), Hawk base model, "
+                 "held-out task 0-1-2-3, the preset's metacontroller, 2 PPO epochs x 1 "
+                 "minibatch"))
+    out = args.out or ("benchmarks/results/internal_rl.json" if args.env == "gridworld"
+                       else f"benchmarks/results/internal_rl_{args.env}.json")
+    print(f"wrote {write_json(out, dict(results=rows, meta=meta))}")
 
 
 if __name__ == "__main__":

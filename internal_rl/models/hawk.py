@@ -267,7 +267,7 @@ class HawkModel(nnx.Module):
                                 for _ in range(cfg.depth)])
         self.final_norm = RMSNorm(cfg.dim, rngs=rngs)
         self.action_head = dense(cfg.dim, cfg.action_dim, kernel_init=init, rngs=rngs)
-        self.action_log_std = nnx.Param(jnp.full((cfg.action_dim,), cfg.log_std_init))
+        self.action_log_std = nnx.Param(jnp.full((cfg.action_dim,), cfg.log_std_init, jnp.float32))
         self.obs_head = dense(cfg.dim, cfg.obs_dim, kernel_init=init, rngs=rngs)
 
     # ---------------------------------------------------------------- state

@@ -216,3 +216,11 @@ def test_policy_interface_matches_the_step_and_sequence_paths(model, forward, ob
     draws = jax.vmap(lambda k: model.sample_action(k, head))(jax.random.split(jax.random.key(1), 4000))
     np.testing.assert_allclose(jnp.std(draws, axis=0), jnp.broadcast_to(jnp.exp(log_std), mean[0].shape),
                                rtol=0.1)
+
+
+def test_parameters_are_strongly_typed():
+    """A weakly typed parameter comes back strongly typed from the first optimizer step,
+    so every jitted loop over (params, opt_state) would compile twice."""
+    fresh = HawkModel(CFG, rngs=nnx.Rngs(0))
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(fresh, nnx.Param))
+    assert [jax.tree_util.keystr(p) for p, x in leaves if x.weak_type] == []
