@@ -118,10 +118,11 @@ def pretrain_checkpoint_config(cfg: Config) -> dict:
 
 
 def _checkpointer(cfg: Config, run_dir: pathlib.Path) -> Checkpointer:
-    # Extending a run (more steps, other logging periods) must not invalidate its checkpoints.
+    # Extending a run (more steps, other logging periods) must not invalidate its
+    # checkpoints, nor moving the Ant expert's run directory (a path, not the expert).
     ignore = ["pretrain.steps", "pretrain.optim.total_steps", "pretrain.log_every",
               "pretrain.save_every", "pretrain.eval_every", "pretrain.eval_episodes",
-              "data.star_noise_std"]
+              "data.star_noise_std", "data.expert_run_dir"]
     return Checkpointer(run_dir / "pretrain" / "checkpoints", max_to_keep=None,
                         config=pretrain_checkpoint_config(cfg), ignore_config_keys=ignore)
 
