@@ -150,13 +150,12 @@ def small() -> Config:
     heads), λ = 10, AdamW 3e-4 / wd 0.03 constant, batch 32, 4000 steps (paper: d 256, L 8,
     204800 steps of batch 512). Later stages, cut to fit one CPU session:
     - controllers at layers 0, 2, 4 only, 500 steps of batch 32 on D*;
-    - metacontroller: full-rank linear control (rank = d) at lr 3e-4, α ∈ {0.1, 0.3},
-      1000 steps each (spec: 2000), β ≡ 1 at the selected α, no co-training;
+    - metacontroller: full-rank linear control (rank = d) at lr 3e-4, α ∈ {0.01, 0.03,
+      0.1, 0.3} (spec: {0.1, 0.3}; the grid world's best α was 0.03), 1000 steps each
+      (spec: 2000), β ≡ 1 at the selected α, no co-training;
     - RL: 100 updates of 128 episodes (12,800 episodes, spec: ≈1e5) at lr 1e-3 (raw-action
       RL 1e-4), 2 seeds per method, on the held-out task 0-1-2-3 and (internal and
-      raw-action RL) on the diagnostic task 0-3-2-1 of seen transitions; one raw-action
-      update (backward through the whole
-      base model over 128 × 200 steps) costs ≈6 s here, an internal-RL update ≈1 s."""
+      raw-action RL) on the diagnostic task 0-3-2-1 of seen transitions."""
     return Config(
         model=HawkConfig(dim=128, depth=4, num_heads=8, mlp_hidden=256,
                          obs_dim=POINT_OBS_DIM, action_dim=POINT_ACTION_DIM),
@@ -168,7 +167,7 @@ def small() -> Config:
                               eval_episodes=256),
         metacontroller=MetacontrollerConfig(rank=128),
         mctrain=MetaTrainConfig(steps=1000, batch_size=32, learning_rate=3e-4,
-                                alphas=(0.1, 0.3), save_every=250, cotrain_steps=4000,
+                                alphas=(0.01, 0.03, 0.1, 0.3), save_every=250, cotrain_steps=4000,
                                 cotrain_learning_rate=3e-4, cotrain_from_scratch=False),
         rl=RLConfig(episodes=12_800, batch_episodes=128, learning_rate=1e-3),
         reproduce=ReproduceConfig(rl_seeds=2, rl_tasks=("heldout", "seen_transitions"),
