@@ -38,9 +38,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from common.report import hardware, write_json  # noqa: E402
-from internal_rl.__main__ import presets_for  # noqa: E402
 from internal_rl.metacontroller import Metacontroller, MetacontrollerConfig  # noqa: E402
-from internal_rl.pipeline import is_continuous, stages, task_table  # noqa: E402
+from internal_rl.pipeline import is_continuous, presets_for, stages, task_table  # noqa: E402
 from internal_rl.rl import (  # noqa: E402
     RLConfig,
     make_internal_rl,

@@ -24,18 +24,9 @@ import time
 
 from common.config import ConfigError, add_config_args, config_from_args
 from common.runtime import enable_compilation_cache, start_run_dir
+from internal_rl.pipeline import ENVS, presets_for
 
 STAGES = ("pretrain", "probe", "control", "metacontroller", "all", "reproduce", "report")
-ENVS = ("gridworld", "point", "ant")
-
-
-def presets_for(env: str) -> dict:
-    """The preset table of an environment family."""
-    if env == "gridworld":
-        from internal_rl.config import PRESETS
-    else:
-        from internal_rl.continuous.config import PRESETS
-    return PRESETS
 
 
 def main(argv: list[str] | None = None) -> int:

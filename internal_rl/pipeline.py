@@ -25,6 +25,18 @@ from internal_rl.config import Config as GridConfig
 from internal_rl.continuous.config import Config as ContinuousConfig
 
 PipelineConfig = GridConfig | ContinuousConfig
+ENVS = ("gridworld", "point", "ant")  # the CLI's --env: the grid world or a continuous body
+
+
+def presets_for(env: str) -> dict:
+    """The preset table (name -> config factory) of the `--env` family."""
+    if env not in ENVS:
+        raise ValueError(f"env: expected one of {ENVS}, got {env!r}")
+    if env == "gridworld":
+        from internal_rl.config import PRESETS
+    else:
+        from internal_rl.continuous.config import PRESETS
+    return PRESETS
 
 
 def is_continuous(cfg: PipelineConfig) -> bool:

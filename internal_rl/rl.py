@@ -342,7 +342,7 @@ def raw_rollout(env, base: PolicyModel, key: jax.Array, tasks: jax.Array, *, hor
 
 def raw_episodes(env, base: PolicyModel, states: Any, obs: jax.Array, key: jax.Array, *,
                  horizon: int) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """B episodes sampling the base model's own actions (KV-cached decoding), from reset
+    """B episodes sampling the base model's own actions (cached decoding), from reset
     states / obs f32 [B, obs_dim] as in `internal_episodes`.
 
     Returns (traj, episode) as `internal_episodes` with traj: obs f32 [B, T, obs_dim],
