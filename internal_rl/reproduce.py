@@ -317,6 +317,7 @@ def _setting(cfg: PipelineConfig) -> dict:
                    f"{layer}."),
             fit=("teacher-forced action accuracy", "heldout_action_acc"),
             heldout_paper="≈1e-6", titles=RL_TASK_TITLES, paper=PAPER,
+            seen_task="A-C-B-D-C-A, 12 colours, only pair transitions of the pretraining tasks",
             diagnostic=("A-C-B-D-C-A: as long and as sparse as the held-out task (6 subgoals, "
                         "12 colours, reward only at the end) but made only of pair transitions "
                         "the pretraining tasks contain. It isolates the long-horizon, "
@@ -337,6 +338,7 @@ def _setting(cfg: PipelineConfig) -> dict:
         fit=("teacher-forced action MSE", "heldout_action_mse"),
         heldout_paper="≈0 (not stated for the ant)", titles=CONTINUOUS_RL_TASK_TITLES,
         paper=CONTINUOUS_PAPER,
+        seen_task="0-3-2-1, only colour transitions of the pretraining tasks",
         diagnostic=("0-3-2-1: as long and as sparse as the held-out task 0-1-2-3 (4 colours, "
                     "reward only at the end) but every transition (0→3, 3→2, 2→1) occurs in "
                     "the pretraining tasks, while 0→1, 1→2 and 2→3 never do. It separates "
@@ -406,10 +408,10 @@ def write_report(cfg: PipelineConfig, run_dir: pathlib.Path, parts: dict, *, pre
                       control["uncontrolled_post_task"]["mean_progress"], None]])
         rep.paragraph("Controllers switched by the ground-truth subgoal labels, evaluated "
                       "closed loop." + (
-                          " The seen-transition task (A-C-B-D-C-A, 12 colours, only pair "
-                          "transitions of the pretraining tasks) separates executing a long "
-                          "sequence of known abstract actions from composing unseen "
-                          "transitions." if control.get("seen_transition_task_success") else ""))
+                          f" The seen-transition task ({setting['seen_task']}) separates "
+                          "executing a sequence of known abstract actions from composing "
+                          "unseen transitions." if control.get("seen_transition_task_success")
+                          else ""))
         if control.get("seen_transition_task_success"):
             results["controller_seen_transition_success_by_layer"] = dict(zip(
                 map(str, control["layers"]), control["seen_transition_task_success"],
