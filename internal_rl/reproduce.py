@@ -30,7 +30,7 @@ import numpy as np
 
 from common.metrics import plot_curves
 from common.report import Report, write_json
-from internal_rl.pipeline import PipelineConfig, is_continuous, stages, task_table
+from internal_rl.pipeline import PipelineConfig, is_continuous, presets_for, stages, task_table
 
 CONTINUOUS_PAPER = {
     "probe accuracy, mid-depth (ant)": "high from mid-depth (Fig. 3b)",
@@ -297,11 +297,7 @@ def plot_rl_curves(curves: dict[str, list[dict]], path: pathlib.Path,
 
 
 def _preset_notes(cfg: PipelineConfig, preset: str | None) -> str:
-    if is_continuous(cfg):
-        from internal_rl.continuous.config import PRESETS
-    else:
-        from internal_rl.config import PRESETS
-    fn = PRESETS.get(preset or "")
+    fn = presets_for(cfg.env.kind if is_continuous(cfg) else "gridworld").get(preset or "")
     return inspect.cleandoc(fn.__doc__ or "") if fn else ""
 
 
