@@ -143,8 +143,30 @@ class ReproduceConfig:
             raise ValueError(f"reproduce.final_fraction: expected in (0, 1], got {self.final_fraction}")
 
 
+class ChainConfig:
+    """The cross-section checks and derived settings of a whole-chain config, shared by the
+    grid world's `Config` and the continuous pinpads' (whose sections differ in type but
+    not in these fields: data.max_len, env.horizon, control, model.depth)."""
+
+    def __post_init__(self):
+        if self.data.max_len > self.env.horizon:
+            raise ValueError(f"data.max_len={self.data.max_len} exceeds "
+                             f"env.horizon={self.env.horizon}")
+        bad = [layer for layer in self.control.layers if not 0 <= layer <= self.model.depth]
+        if bad:
+            raise ValueError(f"control.layers {bad} outside 0..model.depth={self.model.depth}")
+
+    @property
+    def control_layers(self) -> tuple[int, ...]:
+        """Controller layers to sweep (() = every layer 0..depth), the middle (L/2, the
+        paper's choice) first so that an interrupted sweep has the most informative result."""
+        depth = self.model.depth
+        layers = self.control.layers or tuple(range(depth + 1))
+        return tuple(sorted(layers, key=lambda i: (abs(2 * i - depth), i)))
+
+
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ChainConfig):
     seed: int = 0
     env: EnvConfig = EnvConfig()
     data: DataConfig = DataConfig()
@@ -157,28 +179,6 @@ class Config:
     rl: RLConfig = RLConfig()
     reproduce: ReproduceConfig = ReproduceConfig()
 
-    def __post_init__(self):
-        if self.data.max_len > self.env.horizon:
-            raise ValueError(f"data.max_len={self.data.max_len} exceeds env.horizon={self.env.horizon}")
-        check_control_layers(self.control, self.model.depth)
-
-    @property
-    def control_layers(self) -> tuple[int, ...]:
-        return sweep_layers(self.control, self.model.depth)
-
-
-def check_control_layers(control: ControlConfig, depth: int) -> None:
-    """Raises if a controller layer is outside the residual streams 0..depth."""
-    bad = [layer for layer in control.layers if not 0 <= layer <= depth]
-    if bad:
-        raise ValueError(f"control.layers {bad} outside 0..model.depth={depth}")
-
-
-def sweep_layers(control: ControlConfig, depth: int) -> tuple[int, ...]:
-    """Controller layers to sweep (() = every layer 0..depth), the middle (L/2, the paper's
-    choice) first so that an interrupted sweep has the most informative result."""
-    layers = control.layers or tuple(range(depth + 1))
-    return tuple(sorted(layers, key=lambda i: (abs(2 * i - depth), i)))
 
 
 def _optim(steps: int, lr: float, wd: float, clip: float | None = 1.0) -> OptimizerConfig:

@@ -15,12 +15,11 @@ import dataclasses
 from common.config import get_preset, override
 from common.train import OptimizerConfig
 from internal_rl.config import (
+    ChainConfig,
     ControlConfig,
     MetaTrainConfig,
     ProbeConfig,
     ReproduceConfig,
-    check_control_layers,
-    sweep_layers,
 )
 from internal_rl.metacontroller import MetacontrollerConfig
 from internal_rl.models.hawk import HawkConfig
@@ -98,7 +97,7 @@ class PretrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ChainConfig):
     seed: int = 0
     env: EnvConfig = EnvConfig()
     data: DataConfig = DataConfig()
@@ -110,16 +109,6 @@ class Config:
     mctrain: MetaTrainConfig = MetaTrainConfig()
     rl: RLConfig = RLConfig()
     reproduce: ReproduceConfig = ReproduceConfig()
-
-    def __post_init__(self):
-        if self.data.max_len > self.env.horizon:
-            raise ValueError(f"data.max_len={self.data.max_len} exceeds "
-                             f"env.horizon={self.env.horizon}")
-        check_control_layers(self.control, self.model.depth)
-
-    @property
-    def control_layers(self) -> tuple[int, ...]:
-        return sweep_layers(self.control, self.model.depth)
 
 
 def tiny() -> Config:

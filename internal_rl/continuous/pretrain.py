@@ -38,11 +38,18 @@ from internal_rl.envs.pinpad_layout import (
 )
 from internal_rl.envs.point_pinpad import PointPinpad
 from internal_rl.models.hawk import HawkModel, pretrain_loss
-from internal_rl.pretrain import restore_pretrained
+
+# the grid world's seed offsets: the stages' streams are independent but derived from cfg.seed
+from internal_rl.pretrain import (  # noqa: F401  (SEED_* are part of the pipeline surface)
+    SEED_CONTROL,
+    SEED_DATA,
+    SEED_EVAL,
+    SEED_MODEL,
+    SEED_PROBE,
+    restore_pretrained,
+)
 from internal_rl.rollouts import summarize
 
-# Seed offsets keep the streams of the stages independent but derived from cfg.seed.
-SEED_MODEL, SEED_DATA, SEED_EVAL, SEED_PROBE, SEED_CONTROL = 0, 1, 2, 3, 4
 # The task tables the later stages evaluate on, by name (`internal_rl.pipeline`).
 TASKS = {"pretrain": pretrain_tasks, "heldout": post_task,
          "seen_transitions": seen_transition_task}
