@@ -164,6 +164,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
 
 
+def require(cfg: Any, field: str, ok: bool, expected: str) -> None:
+    """Raises `ValueError("<Class>.<field>=<value>: expected <expected>")` unless `ok`.
+
+    The one validator of every config's `__post_init__`, so each bad value is reported the
+    same way: the config, the field, the value given and what was expected.
+    """
+    if not ok:
+        raise ValueError(
+            f"{type(cfg).__name__}.{field}={getattr(cfg, field)!r}: expected {expected}"
+        )
+
+
 def valid_keys(cls_or_cfg: Any, prefix: str = "") -> dict[str, str]:
     """Every dotted key of a config (class or instance) mapped to its type's name."""
     cls = cls_or_cfg if isinstance(cls_or_cfg, type) else type(cls_or_cfg)

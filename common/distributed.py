@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -83,9 +83,14 @@ def make_mesh(
     data = n // model if data is None else data
     if data * model != n:
         raise ValueError(f"mesh data={data} x model={model} does not match {n} devices")
+    # Auto axes: XLA propagates the shardings of a data-parallel step from its inputs; with
+    # explicit axes (jax.make_mesh's default) every op would have to state its output's.
+    axis_types = (AxisType.Auto, AxisType.Auto)
     if devices == jax.devices():
-        return jax.make_mesh((data, model), (DATA_AXIS, MODEL_AXIS))
-    return Mesh(np.asarray(devices).reshape(data, model), (DATA_AXIS, MODEL_AXIS))
+        return jax.make_mesh((data, model), (DATA_AXIS, MODEL_AXIS), axis_types=axis_types)
+    return Mesh(
+        np.asarray(devices).reshape(data, model), (DATA_AXIS, MODEL_AXIS), axis_types=axis_types
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -11,6 +11,7 @@ Both files carry the same provenance: command, git revision, date, hardware, wal
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -173,15 +174,31 @@ class Report:
         """Embeds an image; `path` should be relative to the report's directory."""
         self._sections.append(f"![{caption}]({os.fspath(path)})" + (f"\n\n*{caption}*" if caption else ""))
 
-    def provenance(self, wall_seconds: float | None = None) -> dict[str, Any]:
+    def rows(self, title: str | None, rows: Sequence[Row], *, fmt: str = "{:.3g}",
+             note: str | None = None) -> None:
+        """A paper-vs-ours table declared as `Row`s (see `render_rows`)."""
+        if title:
+            self.heading(title, 3)
+        self._sections.append(render_rows(rows, fmt))
+        if note:
+            self.paragraph(note)
+
+    def provenance(
+        self, wall_seconds: float | None = None, clock: StageClock | None = None
+    ) -> dict[str, Any]:
+        """Command, revision, date, hardware, this invocation's wall time and, with a
+        `StageClock`, the compute seconds of every stage (cached ones included)."""
         wall = time.time() - self.started if wall_seconds is None else wall_seconds
-        return {
+        prov = {
             "command": self.command,
             "git_revision": git_revision(),
             "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "hardware": hardware(),
             "wall_time_seconds": round(wall, 1),
         }
+        if clock is not None:
+            prov["compute"] = clock.to_json()
+        return prov
 
     def render(self, provenance: Mapping[str, Any]) -> str:
         hw = provenance["hardware"]
@@ -196,8 +213,17 @@ class Report:
             f"- revision: `{provenance['git_revision']}`",
             f"- date: {provenance['date']}",
             f"- hardware: {machine}",
-            f"- wall time: {provenance['wall_time_seconds']:.0f} s",
+            f"- wall time: {provenance['wall_time_seconds']:.0f} s (this invocation)",
         ]
+        compute = provenance.get("compute")
+        if compute:
+            stages = ", ".join(f"{k} {v:.0f} s" for k, v in compute["stages"].items())
+            header.append(f"- compute time: {compute['total_seconds']:.0f} s in all ({stages})")
+            if compute["stages_from_cache"]:
+                header.append(
+                    "- stages loaded from cache (their recorded compute time is counted): "
+                    + ", ".join(compute["stages_from_cache"])
+                )
         return "\n".join(header) + "\n\n" + "\n\n".join(self._sections) + "\n"
 
     def write(
@@ -206,13 +232,165 @@ class Report:
         results: Mapping[str, Any],
         *,
         wall_seconds: float | None = None,
+        clock: StageClock | None = None,
     ) -> tuple[str, str]:
         """Writes `report.md` and `results.json` (results + provenance); returns both paths."""
         run_dir = os.fspath(run_dir)
         os.makedirs(run_dir, exist_ok=True)
-        prov = self.provenance(wall_seconds)
+        prov = self.provenance(wall_seconds, clock)
         md_path = os.path.join(run_dir, "report.md")
         json_path = os.path.join(run_dir, "results.json")
         _write_text_atomic(md_path, self.render(prov))
         write_json(json_path, {"title": self.title, "provenance": prov, "results": results})
         return md_path, json_path
+
+
+# --------------------------------------------------------------------------------------------
+# Stage clock and result cache
+# --------------------------------------------------------------------------------------------
+
+#: The key under which `StageClock.cached` stores a result's compute seconds in its cache file.
+COMPUTE_KEY = "_compute_seconds"
+
+
+class StageClock:
+    """Compute seconds per reproduction stage, including stages whose results come from cache.
+
+    A report rebuilt from cached results must still state what the experiment cost, so each
+    cached result file keeps the seconds its computation took (`COMPUTE_KEY`), and loading it
+    adds those seconds to the clock. `Report.write(..., clock=clock)` puts the per-stage and
+    total compute seconds into the provenance.
+
+        clock = StageClock()
+        probe = clock.cached("probe", run_dir / "probe.json", lambda: run_probe(cfg, run_dir))
+        with clock.stage("plots"):
+            make_plots(...)
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.from_cache: dict[str, bool] = {}
+
+    def add(self, stage: str, seconds: float, *, cached: bool = False) -> None:
+        """Adds `seconds` to `stage` (stages repeated under one name are summed)."""
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + float(seconds)
+        self.from_cache[stage] = self.from_cache.get(stage, True) and cached
+
+    def stage(self, name: str):
+        """A context manager timing its block as compute of stage `name`."""
+        clock = self
+
+        class _Timer:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                return self
+
+            def __exit__(self, *exc):
+                clock.add(name, time.perf_counter() - self.t0)
+
+        return _Timer()
+
+    def cached(self, stage: str, path: str | os.PathLike, compute) -> Any:
+        """The JSON result at `path`, or `compute()` written there (atomically) when absent.
+
+        The result must be a JSON object; its compute seconds are stored in it under
+        `COMPUTE_KEY` and removed again from what is returned. Loading a result written before
+        the key existed counts 0 s and marks the stage `from_cache` (so the report can say the
+        time is unknown rather than small).
+        """
+        path = os.fspath(path)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                result = json.load(f)
+            self.add(stage, float(result.pop(COMPUTE_KEY, 0.0)), cached=True)
+            return result
+        t0 = time.perf_counter()
+        result = compute()
+        seconds = time.perf_counter() - t0
+        if not isinstance(result, Mapping):
+            raise TypeError(f"StageClock.cached({stage!r}): compute() must return a dict, got "
+                            f"{type(result).__name__}")
+        write_json(path, {**result, COMPUTE_KEY: seconds})
+        self.add(stage, seconds)
+        return dict(result)
+
+    def total(self) -> float:
+        return float(sum(self.seconds.values()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "total_seconds": round(self.total(), 1),
+            "stages": {k: round(v, 1) for k, v in self.seconds.items()},
+            "stages_from_cache": sorted(k for k, v in self.from_cache.items() if v),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Paper-vs-ours tables as data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of a paper-vs-ours table: `metric`, our value, the paper's (None if absent).
+
+    `ci` is an optional (low, high) interval of our value; `note` a short remark.
+    """
+
+    metric: str
+    ours: Any
+    paper: Any = None
+    ci: tuple[float, float] | None = None
+    note: str = ""
+
+
+def render_rows(rows: Sequence[Row], fmt: str = "{:.3g}") -> str:
+    """The Markdown table of `rows`: metric | ours | (95% CI) | paper | (note)."""
+    with_ci = any(r.ci is not None for r in rows)
+    with_note = any(r.note for r in rows)
+    headers = ["metric", "ours"] + (["95% CI"] if with_ci else []) + ["paper"]
+    headers += ["note"] if with_note else []
+    body = []
+    for r in rows:
+        line = [r.metric, r.ours]
+        if with_ci:
+            line.append(
+                "—" if r.ci is None else f"[{_fmt(r.ci[0], fmt)}, {_fmt(r.ci[1], fmt)}]"
+            )
+        line.append(r.paper)
+        if with_note:
+            line.append(r.note)
+        body.append(line)
+    return markdown_table(headers, body, fmt)
+
+
+def rows_json(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """`rows` as JSON-ready dicts (for `results.json`)."""
+    return [_jsonable(dataclasses.asdict(r)) for r in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def figure(nrows: int = 1, ncols: int = 1, *, figsize=(5.5, 3.6), dpi: int = 120, **kwargs):
+    """`(fig, axes)` from `matplotlib.pyplot.subplots` on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=figsize, dpi=dpi, **kwargs)
+
+
+def savefig(fig, path: str | os.PathLike) -> str:
+    """Lays out, writes (creating the directory) and closes `fig`; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -30,6 +30,22 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> path
     return path
 
 
+def start_process(*, compilation_cache: bool = True) -> bool:
+    """What every command line does first: join a multi-process run when its launcher set the
+    coordinator variables (`common.distributed.maybe_initialize_distributed`), then turn on
+    the persistent compilation cache. Returns True when this process joined a distributed run.
+
+    The distributed runtime must start before any JAX backend, so call this before the first
+    array is made.
+    """
+    from common.distributed import maybe_initialize_distributed
+
+    joined = maybe_initialize_distributed()
+    if compilation_cache:
+        enable_compilation_cache()
+    return joined
+
+
 def start_run_dir(run_dir: str | os.PathLike, config: Any) -> pathlib.Path:
     """Creates `run_dir`, writes the resolved `config.json` and appends the command line to
     `commands.txt` (a resumed run adds a line, so the history of invocations is kept)."""

@@ -21,7 +21,10 @@ as an uninterrupted run would (same machine, same shardings).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import pathlib
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,13 +34,20 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from common import distributed as dist
+from common.checkpoint import Checkpointer
+from common.config import require
 from common.data import ArrayIterator, DataIterator
+from common.metrics import MetricsWriter, Progress
 
 __all__ = [
     "ArrayIterator",
     "DataIterator",
     "NonFiniteLossError",
     "OptimizerConfig",
+    "STEPS",
+    "StageResult",
+    "StepCache",
     "TrainState",
     "create_train_state",
     "evaluate",
@@ -46,6 +56,7 @@ __all__ = [
     "make_schedule",
     "make_train_step",
     "merge_model",
+    "run_stage",
     "train",
 ]
 
@@ -85,29 +96,18 @@ class OptimizerConfig:
     momentum: float = 0.0
 
     def __post_init__(self):
-        def bad(field, expected):
-            raise ValueError(
-                f"OptimizerConfig.{field}={getattr(self, field)!r}: expected {expected}"
-            )
-
-        if self.name not in _OPTIMIZERS:
-            bad("name", f"one of {_OPTIMIZERS}")
-        if self.schedule not in _SCHEDULES:
-            bad("schedule", f"one of {_SCHEDULES}")
-        if not self.learning_rate > 0:
-            bad("learning_rate", "> 0")
-        if self.warmup_steps < 0:
-            bad("warmup_steps", ">= 0")
-        if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
-            bad("total_steps", f"> warmup_steps ({self.warmup_steps}) for the cosine schedule")
-        if not 0.0 <= self.end_lr_fraction <= 1.0:
-            bad("end_lr_fraction", "in [0, 1]")
-        if self.weight_decay < 0:
-            bad("weight_decay", ">= 0")
-        if self.grad_clip_norm is not None and self.grad_clip_norm < 0:
-            bad("grad_clip_norm", "None, 0 (off) or > 0")
-        if self.accumulation_steps < 1:
-            bad("accumulation_steps", ">= 1")
+        req = functools.partial(require, self)
+        req("name", self.name in _OPTIMIZERS, f"one of {_OPTIMIZERS}")
+        req("schedule", self.schedule in _SCHEDULES, f"one of {_SCHEDULES}")
+        req("learning_rate", self.learning_rate > 0, "> 0")
+        req("warmup_steps", self.warmup_steps >= 0, ">= 0")
+        req("total_steps", self.schedule != "cosine" or self.total_steps > self.warmup_steps,
+            f"> warmup_steps ({self.warmup_steps}) for the cosine schedule")
+        req("end_lr_fraction", 0.0 <= self.end_lr_fraction <= 1.0, "in [0, 1]")
+        req("weight_decay", self.weight_decay >= 0, ">= 0")
+        req("grad_clip_norm", self.grad_clip_norm is None or self.grad_clip_norm >= 0,
+            "None, 0 (off) or > 0")
+        req("accumulation_steps", self.accumulation_steps >= 1, ">= 1")
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -490,3 +490,220 @@ def train(
         # disk yet: the end of a run always has a checkpoint.
         checkpointer.save(step, state, data.get_state())
     return state
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled-step cache
+# --------------------------------------------------------------------------------------------
+
+
+class StepCache:
+    """Built (and so compiled-once) functions keyed by what determines their program.
+
+    `jax.jit` caches compilations per function object, and `make_train_step` returns a new
+    function each call; a stage that rebuilds its step for every task, seed or arm would
+    recompile each time. Keying the built function on (graphdef, optimizer config, loss key)
+    makes every run with the same structure reuse one executable. The cache is bounded
+    (least recently used entries are dropped) so graphdefs of finished runs do not pile up.
+    """
+
+    def __init__(self, maxsize: int = 64):
+        self.maxsize = maxsize
+        self._items: dict[Any, Any] = {}
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        """The value stored under the hashable `key`, built by `build()` on first use."""
+        if key in self._items:
+            value = self._items.pop(key)
+        else:
+            value = build()
+            if len(self._items) >= self.maxsize:
+                self._items.pop(next(iter(self._items)))
+        self._items[key] = value  # most recently used last
+        return value
+
+    def optimizer(self, cfg: OptimizerConfig) -> optax.GradientTransformation:
+        """`make_optimizer(cfg)`, one object per config (so steps built on it can be shared)."""
+        return self.get(("optimizer", cfg), lambda: make_optimizer(cfg))
+
+    def train_step(
+        self,
+        graphdef: nnx.GraphDef,
+        opt: OptimizerConfig,
+        loss_fn: Callable,
+        *,
+        loss_key: Any = None,
+        donate: bool = True,
+    ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+        """`make_train_step(graphdef, loss_fn, self.optimizer(opt))`, built once per key.
+
+        Args:
+          loss_key: hashable identity of the loss (e.g. `("pretrain", obs_coef)`); required
+            when `loss_fn` is a closure or `functools.partial` built anew per call, whose
+            identity would defeat the cache. Default: `loss_fn` itself.
+        """
+        key = ("train_step", graphdef, opt, loss_fn if loss_key is None else loss_key, donate)
+        return self.get(
+            key, lambda: make_train_step(graphdef, loss_fn, self.optimizer(opt), donate=donate)
+        )
+
+    def keys(self) -> list:
+        return list(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+#: The process-wide cache every trainer uses.
+STEPS = StepCache()
+
+
+# --------------------------------------------------------------------------------------------
+# Stage runner
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What `run_stage` returns.
+
+    Attributes:
+      state: the final `TrainState` (step == num_steps), on the stage's mesh.
+      start_step: the step the run resumed from (0 for a fresh run).
+      wall_seconds: wall time of this call (compilation included).
+      compile_seconds: time from the start of the loop to the end of its first step (the
+        compilation, mostly); None when no step ran.
+    """
+
+    state: TrainState
+    start_step: int
+    wall_seconds: float
+    compile_seconds: float | None
+
+    @property
+    def steps_run(self) -> int:
+        return int(self.state.step) - self.start_step
+
+
+def _batch_placer(mesh, process_local: bool) -> Callable[[Any], Any]:
+    """Places a global host batch on `mesh`: leading axis split over `data`, scalars replicated.
+
+    With several processes, every process's iterator yields the same global batch and each
+    feeds only its own contiguous share (`common.distributed.host_local_batch`).
+    """
+    n_data = mesh.shape[dist.DATA_AXIS]
+    multi = process_local or jax.process_count() > 1
+    sharded, whole = dist.batch_sharding(mesh), dist.replicated(mesh)
+
+    def put(x):
+        if np.ndim(x) == 0:
+            return dist.replicate(x, mesh) if multi else jax.device_put(x, whole)
+        if x.shape[0] % n_data:
+            raise ValueError(
+                f"batch dimension {x.shape[0]} is not divisible by the mesh's data axis "
+                f"({n_data} devices): choose a batch size that is a multiple of {n_data}"
+            )
+        if multi:
+            local = dist.host_local_batch(np.asarray(x))
+            return jax.make_array_from_process_local_data(sharded, local)
+        return jax.device_put(x, sharded)
+
+    return lambda batch: jax.tree.map(put, batch)
+
+
+def run_stage(
+    name: str,
+    state: TrainState,
+    step_fn: Callable[[TrainState, Any], tuple[TrainState, dict]],
+    data: DataIterator,
+    num_steps: int,
+    *,
+    directory: Any = None,
+    checkpoint_config: Any = None,
+    ignore_config_keys: Any = (),
+    max_to_keep: int | None = 1,
+    save_every: int | None = None,
+    eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None,
+    eval_every: int | None = None,
+    log_every: int = 10,
+    check_finite_every: int = 1,
+    verbose: bool = True,
+    mesh: Any = None,
+    process_local: bool = False,
+) -> StageResult:
+    """One training stage: checkpoints, metrics, progress/ETA, the loop and the mesh.
+
+    Every trainer of the three packages runs through here, so each gets the same resume,
+    non-finite-loss stop, logging and data-parallel placement:
+
+    - the state is replicated over `mesh` (default: `common.distributed.make_mesh()` over
+      every device of every process) and each batch is split over its `data` axis, so the
+      same call runs on one CPU, 8 GPUs or several hosts;
+    - with `directory`, checkpoints go to `directory/checkpoints` (config-checked on
+      restore: `checkpoint_config`, minus `ignore_config_keys`) and the metrics of every
+      `log_every`-th step to `directory/metrics.jsonl`; a re-run resumes bit for bit;
+    - `verbose` prints a steps/s + ETA line (`common.metrics.Progress`) to stderr.
+
+    Args:
+      name: the stage's name in progress lines.
+      state, step_fn, data, num_steps, save_every, eval_fn, eval_every, log_every,
+        check_finite_every: as for `train`.
+      process_local: force the multi-process batch path (each process feeds its share)
+        even with one process; tests use it to exercise that path.
+
+    Returns:
+      a `StageResult`.
+    """
+    t0 = time.perf_counter()
+    mesh = dist.make_mesh() if mesh is None else mesh
+    state = dist.replicate(state, mesh) if jax.process_count() > 1 else jax.device_put(
+        state, dist.replicated(mesh)
+    )
+    ckpt = writer = None
+    if directory is not None:
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        ckpt = Checkpointer(
+            directory / "checkpoints",
+            max_to_keep=max_to_keep,
+            config=checkpoint_config,
+            ignore_config_keys=list(ignore_config_keys),
+        )
+        # Only process 0 writes metrics: every process computes the same replicated values.
+        if jax.process_index() == 0:
+            writer = MetricsWriter(directory / "metrics.jsonl")
+    start = (ckpt.latest_step() or 0) if ckpt is not None else int(state.step)
+    progress = Progress(num_steps, name=name, start_step=start) if verbose else None
+    first: list[float] = []
+
+    def on_step(step, metrics):
+        if not first:
+            first.append(time.perf_counter() - t0)
+        if progress is not None:
+            progress.update(step, metrics)
+
+    try:
+        state = train(
+            state,
+            step_fn,
+            data,
+            num_steps,
+            checkpointer=ckpt,
+            save_every=save_every,
+            eval_fn=eval_fn,
+            eval_every=eval_every,
+            metrics_writer=writer,
+            log_every=log_every,
+            progress=on_step,
+            check_finite_every=check_finite_every,
+            place_batch=_batch_placer(mesh, process_local),
+        )
+    finally:
+        if writer is not None:
+            writer.close()
+        if ckpt is not None:
+            ckpt.close()
+    return StageResult(state, start, time.perf_counter() - t0, first[0] if first else None)
