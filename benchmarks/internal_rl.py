@@ -1,4 +1,5 @@
-"""Internal-RL throughput: abstract-env episodes/s and PPO updates/s (spec §7, §10.2).
+"""Internal-RL throughput: abstract-env episodes/s and PPO updates/s (internal RL App. C.5,
+docs/internal_rl.md D22).
 
 For the base-model sizes of the `tiny` and `small` presets (random weights; the cost does
 not depend on them) on the full Gridworld-pinpad (637-d obs, T = 100 raw steps, transformer)

@@ -71,7 +71,7 @@ def _time(fn, repeats):
 
 
 def _cloud(n, seed=0):
-    """Random points in a 4 x 4 x 4 m box in front of an identity camera (the spec's §6.8 setup)."""
+    """Random points in a 4 x 4 x 4 m box in front of an identity camera."""
     rng = np.random.default_rng(seed)
     xyz = rng.uniform(-2, 2, (n, 3)).astype(np.float32)
     xyz[:, 2] += 4.0

@@ -1,4 +1,5 @@
-"""The Ant-pinpad expert: PPO in MJX told the grid-level BFS plan (paper C.1.1; spec §3.2, §9).
+"""The Ant-pinpad expert: PPO in MJX told the grid-level BFS plan (internal RL App. C.1.1;
+docs/internal_rl.md D10).
 
 **Observation** (f32 [41 + 64]): AntPinpad's observation followed by, for each of the 16
 cells (cell id order), a 4-d one-hot of the cardinal move (the order of
@@ -92,7 +93,7 @@ class AntExpertConfig:
 
     seed: int = 0
     # environment
-    horizon: int = 500  # T (spec §2.2)
+    horizon: int = 500  # T (internal RL App. A.2)
     train_tasks: str = "pretrain"  # "pretrain" (Table A2) | "all" (+ the held-out task)
     plan_obs: str = "grid"  # "grid": 16 x 4 plan one-hots | "cell": the ant's cell only
     # reward

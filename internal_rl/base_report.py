@@ -5,7 +5,8 @@
 Reads only what the stages wrote (config.json, commands.txt, stage_times.jsonl,
 pretrain/metrics.jsonl + summary.json, probe/results.json, control/results.json), copies
 the plots next to the report and puts our numbers beside the paper's where the paper
-gives any (most of its results exist only as figures; the spec §5 values are quoted).
+gives any (most of its results exist only as figures; the approximate values its text and
+Figs. 3, 4, A1 and A2 give are quoted).
 """
 
 from __future__ import annotations

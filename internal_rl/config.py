@@ -83,12 +83,13 @@ class ControlConfig:
     weight_decay: float = 0.03
     save_every: int = 500
     eval_episodes: int = 1000
-    greedy: bool = False  # sample actions from the controlled policy (choice §8.16)
+    greedy: bool = False  # sample actions from the controlled policy (docs/internal_rl.md D15)
 
 
 @dataclasses.dataclass(frozen=True)
 class MetaTrainConfig:
-    """Metacontroller training (spec §6.4 / §10.2 step 5): base frozen unless co-trained."""
+    """Metacontroller training (Table A9 / docs/internal_rl.md D22): base frozen unless
+    co-trained."""
 
     steps: int = 3000
     batch_size: int = 64
@@ -98,7 +99,7 @@ class MetaTrainConfig:
     seeds: int = 1  # metacontroller seeds per α (the paper: 3; the RD plot: 10)
     cotrain_steps: int = 6000  # co-training from scratch needs the pretraining budget
     cotrain_learning_rate: float = 3e-4
-    cotrain_from_scratch: bool = True  # grid: θ from scratch (§6.6); False: from pretrained θ
+    cotrain_from_scratch: bool = True  # grid: θ from scratch (App. C.6); False: from pretrained θ
     save_every: int = 500
     log_every: int = 25
     eval_batches: int = 4  # batches of held-out expert data for the final metrics
@@ -113,11 +114,12 @@ class MetaTrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ReproduceConfig:
-    """The `reproduce` chain's choices beyond the per-stage configs (spec §10.2 steps 5-7)."""
+    """The `reproduce` chain's choices beyond the per-stage configs (docs/internal_rl.md D22)."""
 
     rl_seeds: int = 3  # RL seeds per method (the paper: 3 per metacontroller × 10 bases)
     methods: tuple[str, ...] = RL_METHODS
-    raw_learning_rate: float = 1e-4  # raw-action RL fine-tunes θ: a smaller LR (§10.2 step 7)
+    # raw-action RL fine-tunes θ: a smaller LR (docs/internal_rl.md D22)
+    raw_learning_rate: float = 1e-4
     cotrain_alphas: tuple[float, ...] = ()  # α values co-trained for Fig. 7; () = mctrain.alphas
     final_fraction: float = 0.1  # "end of the budget" = mean over the last 10% of updates
     rl_tasks: tuple[str, ...] = ("heldout",)  # RL is run on each (RL_TASKS)
@@ -223,9 +225,9 @@ def tiny() -> Config:
 
 
 def small() -> Config:
-    """CPU reproduction (spec §10.2 model sizes: d 128, L 4, 4 heads, MLP 256).
+    """CPU reproduction (docs/internal_rl.md D22 model sizes: d 128, L 4, 4 heads, MLP 256).
 
-    Deviations from the paper and from spec §10.2, and why:
+    Deviations from the paper and from plan A (docs/internal_rl.md D22), and why:
     - a pool of 4 fixed layouts (env.layout_pool=4) instead of a fresh random layout per
       episode: with fresh layouts this model reached teacher-forced action accuracy 0.60
       (oracle 0.88), closed-loop success 0 and chance-level probes after 6k steps of batch
@@ -236,7 +238,7 @@ def small() -> Config:
       ceiling in 1500 such steps; this preset reaches 0.80 and 0.08, reports/internal_rl/small);
     - controllers at layers 1-3 only (800 steps), 1500 metacontroller steps per α over
       α ∈ {0.03, 0.1, 0.3}, two co-trained α; RL 3 seeds per method, 12800 episodes each
-      (paper: 1e6+), lr 1e-3 for the small policy (spec §10.2 step 6 scans 1e-4..1e-3);
+      (paper: 1e6+), lr 1e-3 for the small policy (plan A scans 1e-4..1e-3);
     - RL also on a diagnostic task of seen pair transitions (A-C-B-D-C-A, as long and sparse
       as the held-out task): ground-truth-switched controllers of this model solve it about
       half the time but the held-out task almost never, so it shows what RL in the

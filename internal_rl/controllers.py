@@ -1,10 +1,10 @@
-"""Supervised linear residual controllers (paper Eq. 1, C.3, Table A7; spec §5.2).
+"""Supervised linear residual controllers (paper Eq. 1, C.3, Table A7).
 
 At layer l the residual stream is edited as `e <- e + U e` with `U = f_hyp(z)`, a
 hypernetwork output of rank r: `U = B(z) A(z)`, A [r, D], B [D, r]. For the supervised
 controllers z = onehot(g_t) over the K = 4 ground-truth subgoals (the metacontroller with
 β ≡ 1). The B head is zero-initialised (weights and bias) and the A head small-normal
-(choice §8.14), so U = 0 at init with non-zero gradients. Training minimises the action
+(docs/internal_rl.md D14), so U = 0 at init with non-zero gradients. Training minimises the action
 NLL (λ = 0) on expert data with the base model frozen; evaluation switches controllers
 with the ground-truth labels on the held-out task (`rollouts.closed_loop`).
 """

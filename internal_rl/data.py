@@ -1,4 +1,5 @@
-"""Expert trajectories generated on the fly inside jit (spec §3.1, §3.3, choice §8.1).
+"""Expert trajectories generated on the fly inside jit (internal RL App. C.1.1,
+docs/internal_rl.md D1).
 
 `expert_batch` rolls out the stochastic shortest-path expert on `n_candidates` freshly
 sampled layouts (tasks drawn uniformly from a task table), keeps the successful episodes

@@ -1,9 +1,9 @@
-"""Scripted stochastic shortest-path expert for Gridworld-pinpad (paper C.1.1; spec §3.1).
+"""Scripted stochastic shortest-path expert for Gridworld-pinpad (internal RL App. C.1.1).
 
 The expert reads the privileged env state: the BFS distance map of the current target
 colour (walls and all other colours blocked, computed at reset by min-plus relaxation,
 `envs.gridworld.distance_maps`). It acts uniformly over *all* actions that lie on some
-shortest path (choice §8.4). With probability epsilon it instead takes a uniformly random
+shortest path (docs/internal_rl.md D4). With probability epsilon it instead takes a uniformly random
 non-terminating action (one that does not step onto a wrong colour).
 """
 

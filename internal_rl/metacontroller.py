@@ -1,4 +1,4 @@
-"""The metacontroller (paper Eqs. 2-3, App. C.4, D.2, E.1; spec §6).
+"""The metacontroller (internal RL Eqs. 2-3, App. C.4, D.2, E.1).
 
 It reads the base model's residual stream e_t at layer l = L/2 and writes it back as
 `ê_t = e_t + U_t e_t`, with U_t = f_hyp(z_t) a rank-r hypernetwork output (the same
@@ -11,18 +11,18 @@ It reads the base model's residual stream e_t at layer l = L/2 and writes it bac
     z_t          = β_t z̃_t + (1 - β_t) z_{t-1},  z_0 = 0               (temporal integration)
 
 What sees the future: only the encoder, through the sequence embedding s. The switching unit
-and the GRU are causal functions of (e_{1:t}, z_{1:t-1}), so the RL stage (spec §7) can run
+and the GRU are causal functions of (e_{1:t}, z_{1:t-1}), so the RL stage (App. C.5) can run
 them step by step with codes chosen by a policy (`Metacontroller.switch_step`). During
 training z_{t-1} comes from the encoder and so carries information about the future; that is
 the posterior q of App. E.1.
 
-Loss (spec §6.2, λ = 0): action NLL of the controlled, frozen base model + α·KL(N(μ_t, Σ_t) ‖
-N(0, I)) charged at every valid step (unweighted by β: the continuous relaxation of E.1 makes
-the per-step KL independent of β_t). Both terms are per-valid-step means, which keeps the
-ratio α of Eq. 3 and only rescales the learning rate.
+Loss (Eq. 3, λ = 0 as in Tables A9/A10): action NLL of the controlled, frozen base model +
+α·KL(N(μ_t, Σ_t) ‖ N(0, I)) charged at every valid step (unweighted by β: the continuous
+relaxation of E.1 makes the per-step KL independent of β_t). Both terms are per-valid-step
+means, which keeps the ratio α of Eq. 3 and only rescales the learning rate.
 
-Variants: `temporal_abstraction=False` forces β ≡ 1 (z_t = z̃_t, spec §6.7 "forced resets");
-`cotrain=True` selects a trainable filter that includes the base model (§6.6).
+Variants: `temporal_abstraction=False` forces β ≡ 1 (z_t = z̃_t, the Fig. 8 "forced resets"
+baseline); `cotrain=True` selects a trainable filter that includes the base model (App. C.6).
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ class MetacontrollerConfig:
     gru_hidden: int = 32  # n_h
     embed_dim: int = 32  # n_s
     embed_width: int | None = None  # RG-LRU width of f_emb; None = the base width D (paper: 256)
-    embed_conv_width: int = 4  # Griffin defaults (choice §8.6)
+    embed_conv_width: int = 4  # Griffin defaults (docs/internal_rl.md D6)
     embed_c: float = 8.0
     encoder_hidden: int = 64
-    switch_hidden: int = 64  # not given by the paper (choice §8.12)
+    switch_hidden: int = 64  # not given by the paper (docs/internal_rl.md D12)
     switch_bias_init: float = 2.0  # β ≈ 0.88 at init, against early collapse to "never switch"
     decoder_hidden: int = 32
     rank: int = 16
@@ -246,7 +246,7 @@ def switch_precision_recall(
 
 
 class SequenceEmbedder(nnx.Module):
-    """f_emb: one Hawk temporal block over the whole masked sequence (choice §8.11).
+    """f_emb: one Hawk temporal block over the whole masked sequence (docs/internal_rl.md D11).
 
     `GeLU(W_1 x) ⊙ RG-LRU(Conv1D(W_2 x))`, read at the last valid step and projected to
     n_s: one vector per sequence, so it sees every valid step (non-causal by design).
@@ -315,7 +315,8 @@ class ControllerEncoder(nnx.Module):
 
 
 class SwitchUnit(nnx.Module):
-    """f_switch: MLP([e_t, h_{t−1}, z_{t−1}]) -> 64 ReLU -> 1 -> sigmoid (choice §8.12)."""
+    """f_switch: MLP([e_t, h_{t−1}, z_{t−1}]) -> 64 ReLU -> 1 -> sigmoid
+    (docs/internal_rl.md D12)."""
 
     def __init__(self, dim: int, n_h: int, n_z: int, hidden: int, bias_init: float, *,
                  rngs: nnx.Rngs):
@@ -356,12 +357,13 @@ class Metacontroller(nnx.Module):
                                          cfg.n_z, rngs=rngs)
         self.switch = SwitchUnit(dim, cfg.gru_hidden, cfg.n_z, cfg.switch_hidden,
                                  cfg.switch_bias_init, rngs=rngs)
-        # B head zero, A head small normal: U = 0 at init with non-zero gradients (§8.14)
+        # B head zero, A head small normal: U = 0 at init with non-zero gradients
+        # (docs/internal_rl.md D14)
         self.decoder = LowRankHyperController(cfg.n_z, dim, cfg.rank, cfg.decoder_hidden,
                                               rngs=rngs)
 
     def initial_state(self, batch: int) -> tuple[jax.Array, jax.Array]:
-        """(h_0 f32 [B, n_h], z_0 f32 [B, n_z]), both zero (choice §8.13)."""
+        """(h_0 f32 [B, n_h], z_0 f32 [B, n_z]), both zero (docs/internal_rl.md D13)."""
         return (jnp.zeros((batch, self.cfg.gru_hidden), jnp.float32),
                 jnp.zeros((batch, self.cfg.n_z), jnp.float32))
 
@@ -459,7 +461,7 @@ def trainable_filter(cfg: MetacontrollerConfig):
 
 def metacontroller_loss(model: MetacontrolledModel, batch: dict[str, jax.Array], key: jax.Array
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Action NLL + α·KL per valid step (spec §6.2, λ = 0); a `common.train` loss_fn.
+    """Action NLL + α·KL per valid step (Eq. 3, λ = 0); a `common.train` loss_fn.
 
     batch: what the base model's `sequence_losses` reads (grid world: obs f32 [B, T, 637],
     action int32 [B, T], next_cells int32 [B, T, 13]; continuous: obs, action f32 [B, T, A],

@@ -1,4 +1,5 @@
-"""Training the metacontroller on expert data (spec §6, §10.2 step 5; paper C.4, C.6).
+"""Training the metacontroller on expert data (internal RL App. C.4, C.6;
+docs/internal_rl.md D22).
 
 Three variants share one trainer (`train_metacontroller`), each in its own directory
 `run_dir/metacontroller/<name>/` with orbax checkpoints (model, optimizer, step, RNG, data
@@ -6,8 +7,8 @@ position), so an interrupted run resumes to the result it would have had:
 
 * frozen (the paper's setting): θ is the pretrained base model and stays fixed; φ is
   trained on action NLL + α·KL (KL charged at every valid step, `metacontroller_loss`);
-* forced resets (`temporal_abstraction=False`): the same with β ≡ 1 (§6.7);
-* co-trained (`cotrain=True`): θ and φ trained jointly, θ from scratch on the grid (§6.6)
+* forced resets (`temporal_abstraction=False`): the same with β ≡ 1 (the Fig. 8 baseline);
+* co-trained (`cotrain=True`): θ and φ trained jointly, θ from scratch on the grid (App. C.6)
   or from the pretrained weights (`mctrain.cotrain_from_scratch=False`, the ant's setup).
 
 `evaluate_variant` measures NLL, KL, switches per trajectory and switch precision/recall

@@ -1,4 +1,5 @@
-"""Scripted expert for Point-pinpad (spec §10.3): BFS over cells -> next waypoint -> PD control.
+"""Scripted expert for Point-pinpad (docs/internal_rl.md D23): BFS over cells -> next waypoint
+-> PD control.
 
 The expert reads the privileged env state: the BFS distance map of the current target
 colour over the 4 x 4 cells (wall and all other colours blocked; computed at reset by
@@ -11,7 +12,7 @@ Control: desired velocity `v* = v_max · (w − x) / max(|w − x|, r_slow)` (sa
 proportional term), action `a = clip(k_v (v* − v), −1, 1)` (a PD law on position with a
 speed limit), plus optional Gaussian noise `N(0, σ²)` before clipping: σ = 0.1 for the
 pretraining data D, σ = 0 for the metacontroller data D* (the analogue of sampling the
-ant expert's Gaussian policy vs taking its mean, spec §3.2).
+ant expert's Gaussian policy vs taking its mean, internal RL App. C.1.1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Behavioural pretraining of the base model on on-the-fly expert data (spec §3, §4).
+"""Behavioural pretraining of the base model on on-the-fly expert data (internal RL App. C.1,
+D.1, Eq. 5).
 
 `run_pretrain(cfg, run_dir)` trains with `common.train` (jitted functional step, orbax
 checkpoints of model + optimizer + RNG + data position, resume, non-finite-loss stop) and
@@ -70,7 +71,7 @@ def build_model(cfg: Config) -> BaseModel:
 
 def make_dataset(cfg: Config, stream: int, batch_size: int | None = None, *,
                  star: bool = False) -> ExpertDataset:
-    """Expert data on the pretraining tasks. D and D* are generated the same way (§3.1),
+    """Expert data on the pretraining tasks. D and D* are generated the same way (App. C.1.1),
     so `star` (the continuous pipeline's noise-free D*) changes nothing here."""
     del star
     return ExpertDataset(make_env(cfg), pretrain_tasks(), batch_size or cfg.data.batch_size,

@@ -1,4 +1,4 @@
-"""Linear probes decoding the ground-truth subgoal from residual activations (spec §5.1).
+"""Linear probes decoding the ground-truth subgoal from residual activations (internal RL App. C.2).
 
 For every layer l = 0..L a probe `p(g_t | e_{t,l}) = softmax(W_l e_{t,l} + b_l)` is fit by
 cross-entropy on the valid steps of expert trajectories with the base model frozen. All

@@ -1,4 +1,4 @@
-"""The whole internal-RL reproduction as one resumable chain (spec §10.2).
+"""The whole internal-RL reproduction as one resumable chain (docs/internal_rl.md D22).
 
     pretrain -> probes -> supervised controllers -> metacontroller α sweep (frozen base,
     β ≡ 1, co-trained) -> internal RL vs raw-action RL vs β ≡ 1 vs co-trained (seeds)

@@ -1,4 +1,4 @@
-"""Internal RL and raw-action RL with critic-free PPO (paper §4, App. C.5, Algs. 1-3; spec §7).
+"""Internal RL and raw-action RL with critic-free PPO (paper §4, App. C.5, Algs. 1-3).
 
 **Internal RL.** The environment the agent sees is {real env + frozen base model split at
 the metacontroller's insertion layer l + frozen switching unit (with its GRU) + frozen
@@ -14,20 +14,20 @@ One abstract step lasts from one decision to the next; its reward is the sum of 
 rewards in between (`abstract_rewards`). A batch of episodes is one `lax.scan` over the T
 raw steps at static shapes, recording a per-step `decision` flag; the policy (a GRU over
 the residuals seen at decisions with a Gaussian head over z; the paper uses a 1-layer Hawk
-SSM) is evaluated every step and its state committed only where a decision fires (choice
-§8.20).
+SSM) is evaluated every step and its state committed only where a decision fires
+(docs/internal_rl.md D18).
 
 **Raw-action RL.** The same PPO core fine-tunes the base model's own token policy, with a
-decision at every raw step (all parameters by default, choice §8.23; `raw_trainable=
+decision at every raw step (all parameters by default, docs/internal_rl.md D20; `raw_trainable=
 "action_head"` trains only the action head as a cheaper variant).
 
-**PPO (spec §7.2).** Critic-free: the advantage of every decision of a trajectory is its
+**PPO (App. C.5.2).** Critic-free: the advantage of every decision of a trajectory is its
 batch-normalised return `(R − mean_B R) / (std_B R + δ)`; the clipped ratio objective is
 summed over the decisions of each trajectory and averaged over trajectories. A whole
 update (rollout + PPO epochs) and `updates_per_call` consecutive updates run inside one
 jitted `lax.scan` (purejaxrl style); metrics come back per update. With a
 `checkpoint_dir` a run saves after every such chunk and resumes bit for bit.
-Presets: `RL_PRESETS` (tiny | small = spec §10.2 | paper = Table A13).
+Presets: `RL_PRESETS` (tiny | small = docs/internal_rl.md D22 | paper = Table A13).
 
 Variants (β ≡ 1 metacontroller, co-trained metacontroller) run through the same code:
 `run_internal_rl` takes whichever `Metacontroller` (or `MetacontrolledModel`) it is given.
@@ -68,7 +68,8 @@ RAW_TRAINABLE = ("all", "action_head")
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """PPO settings shared by internal RL and raw-action RL (spec §7.2, §10.2 step 6)."""
+    """PPO settings shared by internal RL and raw-action RL (App. C.5.2,
+    docs/internal_rl.md D16, D22)."""
 
     episodes: int = 100_000  # episode budget; updates = episodes // batch_episodes
     batch_episodes: int = 128  # B episodes per update (one group for the advantage)
@@ -122,7 +123,8 @@ class RLConfig:
         return self.episodes // self.batch_episodes
 
     def optimizer(self) -> optax.GradientTransformation:
-        """AdamW (0.9, 0.999), constant LR, global-norm clipping (Table A13, choice §8.18)."""
+        """AdamW (0.9, 0.999), constant LR, global-norm clipping (Table A13,
+        docs/internal_rl.md D16)."""
         return make_optimizer(OptimizerConfig(
             name="adamw", learning_rate=self.learning_rate, schedule="constant",
             weight_decay=self.weight_decay, total_steps=max(self.num_updates, 1),
@@ -132,7 +134,7 @@ class RLConfig:
 RL_PRESETS = {
     # smoke scale: 100 updates of 32 episodes
     "tiny": lambda: RLConfig(episodes=3200, batch_episodes=32, learning_rate=1e-3),
-    # spec §10.2 step 6: B 128, 2 epochs, ε 0.2, lr 3e-4, ~10^5 episodes (~780 updates)
+    # docs/internal_rl.md D22: B 128, 2 epochs, ε 0.2, lr 3e-4, ~10^5 episodes (~780 updates)
     "small": RLConfig,
     # Table A13: batch 1024, 100k train steps, lr 3e-5, policy width 256
     "paper": lambda: RLConfig(episodes=1024 * 100_000, batch_episodes=1024, learning_rate=3e-5,
@@ -218,7 +220,8 @@ class LatentPolicy(nnx.Module):
     """π(z | e at decisions): RMSNorm -> GRU(width) -> Gaussian over z.
 
     The mean head is zero-initialised (weights and bias) and the state-independent log-std
-    is 0, so the initial policy is exactly the metacontroller's prior N(0, I) (choice §8.19).
+    is 0, so the initial policy is exactly the metacontroller's prior N(0, I)
+    (docs/internal_rl.md D17).
     The input norm is the policy's own (choice: the residual scale is the base model's).
     """
 

@@ -3,8 +3,8 @@
 The model is stepped one token at a time with KV caches (`decode_step`) inside one
 `lax.scan` over raw time, for a batch of independent environments (`vmap` over the env's
 pure reset/step). Used to evaluate the base model (pretraining tasks, held-out task) and
-label-switched supervised controllers (held-out task, choice §8.22: the controller follows
-`env.subgoal(state)`, which moves to the next label on the step after the previous
+label-switched supervised controllers (held-out task, docs/internal_rl.md D19: the controller
+follows `env.subgoal(state)`, which moves to the next label on the step after the previous
 subgoal was completed).
 """
 

@@ -23,7 +23,7 @@ from lir.tasks.registry import TASK_NAMES
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Examples per task and split (spec §7.5: 1,000 / 250 / 1,000; test from the shifted
+    """Examples per task and split (docs/lir.md D17: 1,000 / 250 / 1,000; test from the shifted
     generator) and the static sequence layout."""
 
     image_size: int = 48
@@ -37,7 +37,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
-    """Phase P (spec §7.2): the whole tiny LMM on a generic single-image QA mixture."""
+    """Phase P (docs/lir.md D14): the whole tiny LMM on a generic single-image QA mixture."""
 
     steps: int = 3000
     batch_size: int = 32
@@ -49,7 +49,7 @@ class PretrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """Phase F (spec §1.5, §2.2, §7.5): LoRA (+ latents for LIVR) on a frozen LMM.
+    """Phase F (LIVR §4.3, App. B; docs/lir.md D17): LoRA (+ latents for LIVR) on a frozen LMM.
 
     AdamW with ``warmup_fraction`` linear warmup and cosine decay to 0, restarted (fresh
     moments and schedule) for each LIVR stage. Effective batch = batch_size x
@@ -95,13 +95,14 @@ LATENT_DESIGNS = ("before_prompt", "shared")
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """Ablation sweeps (spec §5.6, §7.5): stage-1 epochs at a fixed total, and K."""
+    """Ablation sweeps (LIVR Table 4(b-c), docs/lir.md D17): stage-1 epochs at a fixed total,
+    and K."""
 
     tasks: tuple[str, ...] = ("localization", "semantic_correspondence",
                               "functional_correspondence")
     stage1_epochs: tuple[int, ...] = (0, 2, 4, 6, 8)
     num_latents: tuple[int, ...] = (4, 8, 16, 32)
-    # stage-1 mask variants besides the default bottleneck (spec §5.6 masking strategy)
+    # stage-1 mask variants besides the default bottleneck (LIVR Table 4(a))
     mask_variants: tuple[str, ...] = ("answer_only", "bottleneck_no_latent_prompt")
     # latent-design ablations besides the default (unshared, after the prompt)
     latent_designs: tuple[str, ...] = ("before_prompt", "shared")
@@ -170,7 +171,8 @@ def model_config(cfg: LIRConfig, num_latents: int | None = None) -> ModelConfig:
 def stage_optimizer(ft: FinetuneConfig, steps: int, learning_rate: float | None = None
                     ) -> OptimizerConfig:
     """``common.train.OptimizerConfig`` for one fine-tuning stage of ``steps`` optimizer
-    updates: AdamW, ceil(warmup_fraction * steps) warmup, cosine to 0 (spec §1.5, §6 #6)."""
+    updates: AdamW, ceil(warmup_fraction * steps) warmup, cosine to 0
+    (LIVR App. B, docs/lir.md D5)."""
     if steps < 1:
         raise ValueError(f"a stage needs >= 1 optimizer step; got {steps}")
     warmup = min(math.ceil(ft.warmup_fraction * steps), steps - 1)
@@ -208,7 +210,7 @@ def tiny() -> LIRConfig:
 
 def small() -> LIRConfig:
     """The committed report, about 1.5 hours on 2 CPU cores: 32 px images (16 tokens
-    each, up to 3 images, 77-token sequences), ViT 64x2 and LM 64x3 (the spec §7.3 widths of
+    each, up to 3 images, 77-token sequences), ViT 64x2 and LM 64x3 (the docs/lir.md D15 widths of
     96x4 cost 3.6x more per phase-F step at 32 px here, 72 vs 20 ms at batch 8), K = 8, LoRA r 8 / alpha 16,
     the paper's 1k/250/1k examples and 10-epoch budget, 5 seeds, the four trained Table-1
     arms, on the three tasks that direct SFT lifts above chance from this phase-P model
@@ -231,7 +233,7 @@ def small() -> LIRConfig:
 
 
 def paper() -> LIRConfig:
-    """The paper's fine-tuning recipe (spec §2.2, §3): AdamW lr 1e-4, wd 0.01, betas
+    """The paper's fine-tuning recipe (LIVR §3.3, App. B): AdamW lr 1e-4, wd 0.01, betas
     (0.9, 0.999), eps 1e-8, 5% warmup + cosine per stage, effective batch 8, K = 16, LoRA
     r 16 / alpha 32 / dropout 0.05 on q,k,v,o,gate,up,down of the LM, SFT 10 epochs vs LIVR
     4 + 6, seed 42. Runs on the tiny model here and later on a ported backbone."""

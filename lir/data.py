@@ -10,17 +10,18 @@ tokens each, a prompt region of P slots, K latent slots and A answer tokens:
        t0 = l0 + K          <ans>  (assistant header)         TAIL
        t0 + 1 ...           answer tokens                     ANSWER
 
-With ``latent_placement="before_prompt"`` (the "latents before the prompt" ablation, spec
-§5.6 / §6 #14: after the images, before the question) the K latent slots come first and the
-prompt region follows them; every position id stays the same as in the default placement,
-so only the causal order changes (the latents can no longer read the question).
+With ``latent_placement="before_prompt"`` (the "latents before the prompt" ablation,
+LIVR §4.4.3 / docs/lir.md D3: after the images, before the question) the K latent slots
+come first and the prompt region follows them; every position id stays the same as in the
+default placement, so only the causal order changes (the latents can no longer read the
+question).
 
 Sequence length ``S = 1 + M(N+2) + P + K + 1 + A``. The answer is predicted at the TAIL
 query ``t0`` (next-token prediction), so ``loss_mask`` is 1 exactly at queries whose next
-token is an ANSWER token (spec §1.4: loss on answer tokens only; spec §7.3: one answer
+token is an ANSWER token (LIVR §3.2: loss on answer tokens only; docs/lir.md D15: one answer
 token predicted at the ANS position).
 
-Position ids (spec §7.3 recommended choice: role-anchored positions that do not depend on K):
+Position ids (docs/lir.md D15: role-anchored positions that do not depend on K):
 every token's position id equals its physical index, except TAIL and ANSWER, which sit after
 a reserved latent range of ``max_latents`` ids: ``pos(TAIL) = p0 + P + max_latents`` for
 every K <= max_latents. Adding latents therefore never shifts the answer position, so SFT
@@ -55,7 +56,7 @@ LATENT_PLACEMENTS = ("after_prompt", "before_prompt")
 class Layout:
     """Static shape of a batch. ``num_latents`` (K) slots are present; ``max_latents`` ids
     are reserved for them so the TAIL/answer positions are the same for every K.
-    ``latent_placement``: "after_prompt" (default, spec §1.2) or "before_prompt"."""
+    ``latent_placement``: "after_prompt" (default, LIVR §3.2) or "before_prompt"."""
 
     n_images: int = 3
     image_size: int = 32
@@ -255,7 +256,7 @@ def collate(records: Sequence[Record], layout: Layout) -> Batch:
 
 def drop_latents(batch: Batch) -> Batch:
     """The "latents removed at evaluation" diagnostic with static shapes: latent slots become
-    PAD (never attended, spec §1.3 padding rule). Because position ids do not depend on K,
+    PAD (never attended, docs/lir.md D4 padding rule). Because position ids do not depend on K,
     this equals deleting the latent tokens from the sequence. Works on NumPy or jax arrays."""
     is_lat = batch.roles == Role.LATENT
     xp = np if isinstance(batch.roles, np.ndarray) else _jnp()

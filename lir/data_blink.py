@@ -1,5 +1,6 @@
 """BLINK-format multiple-choice data and the paper's custom task data from a local folder
-(spec §4): records -> prompts (BLINK wording, spec §4.3) -> answer parsing and accuracy.
+(LIVR §4.1, App. A): records -> prompts (BLINK wording, LIVR App. A) -> answer parsing and
+accuracy.
 
 A data folder holds ``{split}.jsonl`` (or ``{split}.json``, a list) per split, one record per
 line, with image paths relative to the folder:
@@ -152,7 +153,7 @@ def build_prompt(record: Record) -> str:
 
 def parse_prediction(text: str, kind: str, n_choices: int = 4) -> str | None:
     """The answer in a generation: the first standalone choice letter (MCQ) or the first
-    integer (counting); None if there is none (spec §4.3, §6 #12)."""
+    integer (counting); None if there is none (LIVR App. A, docs/lir.md D9)."""
     if kind == "mcq":
         letters = LETTERS[:max(n_choices, 1)]
         m = re.search(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", text)

@@ -2,7 +2,7 @@
 
 Accuracy is the argmax of the answer-query logits over each example's valid choices
 (``lir.model.choice_predictions``; for one-token answers this equals greedy decoding whenever
-the first generated token is a choice, spec §8.1 #14). Diagnostics (spec §1.7, §5.7), all on
+the first generated token is a choice, docs/lir.md D9). Diagnostics (LIVR §4.4.1), all on
 the same examples and the same weights:
 
 * ``accuracy``                     causal mask, latents present (the reported number);
@@ -12,7 +12,7 @@ the same examples and the same weights:
 * ``accuracy_bottleneck_dropped``  both: no route from the image to the answer at all, so
                                    this must sit at chance for every model;
 * ``answer_latent_attention``      answer query's softmax mass on latent keys, averaged over
-                                   heads, layers and examples (spec §6 #13).
+                                   heads, layers and examples (docs/lir.md D10).
 
 Models without latents (K = 0 inputs) give ``accuracy_latents_dropped == accuracy`` and zero
 latent attention by construction.
@@ -134,7 +134,7 @@ def diagnostics(model: LMM, data: Batch, batch_size: int = 100) -> dict[str, flo
 def latent_image_attention(model: LMM, batch: Batch, mask_variant: str = "causal"
                            ) -> np.ndarray:
     """Mean attention of the latent queries to each image patch, averaged over layers, heads
-    and latents: float32[B, M, n, n] (M image slots, n x n patch grid; spec §5.8)."""
+    and latents: float32[B, M, n, n] (M image slots, n x n patch grid; LIVR Fig. 3)."""
     n_img = batch.images.shape[1]
     side = model.cfg.image_size // model.cfg.patch_size
     graphdef, state = nnx.split(model)

@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", choices=("auto", "bytes"), default="auto")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--min-pixels", type=int, default=56 * 56)
-    # spec §6 #8: at most 1,280 merged visual tokens per image
+    # docs/lir.md D7: at most 1,280 merged visual tokens per image
     parser.add_argument("--max-pixels", type=int, default=1280 * 28 * 28)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--limit", type=int, default=0, help="use the first N records per split")

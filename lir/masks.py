@@ -4,9 +4,9 @@ Every function maps a role array ``roles: int[B, S]`` (values from :class:`Role`
 boolean mask ``bool[B, 1, S, S]`` where ``mask[b, 0, q, k]`` is True when query position
 ``q`` may attend to key position ``k``. Positions are *physical* sequence indices, so
 "causal" means ``k <= q`` in array order (position ids such as RoPE indices are never
-consulted: spec §1.3 pitfall (iii), the mask does not change position ids).
+consulted: docs/lir.md D4, the mask does not change position ids).
 
-Rules shared by every variant (spec §1.3 and its pitfall (iv)):
+Rules shared by every variant (docs/lir.md D4):
 
 * causal: ``k <= q``;
 * padding: a non-PAD query never attends to a PAD key; a PAD query attends only to itself
@@ -14,7 +14,8 @@ Rules shared by every variant (spec §1.3 and its pitfall (iv)):
 * the diagonal of every non-PAD row stays open in every variant, because no variant blocks
   a role from its own role except where the key is an image and the query is not.
 
-Variants (what is blocked *in addition* to causality and padding; spec §1.3 table):
+Variants (what is blocked *in addition* to causality and padding; LIVR §3.2, §4.4.2 and
+Table 4(a)):
 
 =============================== ==============================================================
 ``"causal"``                    nothing. Stage 2, direct SFT, latents-only, default inference.
@@ -34,7 +35,7 @@ bottleneck diagnostic is the Stage-1 mask applied at evaluation), ``"stage2"`` =
 ``"mask_only"`` = ``"answer_only"``. The "drop latents" diagnostic is not a mask: see
 ``lir.data.drop_latents`` (latent slots become PAD, which the padding rule removes exactly).
 
-Why TAIL is its own role: the template tail (the assistant header, spec §1.3 ``Q'``) is the
+Why TAIL is its own role: the template tail (the assistant header; docs/lir.md D4) is the
 query that predicts the first answer token. The default mask treats it as prompt (blocked from
 the image). In ``"answer_only"`` it is blocked together with the answer, because otherwise a
 one-token answer would be predicted by a query that sees the image directly and the variant
@@ -51,7 +52,8 @@ import numpy as np
 
 
 class Role(enum.IntEnum):
-    """Per-token role ids (spec §1.3 token groups; §6 #4 decides which template token is which).
+    """Per-token role ids (LIVR §3.2 token groups; docs/lir.md D4 decides which template token
+    is which).
 
     PAD     padding (never attended).
     SYSTEM  the system preamble before all images (``S``).
@@ -156,7 +158,7 @@ def causal_mask(roles):
 
 
 def bottleneck_mask(roles):
-    """Stage-1 visual bottleneck (spec §1.3): only IMAGE and LATENT queries see IMAGE keys."""
+    """Stage-1 visual bottleneck (LIVR §3.2): only IMAGE and LATENT queries see IMAGE keys."""
     return attention_mask(roles, "bottleneck")
 
 
@@ -172,7 +174,7 @@ def no_latent_prompt_mask(roles):
 
 def allowed_role_pairs(variant: str) -> set[tuple[Role, Role]]:
     """Every (query role, key role) pair of non-PAD roles that ``variant`` leaves open
-    (subject to causality). A readable summary of the block tables in the spec."""
+    (subject to causality). A readable summary of the block tables of the variants above."""
     blocked = BLOCKED_PAIRS[resolve_variant(variant)]
     return {(q, k) for q in _NON_PAD for k in _NON_PAD if (q, k) not in blocked}
 

@@ -3,13 +3,13 @@
 Data flow of ``LMM.__call__(batch, mask_variant)`` for a :class:`lir.data.Batch`:
 
 1. each image uint8[H, W, 3] -> /255 -> ``vit`` (common ViTEncoder) -> [N, d_vit] ->
-   ``projector`` (LayerNorm + Dense, spec §7.3) -> [N, d];
+   ``projector`` (LayerNorm + Dense, docs/lir.md D15) -> [N, d];
 2. token embeddings ``embed(tokens)`` [B, S, d]; image-patch slots are overwritten by the
    projected features (``batch.image_slots``), every token of image j's block (markers
    included) gets the image-index embedding row j (``batch.image_ids``);
 3. latent slots are overwritten by the rows of the separate trainable latent table
-   ``latents`` (K, d) (``batch.latent_ids``; spec §1.2, §6 #3): latents are inputs only,
-   never generated, never in the loss and not in the output vocabulary;
+   ``latents`` (K, d) (``batch.latent_ids``; LIVR §3.2, docs/lir.md D1): latents are inputs
+   only, never generated, never in the loss and not in the output vocabulary;
 4. the decoder ``lm`` (common TransformerStack, RoPE on ``batch.positions``) runs under the
    boolean mask ``lir.masks.attention_mask(batch.roles, mask_variant)``;
 5. logits = final hidden states @ embed.T (tied head over the token vocabulary only).
@@ -18,7 +18,7 @@ Trainable groups are told apart by variable type: base weights are ``nnx.Param``
 matrices ``nnx.LoRAParam`` (common/nn/lora.py, added by :func:`add_lora`), latent rows
 :class:`LatentParam`. Phase-F filters: ``LORA_FILTER`` (direct SFT, mask-only),
 ``LIVR_FILTER`` (LIVR and latents-only: LoRA + latents), ``LATENT_FILTER`` (prompt tuning:
-K soft vectors at the latent slots, no LoRA, spec §6 #16); pretraining trains every
+K soft vectors at the latent slots, no LoRA, docs/lir.md D11); pretraining trains every
 ``nnx.Param`` except latents and LoRA (``PRETRAIN_FILTER``).
 
 Arms as (K, stage masks, filter): SFT (0, causal, LoRA); LIVR (K, bottleneck then causal,
@@ -55,7 +55,7 @@ PRETRAIN_FILTER = nnx.All(nnx.Param, nnx.Not(LatentParam), nnx.Not(nnx.LoRAParam
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the tiny LMM (spec §7.3 defaults: 48 px, patch 8, ViT 64x3, LM 96x4)."""
+    """Shape of the tiny LMM (docs/lir.md D15 defaults: 48 px, patch 8, ViT 64x3, LM 96x4)."""
 
     image_size: int = 48
     patch_size: int = 8
@@ -73,7 +73,7 @@ class ModelConfig:
     max_images: int = 3
     num_latents: int = 16
     latent_init_std: float = 0.02
-    # one latent row repeated K times (the "shared latents" ablation, spec §5.6)
+    # one latent row repeated K times (the "shared latents" ablation, LIVR §4.4.3)
     shared_latents: bool = False
     vocab_size: int = VOCAB_SIZE
 
@@ -94,8 +94,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """LoRA on the LM's attention and MLP projections (spec §1.6: r 16, alpha 32, dropout
-    0.05 in the paper; §7.3: r 8, alpha 16 for the tiny model)."""
+    """LoRA on the LM's attention and MLP projections (LIVR App. B: r 16, alpha 32, dropout
+    0.05 in the paper; docs/lir.md D15: r 8, alpha 16 for the tiny model)."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -118,8 +118,8 @@ class LMM(nnx.Module):
                                embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.image_index = nnx.Embed(cfg.max_images, cfg.lm_dim,
                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        # latent init N(0, 0.02) (spec §7.3); reset_latents re-draws them around the mean
-        # embedding row before fine-tuning (spec §6 #2)
+        # latent init N(0, 0.02) (docs/lir.md D2); reset_latents re-draws them around the mean
+        # embedding row before fine-tuning (docs/lir.md D2)
         rows = min(cfg.num_latents, 1) if cfg.shared_latents else cfg.num_latents
         self.latents = LatentParam(
             cfg.latent_init_std * jax.random.normal(rngs.params(), (rows, cfg.lm_dim)))
@@ -174,9 +174,9 @@ class LMM(nnx.Module):
 
 def add_lora(model: LMM, cfg: LoRAConfig, *, rngs: nnx.Rngs) -> list[tuple]:
     """Wrap the LM's projections named in ``cfg.targets`` with LoRA (in place; the ViT and
-    projector get none: spec §1.6 pitfall). B starts at zero, so the model is unchanged.
-    With ``cfg.dropout > 0`` the LoRA dropout draws from ``rngs``' "dropout" stream and is
-    active until ``model.eval()``."""
+    projector get none: LIVR §3.3 trains the language backbone only). B starts at zero, so the
+    model is unchanged. With ``cfg.dropout > 0`` the LoRA dropout draws from ``rngs``'
+    "dropout" stream and is active until ``model.eval()``."""
     present = {p[-1] for p, _ in nnx.iter_modules(model.lm) if p}
     targets = tuple(t for t in cfg.targets if t in present)
     return apply_lora(model.lm, targets, cfg.rank, cfg.alpha, cfg.dropout, rngs=rngs)
@@ -188,7 +188,7 @@ def forward(graphdef: nnx.GraphDef, state, batch: Batch, mask_variant: str = "ca
 
 
 def reset_latents(model: LMM, key: jax.Array, std: float = 0.02) -> None:
-    """Re-draw the latent rows as mean embedding row + std * N(0, I) (spec §6 #2; call it
+    """Re-draw the latent rows as mean embedding row + std * N(0, I) (docs/lir.md D2; call it
     once after pretraining, before fine-tuning)."""
     mu = jnp.mean(model.embed.embedding[...], axis=0)
     model.latents[...] = mu + std * jax.random.normal(key, model.latents.shape)
@@ -201,7 +201,7 @@ def answer_logits(logits: jax.Array, batch: Batch) -> jax.Array:
 
 
 def answer_loss(logits: jax.Array, batch: Batch) -> jax.Array:
-    """Mean next-token cross-entropy over answer targets only (spec §1.4): scalar float32."""
+    """Mean next-token cross-entropy over answer targets only (LIVR §3.2): scalar float32."""
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(batch.targets))
     w = jnp.asarray(batch.loss_mask)
     return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
@@ -246,8 +246,8 @@ def attention_probs(model: LMM, batch: Batch, mask_variant: str = "causal") -> j
 
 
 def answer_latent_attention(model: LMM, batch: Batch, mask_variant: str = "causal"):
-    """Attention mass from the answer query to the latent keys (spec §1.7 diagnostic 4,
-    §6 #13): the softmax weights over latent keys are summed, then averaged over heads and
+    """Attention mass from the answer query to the latent keys (LIVR §4.4.1,
+    docs/lir.md D10): the softmax weights over latent keys are summed, then averaged over heads and
     layers. Returns float32[B]."""
     probs = attention_probs(model, batch, mask_variant)
     idx = jnp.asarray(batch.answer_index)
@@ -259,7 +259,7 @@ def answer_latent_attention(model: LMM, batch: Batch, mask_variant: str = "causa
 def query_image_attention(probs: jax.Array, batch: Batch, n_images: int,
                           tokens_per_image: int) -> jax.Array:
     """Attention of every query to every image patch, averaged over layers and heads
-    (latent->image maps, spec §5.8): probs [L, B, H, S, S] -> float32[B, S, M, N], where
+    (latent->image maps, LIVR Fig. 3): probs [L, B, H, S, S] -> float32[B, S, M, N], where
     [b, q, j] reshaped to the patch grid is query q's map over image j."""
     p = jnp.mean(probs, axis=(0, 2))  # [B, S, S]
     slots = jnp.asarray(batch.image_slots)  # [B, S] -> feature index or -1

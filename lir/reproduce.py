@@ -1,4 +1,4 @@
-"""``python -m lir reproduce``: the Table 1 analogue, the latent-usage diagnostics (§5.7),
+"""``python -m lir reproduce``: the Table 1 analogue, the latent-usage diagnostics (LIVR §4.4.1),
 the stage-split / K / mask-variant / latent-placement-and-sharing ablations (Tables 3-4, when
 ``cfg.sweep.tasks`` is set), the multi-task Table 2 analogue (when
 ``cfg.sweep.multitask_seeds`` is set) and a latent->image attention plot, written as
@@ -34,7 +34,7 @@ from lir.tasks import NEGATIVE_CONTROL, TASKS
 
 MAIN_ARMS = ("zero_shot", "sft", "livr", "latents_only", "mask_only", "prompt_tuning")
 
-# Paper Table 1 (spec §5.1), accuracy in %: backbone -> task -> (zero-shot, SFT, LIVR).
+# LIVR Table 1, accuracy in %: backbone -> task -> (zero-shot, SFT, LIVR).
 _T1_TASKS = ("counting", "jigsaw", "localization", "visual_correspondence", "art_style",
              "semantic_correspondence", "functional_correspondence", "relative_reflectance",
              "visual_similarity")
@@ -54,8 +54,8 @@ PAPER_TABLE1 = {
          for t, z, s, lv in zip(_T1_TASKS, *rows, strict=True)}
     for bb, rows in _T1.items()
 }
-PAPER_BACKBONE = "Qwen3-VL-4B"  # the backbone of every ablation (spec §5.6)
-# spec §5.6 Table 3 (Qwen3-VL-4B): latents only / mask only / prompt tuning
+PAPER_BACKBONE = "Qwen3-VL-4B"  # the backbone of every ablation (LIVR §4.4.2-4.4.3)
+# LIVR Table 3 (Qwen3-VL-4B): latents only / mask only / prompt tuning
 _ABL_TASKS = ("localization", "semantic_correspondence", "functional_correspondence")
 for _arm, _vals in (("latents_only", (79.51, 61.15, 58.22)), ("mask_only", (80.33, 61.16, 59.59)),
                     ("prompt_tuning", (71.31, 49.64, 36.30))):
@@ -67,11 +67,11 @@ PAPER_K = {4: (81.15, 62.59, 66.40), 8: (80.33, 63.31, 67.12), 16: (83.61, 64.75
            32: (80.33, 62.59, 63.01)}
 PAPER_MASKS = {"answer_only": (77.87, 60.43, 60.27), "bottleneck": (83.61, 64.75, 67.81),
                "bottleneck_no_latent_prompt": (81.15, 62.59, 63.01)}
-# spec §5.6 (in the text): latent design -> localization / semantic / functional correspondence
+# LIVR §4.4.3 (in the text): latent design -> localization / semantic / functional correspondence
 PAPER_LATENT_DESIGN = {"after_prompt_unshared": (83.61, 64.75, 67.81),
                        "before_prompt": (80.33, 61.87, 63.70),
                        "shared": (81.15, 61.87, 63.70)}
-# spec §5.2 Table 2 (Qwen3-VL-4B, 6 tasks, final checkpoint): method -> task -> %
+# LIVR Table 2 (Qwen3-VL-4B, 6 tasks, final checkpoint): method -> task -> %
 PAPER_TABLE2 = {
     m: dict(zip(("counting", "localization", "visual_correspondence", "semantic_correspondence",
                  "functional_correspondence", "relative_reflectance", "mean"), v, strict=True))
@@ -79,7 +79,7 @@ PAPER_TABLE2 = {
                  ("sft", (66.10, 77.87, 91.29, 62.59, 63.01, 56.72, 69.60)),
                  ("livr", (67.80, 81.97, 92.00, 67.63, 64.38, 60.45, 72.37)))
 }
-# spec §5.7 (Qwen3-VL-4B, localization): condition -> (latents-only, LIVR)
+# LIVR §4.4.1 (Qwen3-VL-4B, localization): condition -> (latents-only, LIVR)
 PAPER_DIAGNOSTICS = {
     "accuracy": (79.51, 83.61),
     "accuracy_latents_dropped": (79.51, 76.23),
@@ -430,8 +430,8 @@ def _write_report(report: Report, cfg: LIRConfig, preset: str, res: dict) -> Non
         f"{cfg.finetune.num_latents}, {len(seeds)} seed(s) {list(seeds)}, validation n = "
         f"{cfg.data.n_val}, test n = {cfg.data.n_test}. Accuracies are in %. The paper "
         f"fine-tunes 3-4 B-parameter models on real BLINK-style data with one seed; these are "
-        f"small procedural analogues (spec §7), so compare directions and diagnostics, not "
-        f"levels.")
+        f"small procedural analogues (docs/lir.md D14-D17), so compare directions and "
+        f"diagnostics, not levels.")
     if preset == "tiny":
         report.paragraph(
             "**This is the `tiny` demo.** Phase P is far too short for the model to learn its "
@@ -472,9 +472,9 @@ def _write_report(report: Report, cfg: LIRConfig, preset: str, res: dict) -> Non
     report.table(headers, rows, fmt="{:.1f}")
     report.paragraph("Mean ± std over seeds of the test accuracy of the best-validation "
                      "checkpoint (LIVR and mask-only: stage-2 epochs only). Paper columns: "
-                     f"{PAPER_BACKBONE} (spec §5.1); `colour_control` is this suite's negative "
+                     f"{PAPER_BACKBONE} (LIVR Table 1); `colour_control` is this suite's negative "
                      "control and has no paper counterpart. The paper's latents-only / "
-                     "mask-only numbers (spec §5.6, localization / semantic / functional "
+                     "mask-only numbers (LIVR Table 3, localization / semantic / functional "
                      "correspondence) are in results.json under `paper`.")
     per_seed_rows = [[t, a] + [100 * x for x in res["table1_seeds"][t][a]]
                      for t in tasks for a in cfg.arms]
@@ -493,7 +493,7 @@ def _write_report(report: Report, cfg: LIRConfig, preset: str, res: dict) -> Non
                      fmt="{:.3g}")
 
     # diagnostics
-    report.heading("Are the latents used? (spec §5.7)")
+    report.heading("Are the latents used? (LIVR §4.4.1)")
     diag = res["diagnostics"]["all"]
     rows = []
     labels = {"accuracy": "standard mask, latents present",
@@ -522,7 +522,7 @@ def _write_report(report: Report, cfg: LIRConfig, preset: str, res: dict) -> Non
     # ablations
     ab = res["ablations"]
     if ab:
-        report.heading("Ablations (spec §5.6; LIVR, mean over seeds "
+        report.heading("Ablations (LIVR §4.4.2-4.4.3; LIVR, mean over seeds "
                        f"{ab['seeds']})")
         for key, title, paper in (("stage_split", "Stage-1 epochs (total fixed)",
                                    PAPER_STAGE_SPLIT),
@@ -563,7 +563,7 @@ def _write_report(report: Report, cfg: LIRConfig, preset: str, res: dict) -> Non
             + ", ".join(f"{100 * d:+.1f}" for d in t2["livr-sft"]["per_seed"])
             + f" points; task×seed sign test {st['wins']}/{st['losses']}/{st['ties']} "
             f"(p = {st['p_value']:.3g}). Paper (Qwen3-VL-4B, six different tasks): +2.77 "
-            "points mean (spec §5.2).")
+            "points mean (LIVR Table 2).")
 
     if res["attention_plot"]:
         report.heading("Latent→image attention")
@@ -581,7 +581,7 @@ def _write_report(report: Report, cfg: LIRConfig, preset: str, res: dict) -> Non
 
 
 def _analysis(cfg: LIRConfig, res: dict) -> str:
-    """Plain statements of what the numbers say about the paper's claims (spec §7.1)."""
+    """Plain statements of what the numbers say about the paper's claims (docs/lir.md D19)."""
     lines = []
     p = res["paired"]
     if "livr-sft" in p:

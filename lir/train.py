@@ -1,6 +1,6 @@
 """Phase P (pretraining, cached) and phase F (LoRA / LIVR fine-tuning arms) for lir.
 
-Phase P (spec §7.2): the whole tiny LMM (every ``nnx.Param`` except latents and LoRA,
+Phase P (docs/lir.md D14): the whole tiny LMM (every ``nnx.Param`` except latents and LoRA,
 ``PRETRAIN_FILTER``) is trained once on the generic single-image QA mixture of
 ``lir/tasks/pretrain.py`` with ``common.train.train``. The result is cached on disk under
 ``<cache_root>/<hash>/`` where the hash covers exactly the config sections it depends on
@@ -8,13 +8,13 @@ Phase P (spec §7.2): the whole tiny LMM (every ``nnx.Param`` except latents and
 model/data/pretrain settings -- reuses it; an interrupted pretraining resumes from its
 ``common.checkpoint.Checkpointer``.
 
-Phase F (spec §1.5, §1.6, §7.5): for one (task, arm, seed) the pretrained weights are loaded
-into a fresh LMM with K latent rows (re-drawn around the mean embedding, spec §6 #2), LoRA is
-added to the LM, and only the arm's trainable filter is optimized. Each stage gets a fresh
-AdamW and warmup-cosine schedule (``lir.config.stage_optimizer``; spec §6 #6). Validation
-accuracy is measured after every epoch and the best eligible epoch's params are kept in
-memory (spec §6 #7: for two-stage arms only stage-2 epochs are eligible; ties go to the
-later epoch).
+Phase F (LIVR §3.2-3.3, docs/lir.md D17): for one (task, arm, seed) the pretrained weights
+are loaded into a fresh LMM with K latent rows (re-drawn around the mean embedding,
+docs/lir.md D2), LoRA is added to the LM, and only the arm's trainable filter is optimized.
+Each stage gets a fresh AdamW and warmup-cosine schedule (``lir.config.stage_optimizer``;
+docs/lir.md D5). Validation accuracy is measured after every epoch and the best eligible
+epoch's params are kept in memory (docs/lir.md D6: for two-stage arms only stage-2 epochs are
+eligible; ties go to the later epoch).
 
 Arms (:data:`ARMS`; K = the run's ``finetune.num_latents`` unless stated):
 
@@ -109,7 +109,7 @@ class Arm:
     trainable: str
     latents: bool
     lr: str = "finetune"
-    # latent-design ablations (spec §5.6): where the K slots sit, and one shared row
+    # latent-design ablations (LIVR §4.4.3): where the K slots sit, and one shared row
     placement: str = "after_prompt"
     shared_latents: bool = False
 
@@ -137,7 +137,7 @@ def livr_arm(cfg: LIRConfig, stage1_epochs: int | None = None, variant: str = "b
 
 
 def multitask_arms(cfg: LIRConfig) -> dict[str, Arm]:
-    """Table 2 arms (spec §2.2): SFT for ``multitask_sft_epochs`` vs LIVR for
+    """Table 2 arms (LIVR §4.3): SFT for ``multitask_sft_epochs`` vs LIVR for
     ``multitask_stage1_epochs`` + ``multitask_stage2_epochs`` on the union of the tasks."""
     ft = cfg.finetune
     return {
@@ -154,7 +154,7 @@ def arm_specs(cfg: LIRConfig) -> dict[str, Arm]:
         "sft": Arm("sft", (("causal", ft.sft_epochs),), "lora", False),
         "livr": livr_arm(cfg, name="livr"),
         "latents_only": Arm("latents_only", (("causal", ft.sft_epochs),), "livr", True),
-        # spec §1.3 "mask only": K = 0, answer (and template tail) blocked from the image in
+        # LIVR §4.4.2 "mask only": K = 0, answer (and template tail) blocked from the image in
         # stage 1 while the prompt still sees it; same epoch split as LIVR
         "mask_only": Arm("mask_only", (("answer_only", ft.stage1_epochs),
                                        ("causal", ft.stage2_epochs)), "lora", False),
@@ -208,8 +208,8 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
 
 def multitask_data(cfg: LIRConfig, tasks: Sequence[str], num_latents: int | None = None
                    ) -> TaskData:
-    """The union of the tasks' train / val / test splits (spec §6 #18: a uniform shuffle of the
-    union, task identity only through the prompt). Every task is collated at the run's full
+    """The union of the tasks' train / val / test splits (docs/lir.md D12: a uniform shuffle of
+    the union, task identity only through the prompt). Every task is collated at the run's full
     layout, so single-image tasks carry padded image slots."""
     parts = [task_data(cfg, t, num_latents) for t in tasks]
     return TaskData("+".join(tasks), concat_batches([p.train for p in parts]),
@@ -358,7 +358,7 @@ def pretrain(cfg: LIRConfig, cache_root: str | pathlib.Path, *, verbose: bool = 
 
 
 def _skill_accuracy(cfg, graphdef, state: TrainState, n: int) -> dict[str, float]:
-    """Held-out accuracy of the phase-P model on each skill (spec §7.6: check > 80%);
+    """Held-out accuracy of the phase-P model on each skill (docs/lir.md D18: check > 80%);
     ``n`` = 0 skips it."""
     if n < 1:
         return {}
@@ -428,7 +428,7 @@ def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, s
     """Phase F for one (task, arm, seed); returns a :class:`RunResult` (and the selected model
     when ``return_model``). ``data`` must have K slots at ``arm.placement``; the arm decides
     whether they are used. ``select``: "best_val" (single-task: the best eligible epoch) or
-    "final" (multi-task, spec §2.2: the last epoch)."""
+    "final" (multi-task, LIVR §4.3: the last epoch)."""
     if select not in SELECTIONS:
         raise ValueError(f"select must be one of {SELECTIONS}; got {select!r}")
     ft = cfg.finetune
@@ -463,7 +463,7 @@ def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, s
             def on_epoch(st, _gd=gd, _eligible=eligible):
                 acc = ev.accuracy(merge_model(_gd, st), data.val, ft.eval_batch_size)
                 curve.append(acc)
-                # ties -> later epoch (spec §6 #7); "final" keeps every epoch, so the last wins
+                # ties -> later epoch (docs/lir.md D6); "final" keeps every epoch, so the last wins
                 if _eligible and (acc >= best["val"] or select == "final"):
                     best.update(val=acc, epoch=len(curve), params=jax.tree.map(jnp.copy,
                                                                              st.params))

@@ -501,7 +501,8 @@ def write_report(cfg: GeomConfig, out: str, preset: str, overrides=()) -> dict:
     rep.heading("Density trade-off")
     rep.paragraph(
         f"s0 = z_typ / fx = {z_typ:.2f} m / {float(intr[0]):.1f} px = {s0 * 100:.2f} cm, one pixel at the "
-        f"median depth (spec section 6.3), then 3, 5, 7 s0 (the paper's 1:3:5:7 ratios), plus the paper's "
+        f"median depth (docs/spatia.md D13), then 3, 5, 7 s0 (the paper's 1:3:5:7 ratios), "
+        f"plus the paper's "
         f"absolute cube sides. Bytes = points x {mem_lib.bytes_per_point()} B (xyz float32 + rgb uint8, as "
         "in a PLY file; the in-memory JAX buffers use float32 colours and a weight, 29 B per slot). PSNR is "
         f"the mean over the six held-out views. First with the fixed splat of the paper's setting "

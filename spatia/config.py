@@ -9,18 +9,19 @@ alone, so the data can never disagree with the network.
 Presets (`PRESETS`, used as ``python -m spatia train|reproduce --preset NAME --set key=value``):
   tiny:  RGB-D 16x16 frames, N = 4, M = 1, K = 2, width 64, 4 + 2 blocks, a few hundred steps per
          stage; the whole reproduction takes minutes on 2 CPU cores.
-  small: RGB-D 32x32 frames, patch (2, 8, 8), N = 8, M = 2, K = 4, width 128, 6 + 3 blocks (spec 6.5
-         tier A); about an hour on 2 CPU cores.
-  paper: the paper's structure (spec 2.1-2.7): 30 main blocks of width 3072, 8 control blocks
-         paired with main layers 0, 4, ..., 28, K = 7 references, 9 history frames and 81-frame
-         clips (3 + 18 latent frames of a 4x temporal VAE), control stage 8,000 steps at lr 1e-5,
-         LoRA (rank 64) stage 5,000 steps at lr 1e-4, batch 64. It runs on VAE latents, which this
-         package does not ship: the synthetic pixel dataset refuses it (see spatia.datasets).
+  small: RGB-D 32x32 frames, patch (2, 8, 8), N = 8, M = 2, K = 4, width 128, 6 + 3 blocks
+         (docs/spatia.md D14); about an hour on 2 CPU cores.
+  paper: the paper's structure (Spatia §3.1.3, §4; docs/spatia.md D7): 30 main blocks of width
+         3072, 8 control blocks paired with main layers 0, 4, ..., 28, K = 7 references, 9
+         history frames and 81-frame clips (3 + 18 latent frames of a 4x temporal VAE), control
+         stage 8,000 steps at lr 1e-5, LoRA (rank 64) stage 5,000 steps at lr 1e-4, batch 64. It
+         runs on VAE latents, which this package does not ship: the synthetic pixel dataset
+         refuses it (see spatia.datasets).
 
-# choice (spec 6.4 option 1): the tiny and small generators are RGB-D (model.channels = 4, the
+# choice (docs/spatia.md D6): the tiny and small generators are RGB-D (model.channels = 4, the
 # 4th channel is log-depth), so a rollout updates its memory from its own depth and the camera
 # score can estimate each generated frame's pose by ICP; EvalConfig.depth_source="oracle" uses
-# ray-cast depth instead (the upper bound of spec 6.4 option 3).
+# ray-cast depth instead (the upper bound of docs/spatia.md D6).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ _MAIN_MODES = ("lora", "full")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Synthetic training clips (spec 6.5b), generated once and cached.
+    """Synthetic training clips (docs/spatia.md D15), generated once and cached.
 
     num_scenes / val_scenes: rooms of the training / validation split (disjoint seeds).
     traj_frames: length of each room's exploration trajectory; samples_per_scene windows of
@@ -56,14 +57,15 @@ class DataConfig:
       frame, memory built from it alone, no references).
     memory_frames: the memory of an ordinary sample is built from 1 candidate frame, and with
       probability extra_memory_prob from up to memory_frames (imitating later rounds).
-    voxel_s0: memory voxel in units of s0 = 3 m / fx (one pixel at a typical depth, spec 6.3).
+    voxel_s0: memory voxel in units of s0 = 3 m / fx (one pixel at a typical depth,
+      docs/spatia.md D13).
     render_mode / splat_radius: how the memory is rendered into the projection video
       (spatia.render modes; radius in pixels).
     cand_stride: stride of the candidate (reference) frames outside the window.
-    retrieval_views: number of target views that drive retrieval (spec 5 #5).
-    retrieval_eps: IoU threshold of Algorithm 1 (spec 6.5b: 0.05).
-    random_k: draw the number of valid references per sample from U{0..K} (spec 6.5, so one
-      model can be evaluated at every K).
+    retrieval_views: number of target views that drive retrieval (docs/spatia.md D4).
+    retrieval_eps: IoU threshold of Spatia Alg. 1 (docs/spatia.md D15: 0.05).
+    random_k: draw the number of valid references per sample from U{0..K} (docs/spatia.md D14,
+      so one model can be evaluated at every K).
     seed: base seed of rooms, trajectories and sample choices.
     """
 
@@ -113,7 +115,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The three training stages (spec 2.6, 6.5) and their optimisers.
+    """The three training stages (Spatia §4, docs/spatia.md D14) and their optimisers.
 
     Stage "base" (no memory; also the no-memory baseline) trains every non-control parameter
     on history + instruction; stage "control" freezes the base and trains the control branch on
@@ -121,7 +123,7 @@ class TrainConfig:
     (main_mode "lora": LoRA of rank model.lora_rank, "full": all base parameters), control
     frozen, with t_aug ~ U[0, hist_noise_max] noise on the history frames.
     *_steps = 0 skips a stage's updates (its checkpoint is the initialised model).
-    Optimiser (spec 5 #9): AdamW, linear warm-up then constant lr, weight decay, grad clip.
+    Optimiser (docs/spatia.md D9): AdamW, linear warm-up then constant lr, weight decay, grad clip.
     ablations: also train the Table 4 variants "main_proj" (no references) and "main_refs"
       (no control branch, references only) with the main stage's settings.
     """
@@ -165,7 +167,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Closed-loop evaluation (spec 6.6).
+    """Closed-loop evaluation (Spatia Table 3, docs/spatia.md D16).
 
     num_loops: held-out rooms, each with one out-and-back loop (seeds disjoint from training).
     loop_kind / yaw_deg / dist_m: the loop (spatia.trajectories.loop_trajectory).

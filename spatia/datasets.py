@@ -1,4 +1,5 @@
-"""Training clips for Spatia's generator, cut from the synthetic worlds (spec 2.4, 6.5b).
+"""Training clips for Spatia's generator, cut from the synthetic worlds (Spatia §3.1,
+docs/spatia.md D15).
 
 One sample mirrors the paper's split of a training video into target frames T (N), the
 preceding clip P (M) and candidates C (everything outside the window, every `cand_stride`-th):
@@ -16,7 +17,7 @@ preceding clip P (M) and candidates C (everything outside the window, every `can
 6. an instruction id: the camera motion of the clip (turn left / turn right / forward /
    backward-or-still), standing in for the text prompt.
 
-With `model.channels == 4` the generator is RGB-D (spec 6.4 option 1): every frame carries
+With `model.channels == 4` the generator is RGB-D (docs/spatia.md D6): every frame carries
 `spatia.pipeline.encode_depth` of its metric depth as a 4th channel (ground truth for targets,
 history and references; the nearest memory point's depth for the projection, 0 in holes), which
 is what `spatia.pipeline.model_generate_clip` feeds the model at inference.
@@ -71,7 +72,7 @@ __all__ = [
 
 # Bump when the sample recipe changes, so stale caches are not reused.
 DATA_VERSION = 1
-# s0 = TYPICAL_DEPTH / fx: one pixel at a typical depth of the rooms (spec 6.3).
+# s0 = TYPICAL_DEPTH / fx: one pixel at a typical depth of the rooms (docs/spatia.md D13).
 TYPICAL_DEPTH = 3.0
 INSTRUCTIONS = ("turn left", "turn right", "forward", "backward or still")
 ARRAY_KEYS = ("frames", "prev", "refs", "ref_valid", "proj", "hole", "instruction")
@@ -160,7 +161,7 @@ def retrieve_references(
     height: int,
     width: int,
 ) -> np.ndarray:
-    """Indices (into w2c_cands) of up to k reference frames, best IoU first (spec 6.5b step 4).
+    """Indices (into w2c_cands) of up to k reference frames, best IoU first (docs/spatia.md D15).
 
     w2c_targets [A, 4, 4] target views, w2c_cands [B, 4, 4] candidates. Visibility sets are the
     memory points front-most at their 1-px pixel; candidates are matched one-to-one to targets

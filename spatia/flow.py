@@ -1,7 +1,7 @@
 """Flow matching for Spatia's video generator: timesteps, interpolation, loss and ODE samplers.
 
-Convention (Wan's code, spec 2.5): t is the *noise level*. t = 0 is clean data, t = 1 is pure
-noise:
+Convention (Wan's code, docs/spatia.md D8): t is the *noise level*. t = 0 is clean data, t = 1
+is pure noise:
 
     x_t = (1 - t) * x + t * noise,        velocity target  v = d x_t / d t = noise - x.
 

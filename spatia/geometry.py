@@ -9,7 +9,7 @@ Conventions (used by every module of `spatia`):
   `denormalize_intrinsics`.
 * **Pixels**: continuous image coordinates ``(u, v)``; pixel ``(row i, col j)`` covers
   ``u in [j, j+1), v in [i, i+1)`` and its centre is ``(j + 0.5, i + 0.5)``. The integer pixel of a
-  projected point is ``(floor(v), floor(u))`` (as in the spec's renderer, §6.8).
+  projected point is ``(floor(v), floor(u))`` (as in `spatia.render`, docs/spatia.md D5).
 * **se(3) vectors** are ``xi = [omega, v]`` (rotation first, 6 floats); `se3_exp` maps them to 4x4
   matrices, `se3_log` back. A left perturbation ``exp(xi) @ T`` moves a point ``p`` to
   ``p + omega x p + v`` to first order, which is what the ICP Jacobian in `spatia.slam` assumes.

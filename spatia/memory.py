@@ -1,11 +1,11 @@
-"""Fixed-capacity point-cloud spatial memory (spec §1.2-1.4, §6.3).
+"""Fixed-capacity point-cloud spatial memory (Spatia §3.1.1, §3.2; docs/spatia.md D2-D3).
 
 `PointMemory` holds ``xyz [C, 3] f32``, ``rgb [C, 3] f32``, ``weight [C] f32`` (how many source
 pixels were averaged into the point) and ``valid [C] bool``. The capacity ``C`` is static, so
 every operation jits; valid points are kept packed at the front after every insertion.
 
 * **Insertion** back-projects the *static* pixels of posed RGB-D frames (depth > 0, finite, not in
-  the dynamic mask) -- dynamic pixels never enter memory (spec §1.3).
+  the dynamic mask) -- dynamic pixels never enter memory (Spatia §3.1.1).
 * **Voxel down-sampling** has Open3D's semantics: one point per occupied voxel, at the mean
   position and mean colour of the points inside (weighted by ``weight``, which is 1 for fresh
   pixels, so a single call equals Open3D's ``voxel_down_sample``). Voxel index =
@@ -16,8 +16,8 @@ every operation jits; valid points are kept packed at the front after every inse
 * **Overflow** is never silent: the jitted cores return the number of points that did not fit,
   and the host-level functions raise `MemoryOverflowError` (``on_overflow="raise"``, default) or
   return it in `InsertStats` (``"report"``). Points that do not fit are the last in voxel order.
-* **Editing** (spec §3): select by a (possibly oriented) 3D box or by a 2D mask in one view;
-  delete, recolour, rigidly transform a selection; splice in another cloud.
+* **Editing** (Spatia §1 (d), 3D-aware editing): select by a (possibly oriented) 3D box or by a
+  2D mask in one view; delete, recolour, rigidly transform a selection; splice in another cloud.
 """
 
 from __future__ import annotations
@@ -343,8 +343,9 @@ def box_mask(memory: PointMemory, lo, hi, box_from_world=None) -> jnp.ndarray:
 
 
 def view_mask_selection(memory: PointMemory, mask, w2c, intr, *, visible_only: bool = True) -> jnp.ndarray:
-    """Points whose pixel in one view falls inside a 2D mask [H, W] (spec §3: back-project a 2D
-    selection). ``visible_only`` keeps only the front-most points (1-px z-buffer). Returns [C] bool."""
+    """Points whose pixel in one view falls inside a 2D mask [H, W] (Spatia §1 (d): back-project a
+    2D selection). ``visible_only`` keeps only the front-most points (1-px z-buffer).
+    Returns [C] bool."""
     mask = jnp.asarray(mask, bool)
     h, w = mask.shape
     uv, z = geo.project(memory.xyz, w2c, intr)

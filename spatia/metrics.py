@@ -1,4 +1,5 @@
-"""Evaluation metrics of Spatia's synthetic protocol (spec §4.3, §4.4, §6.6), pure JAX.
+"""Evaluation metrics of Spatia's synthetic protocol (Spatia Tables 3-7,
+docs/spatia.md D16), pure JAX.
 
 Image metrics take float images ``[..., H, W, C]`` (any leading batch axes) with a known
 ``data_range`` (1.0 for images in [0, 1]):
@@ -14,7 +15,8 @@ Image metrics take float images ``[..., H, W, C]`` (any leading batch axes) with
 * `closed_loop_metrics`: PSNR_C / SSIM_C between the first and the last frame of a video whose
   camera returns to its start (Table 3).
 * `revisited_frames` / `revisit_metrics`: PSNR / SSIM of every frame whose camera pose was
-  already visited by an earlier clip, against the ground-truth render at that pose (§6.6).
+  already visited by an earlier clip, against the ground-truth render at that pose
+  (docs/spatia.md D16).
 * `match_accuracy`: the geometric stand-in for RoMa match accuracy (see its docstring).
 * `camera_control_error` / `camera_score`: pose of generated frames estimated by point-to-plane
   ICP (`spatia.slam`) against a model of the scene, compared with the commanded pose, and a
@@ -57,7 +59,8 @@ __all__ = [
 
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
-# WorldScore's empirical maxima of the camera-control errors (spec §4.1): 15 degrees, 0.5 units.
+# WorldScore's empirical maxima of the camera-control errors (its evaluation code, behind
+# Spatia Table 1): 15 degrees, 0.5 units.
 ROTATION_ERROR_MAX_DEG = 15.0
 TRANSLATION_ERROR_MAX = 0.5
 # Levenberg damping 1.0 instead of the memory update's 1e-6: views dominated by one or two planes
@@ -287,7 +290,8 @@ def match_accuracy(
     colour_tol: float = 0.1,
     occlusion_tol: float = 0.05,
 ):
-    """Geometric match accuracy between two frames (stand-in for RoMa match accuracy, §4.3/§6.6).
+    """Geometric match accuracy between two frames (stand-in for RoMa match accuracy,
+    Spatia supp. §6; docs/spatia.md D16).
 
     Definition. Every pixel p of frame i with ground-truth depth ``depth_i[p] > 0`` (and
     ``valid_i[p]``, e.g. not dynamic) is back-projected through its centre with the *true* pose
@@ -361,9 +365,10 @@ def camera_score(
     """WorldScore-style camera-control score in [0, 100] (higher = better).
 
     Mapping: each mean error is normalised by WorldScore's empirical maximum (15 degrees, 0.5
-    scene units; spec §4.1) and clipped, ``s_x = 100 (1 - min(mean(err_x) / max_x, 1))``; the score
-    is the mean of the rotation and translation scores. Zero errors give 100, errors at or beyond
-    the maxima give 0. Scene units are metres here (the synthetic rooms are metric).
+    scene units; WorldScore's code) and clipped,
+    ``s_x = 100 (1 - min(mean(err_x) / max_x, 1))``; the score is the mean of the rotation and
+    translation scores. Zero errors give 100, errors at or beyond the maxima give 0. Scene units
+    are metres here (the synthetic rooms are metric).
     """
     r = float(np.mean(np.asarray(rotation_deg, np.float64)))
     t = float(np.mean(np.asarray(translation, np.float64)))
@@ -391,7 +396,7 @@ def camera_control_error(
     align_scale: bool = False,
     icp: slam.ICPConfig = CAMERA_ICP,
 ) -> CameraError:
-    """Camera-control error of generated frames (spec §6.6 "Camera control score").
+    """Camera-control error of generated frames (docs/spatia.md D16).
 
     The pose of every generated frame is estimated by point-to-plane ICP of its depth map (the
     generator's RGB-D output) against ``scene_memory`` (a model of the true scene, e.g.

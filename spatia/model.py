@@ -1,6 +1,6 @@
 """Spatia's memory-conditioned video generator: a flow-matching video DiT in Flax NNX.
 
-One token sequence per sample (spec 2.2, 2.8):
+One token sequence per sample (Spatia §3.1.3, docs/spatia.md D7):
 
     [ refs: K single frames | prev: M history frames | target: N frames ]
       clean, t = 0            clean, t = 0 (or t_aug)  noisy, t = sampler's t
@@ -74,8 +74,8 @@ __all__ = [
 
 _zeros = nnx.initializers.zeros_init()
 
-# Trainable-parameter filters for the staged training of spec 2.6 / 6.5 (pass as `trainable`
-# to `common.train.create_train_state`):
+# Trainable-parameter filters for the staged training of Spatia §4 / docs/spatia.md D14 (pass as
+# `trainable` to `common.train.create_train_state`):
 #   "base":    everything but the control branch and LoRA (stage 0: the no-memory model; also a
 #              full fine-tune of the main branch in stage 2).
 #   "control": the control branch only, base frozen (stage 1).
@@ -496,7 +496,7 @@ def merge_main_lora(model: VideoDiT) -> list:
 
 
 def init_control_from_main(model: VideoDiT) -> None:
-    """Copies main block `control_layers[j]` into control block j (VACE init, spec 5 #10).
+    """Copies main block `control_layers[j]` into control block j (VACE init, docs/spatia.md D10).
 
     The zero before/after projections are untouched, so the output is still the base model's.
     Call before `add_main_lora`.

@@ -2,9 +2,9 @@
 
 Presets (`VIDEO_MODEL_PRESETS`):
   tiny:  16x16 RGB frames, patch (1,4,4), width 64, 4 main + 2 control blocks; CPU, seconds per step.
-  small: 32x32 RGB frames, spatio-temporal patch (2,8,8) (16 tokens per latent frame, spec 6.5
-         tier A), width 128, 6 main + 3 control blocks (~2.8 M parameters).
-  paper: Wan2.2-TI2V-5B's DiT as Spatia uses it (spec 2.1-2.2, 2.5-2.7): 30 blocks of width 3072,
+  small: 32x32 RGB frames, spatio-temporal patch (2,8,8) (16 tokens per latent frame,
+         docs/spatia.md D14), width 128, 6 main + 3 control blocks (~2.8 M parameters).
+  paper: Wan2.2-TI2V-5B's DiT as Spatia uses it (docs/spatia.md D7): 30 blocks of width 3072,
          24 heads, FFN 14336, patch (1,2,2) on 48-channel VAE latents, 8 control blocks paired with
          main layers 0,4,...,28, K = 7 references, 3 history latents (9 frames), 18 target
          latents (72 frames), 40 sampling steps with shift 5 and CFG 3.5. Frame sizes here are
@@ -45,7 +45,7 @@ class VideoModelConfig:
     Objective (spatia.flow): noise level t ~ sigmoid(N(logit_mean, logit_std)), then shifted by
       `timestep_shift`; cond_drop_prob: instruction -> null for CFG; ref_drop_prob: drop all
       references of a sample; hist_noise_max: t_aug ~ U[0, hist_noise_max] noise on history
-      frames (spec 1.7, 0.05 = 50/1000), passed to the model as those tokens' timestep.
+      frames (Spatia supp. §6, 0.05 = 50/1000), passed to the model as those tokens' timestep.
 
     LoRA on the main blocks (stage 2): lora_rank, lora_alpha, lora_targets.
     Sampling defaults: sampler ("euler" | "heun"), sample_steps, sample_shift, guidance_scale.

@@ -1,4 +1,4 @@
-"""Spatia's clip loop (spec §1.1, §1.5-§1.8, §6.5b), independent of the video generator.
+"""Spatia's clip loop (Spatia §3.2, docs/spatia.md D1, D15), independent of the video generator.
 
 `generate_video` produces a video along a commanded camera trajectory, one clip at a time::
 
@@ -19,9 +19,9 @@ trained model whose output degrades when a condition is missing.
 
 Switches of `PipelineConfig` give the ablations of Table 4 (``use_projection`` /
 ``use_references``: none, proj, refs, both), Table 5 (``max_refs``), Table 7 (``voxel``) and the
-dynamic-masking test of spec §6.6 (``dynamic_masking``). Camera control is the trajectory itself;
-3-D editing goes through the same loop via ``edit_memory``, e.g. removing a prop from the world
-before the second clip::
+dynamic-masking test of docs/spatia.md D16 (``dynamic_masking``). Camera control is the
+trajectory itself; 3-D editing goes through the same loop via ``edit_memory``, e.g. removing a
+prop from the world before the second clip::
 
     from spatia import memory as mem_lib
 
@@ -84,7 +84,7 @@ __all__ = [
     "noisy_oracle_generate_clip",
 ]
 
-# Log-depth normalisation of an RGB-D generator's 4th channel (spec §6.4 option 1), metres.
+# Log-depth normalisation of an RGB-D generator's 4th channel (docs/spatia.md D6), metres.
 DEPTH_RANGE = (0.1, 16.0)
 
 
@@ -183,8 +183,9 @@ def _small() -> PipelineConfig:
 
 
 def _paper() -> PipelineConfig:
-    # spec §1.2, §1.5-§1.8: 72 new frames after 9 history frames, K = 7, 1 cm voxels, PyTorch3D
-    # radius 0.01 NDC ~ 3.5 px at 704 px, targets at 2 fps and candidates at 6 fps of 24 fps
+    # Spatia §4, docs/spatia.md D1: 72 new frames after 9 history frames, K = 7, 1 cm voxels,
+    # PyTorch3D radius 0.01 NDC ~ 3.5 px at 704 px, targets at 2 fps and candidates at 6 fps of
+    # 24 fps
     return PipelineConfig(
         clip_frames=72,
         history_frames=9,

@@ -1,4 +1,4 @@
-"""Z-buffer point renderer in pure JAX (spec §6.8, anchors §3.4).
+"""Z-buffer point renderer in pure JAX (docs/spatia.md D5).
 
 Stages:
 

@@ -1,5 +1,6 @@
 """``python -m spatia reproduce``: train the staged generator, roll it out on closed loops and
-write ``report.md`` + ``results.json`` with our numbers beside the paper's (spec 4.3-4.4, 6.6).
+write ``report.md`` + ``results.json`` with our numbers beside the paper's (Spatia Tables 3-7,
+docs/spatia.md D16).
 
 Steps (each resumable: the dataset is cached, every training stage is checkpointed):
 
@@ -62,7 +63,7 @@ __all__ = [
     "reproduce",
 ]
 
-# The paper's numbers (spec 4.3-4.4), copied from its tables.
+# The paper's numbers (Spatia Tables 3-7), copied from its tables.
 PAPER = {
     "table3": {
         "ViewCrafter": {"psnr_c": 14.79, "ssim_c": 0.481, "lpips_c": 0.365, "match_acc": 0.447},
@@ -226,9 +227,9 @@ def pad_references(generate: pl.GenerateClip, k_model: int) -> pl.GenerateClip:
 
 
 def rollout_metrics(loop: Loop, result: pl.VideoResult, *, capacity: int) -> dict:
-    """Closed-loop metrics of one rollout (spec 6.6): psnr_c, ssim_c, match_acc, psnr_revisit,
-    ssim_revisit, psnr_all (mean over generated frames vs. ground truth), camera_score and the
-    final memory size."""
+    """Closed-loop metrics of one rollout (docs/spatia.md D16): psnr_c, ssim_c, match_acc,
+    psnr_revisit, ssim_revisit, psnr_all (mean over generated frames vs. ground truth),
+    camera_score and the final memory size."""
     out = dict(sm.closed_loop_metrics(result.rgb))
     traj = loop.trajectory
     w2c = np.asarray(traj.w2c)
@@ -474,7 +475,8 @@ def _write_report(
     r.paragraph(
         f"Preset `{preset or 'custom'}`. Everything below was run by this command on synthetic "
         "rooms "
-        f"(spec 6.2): an RGB-D flow-matching video DiT ({m.depth} main blocks of width {m.dim}, "
+        f"(docs/spatia.md D12): an RGB-D flow-matching video DiT ({m.depth} main blocks of width "
+        f"{m.dim}, "
         f"{len(m.control_layers)} control blocks after main layers {list(m.control_layers)}, "
         f"{H}x{W} frames, patch {m.patch_size}, N = {m.num_target_frames} new frames per clip, "
         f"M = {m.num_prev_frames} history frame(s), K <= {m.max_refs} references) trained in the "
@@ -634,7 +636,7 @@ def _write_report(
             f"{e.dynamic_loops} rooms with a moving object in a reserved colour. Ghost pixels: "
             "pixels of the projections of clips >= 2 that show a dynamic colour where the "
             "ground truth at that pose and time is static (means per loop). The paper has no "
-            "numbers for this test (spec 6.1 H5)."
+            "numbers for this test (docs/spatia.md D11, H5)."
         )
 
     r.heading("A closed loop")

@@ -1,4 +1,5 @@
-"""Reference-frame retrieval by shared visible memory points (spec §1.6, §6.3).
+"""Reference-frame retrieval by shared visible memory points (Spatia §3.1.2, Alg. 1;
+docs/spatia.md D4).
 
 A view's *visibility set* is the set of memory points that are front-most at their 1-px pixel
 (``z <= zbuf + 1e-6``, the rule of the official ``frustum_frontmost_mask``). Candidate history

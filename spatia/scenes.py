@@ -1,4 +1,4 @@
-"""Deterministic synthetic 3D worlds and an analytic ray caster (spec §6.2).
+"""Deterministic synthetic 3D worlds and an analytic ray caster (docs/spatia.md D12).
 
 World frame: metres, **z up**, floor at z = 0, room centred on the origin in x and y.
 

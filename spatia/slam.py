@@ -1,4 +1,5 @@
-"""Pose refinement and memory update from (generated) frames: the stand-in for MapAnything (spec §6.4).
+"""Pose refinement and memory update from (generated) frames: the stand-in for MapAnything
+(docs/spatia.md D3).
 
 `icp_refine` is frame-to-model point-to-plane ICP in the KinectFusion style:
 
@@ -15,8 +16,8 @@
   steps each, as a ``lax.fori_loop``. Everything is fixed-shape and vmappable over frames.
 
 `update_from_frames` inserts the static pixels of frames into the memory with the given poses or
-with poses refined by ICP against the memory first (spec §1.4: the official code rebuilds from all
-frames with known poses; pose refinement is the optional extra).
+with poses refined by ICP against the memory first (docs/spatia.md D3: the official code rebuilds
+from all frames with known poses; pose refinement is the optional extra).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Staged training of Spatia's generator (spec 2.6, 6.5), checkpointed and resumable.
+"""Staged training of Spatia's generator (Spatia §4, docs/spatia.md D14),
+checkpointed and resumable.
 
 Stages (`STAGES`; each initialised from its parent's final checkpoint):
 
@@ -10,7 +11,7 @@ Stages (`STAGES`; each initialised from its parent's final checkpoint):
   main       parent control; references + history + projection; control frozen. main_mode
              "lora" wraps the main blocks' q/k/v/o/FFN in LoRA and trains only those matrices
              (`LORA_PARAMS`), "full" trains all base parameters. History frames get
-             t_aug ~ U[0, hist_noise_max] noise (spec 1.7).
+             t_aug ~ U[0, hist_noise_max] noise (Spatia supp. §6).
   main_proj  Table 4 ablation "projection only": as main, without references.
   main_refs  Table 4 ablation "references only": parent base, references, no control input.
 
@@ -135,7 +136,7 @@ def trainable_filter(cfg: SpatiaConfig, name: str):
 
 
 def stage_optimizer(cfg: SpatiaConfig, name: str) -> ctrain.OptimizerConfig:
-    """AdamW, linear warm-up then constant lr (spec 5 #9), per stage."""
+    """AdamW, linear warm-up then constant lr (docs/spatia.md D9), per stage."""
     t = cfg.train
     lr = {"base": t.base_lr, "control": t.control_lr, "main": t.main_lr}[_spec(name).kind]
     steps = stage_steps(cfg, name)

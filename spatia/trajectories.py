@@ -1,4 +1,4 @@
-"""Camera trajectories through the synthetic rooms of `spatia.scenes` (spec §6.2).
+"""Camera trajectories through the synthetic rooms of `spatia.scenes` (docs/spatia.md D12).
 
 All poses are OpenCV world-to-camera matrices [T, 4, 4], world z up:
 

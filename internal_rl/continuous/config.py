@@ -4,7 +4,7 @@ Sections: env (Point-pinpad now, MJX Ant-pinpad as the GPU path), data (scripted
 D with action noise, D* without), model (the Hawk base model), pretrain, probe, and the
 later stages' settings (metacontroller + mctrain, rl) so that one config describes a
 whole continuous run. `tiny` fits a test (a few steps of a small model), `small` is the
-CPU plan of spec §10.3 (Hawk d=128, L=4, λ=10, AdamW 3e-4 wd 0.03, batch 32, T=200,
+CPU plan B of docs/internal_rl.md D23 (Hawk d=128, L=4, λ=10, AdamW 3e-4 wd 0.03, batch 32, T=200,
 ~4000 steps), `paper` holds the ant hyperparameters (Tables A5, A10, A14, A15).
 """
 
@@ -31,14 +31,15 @@ POINT_OBS_DIM, POINT_ACTION_DIM = 16, 2  # PointPinpad with 4 colours and 1 wall
 
 @dataclasses.dataclass(frozen=True)
 class EnvConfig:
-    """A continuous pinpad (Point-pinpad: spec §10.3; Ant-pinpad: spec §2.2 / §8.7-8.9)."""
+    """A continuous pinpad (Point-pinpad: docs/internal_rl.md D23; Ant-pinpad: internal RL
+    App. A.2, docs/internal_rl.md D7-D9)."""
 
     kind: str = "point"
     size: int = 4
-    cell_size: float = 1.0  # point: 1 (§10.3); ant: 2 (choice §8.8)
+    cell_size: float = 1.0  # point: 1, ant: 2 (docs/internal_rl.md D23, D8)
     num_colours: int = 4
     num_walls: int = 1
-    horizon: int = 200  # T: point 200 (§10.3), ant 500 (§2.2)
+    horizon: int = 200  # T: point 200 (docs/internal_rl.md D23), ant 500 (App. A.2)
     frame_skip: int = 5
 
     def __post_init__(self):
@@ -51,7 +52,8 @@ class EnvConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Expert data: D (pretraining) samples the expert with Gaussian action noise, D*
-    (controllers, metacontroller) uses its noise-free actions (spec §3.2, §10.3)."""
+    (controllers, metacontroller) uses its noise-free actions (internal RL App. C.1.1,
+    docs/internal_rl.md D23)."""
 
     batch_size: int = 32
     max_len: int = 200  # steps per padded trajectory (episodes not done by then are dropped)
@@ -135,14 +137,14 @@ def tiny() -> Config:
 
 
 def small() -> Config:
-    """CPU plan B of spec §10.3: Point-pinpad, T = 200, Hawk d = 128, L = 4 (MLP 256, 8 gate
-    heads), λ = 10, AdamW 3e-4 / wd 0.03 constant, batch 32, 4000 steps (paper: d 256, L 8,
-    204800 steps of batch 512). Later stages, cut to fit one CPU session:
+    """CPU plan B of docs/internal_rl.md D23: Point-pinpad, T = 200, Hawk d = 128, L = 4
+    (MLP 256, 8 gate heads), λ = 10, AdamW 3e-4 / wd 0.03 constant, batch 32, 4000 steps
+    (paper: d 256, L 8, 204800 steps of batch 512). Later stages, cut to fit one CPU session:
     - controllers at layers 0, 2, 4 only, 500 steps of batch 32 on D*;
     - metacontroller: full-rank linear control (rank = d) at lr 3e-4, α ∈ {0.01, 0.03,
-      0.1, 0.3} (spec: {0.1, 0.3}; the grid world's best α was 0.03), 1000 steps each
-      (spec: 2000), β ≡ 1 at the selected α, no co-training;
-    - RL: 100 updates of 128 episodes (12,800 episodes, spec: ≈1e5) at lr 1e-3 (raw-action
+      0.1, 0.3} (plan B: {0.1, 0.3}; the grid world's best α was 0.03), 1000 steps each
+      (plan B: 2000), β ≡ 1 at the selected α, no co-training;
+    - RL: 100 updates of 128 episodes (12,800 episodes, plan B: ≈1e5) at lr 1e-3 (raw-action
       RL 1e-4), 2 seeds per method, on the held-out task 0-1-2-3 and (internal and
       raw-action RL) on the diagnostic task 0-3-2-1 of seen transitions."""
     return Config(
@@ -171,7 +173,7 @@ def paper() -> Config:
     (LRU width 256, 8 heads, MLP 512, init scale 0.1), Table A6 (probes), Table A10
     (metacontroller: full linear at L/2, 32000 steps of batch 128, lr 3e-4, wd 0.03),
     Table A14 (RL: 51200 updates of batch 256, lr 3e-5, wd 0). Env: T = 500, cell size 2
-    (choice §8.8); obs 41-d, 8 torques. Data D samples the trained Ant PPO expert of
+    (docs/internal_rl.md D8); obs 41-d, 8 torques. Data D samples the trained Ant PPO expert of
     data.expert_run_dir (`python -m internal_rl.ant_expert --preset paper --run-dir
     runs/ant_expert`), D* takes its mean."""
     return Config(

@@ -1,4 +1,5 @@
-"""Continuous-pinpad expert trajectories generated on the fly inside jit (spec §3.2, §10.3).
+"""Continuous-pinpad expert trajectories generated on the fly inside jit
+(internal RL App. C.1.1, docs/internal_rl.md D1, D23).
 
 `expert_batch` rolls out an expert policy on `n_candidates` freshly sampled layouts (tasks
 drawn uniformly from a task table), keeps the successful episodes first (stable order) and

@@ -1,5 +1,5 @@
 """Behavioural pretraining of the Hawk base model on continuous pinpad expert data
-(spec §3.2, §4.2-4.4, §10.3).
+(internal RL App. C.1.1, Eq. 5, Tables A5/A15; docs/internal_rl.md D23).
 
 `run_pretrain(cfg, run_dir)` trains `hawk.pretrain_loss` (action NLL + λ · observation NLL)
 with `common.train` (jitted functional step, orbax checkpoints of model + optimizer + RNG

@@ -1,13 +1,13 @@
-"""Ant-pinpad in MJX (paper App. A.2; spec §2.2, §8.7–§8.9, §9).
+"""Ant-pinpad in MJX (internal RL App. A.2; docs/internal_rl.md D7-D9).
 
 Body: the classic MuJoCo quadruped ant (Gym / Brax `ant.xml` geometry, written out in
 `ANT_XML`): a free torso sphere and four legs with 8 hinge joints (hip about z, ankle
 about the leg's normal), 8 motors with gear 150 and ctrl in [-1, 1], timestep 0.01 and
-frame-skip 5 (control dt 0.05, choice §8.7). Only the four foot spheres collide, and only
+frame-skip 5 (control dt 0.05, docs/internal_rl.md D7). Only the four foot spheres collide, and only
 with the floor plane, and the solver uses the Brax MJX settings (Newton, 1 iteration,
-4 line-search iterations, Euler damping disabled: stable and cheap, anchors §2.2).
+4 line-search iterations, Euler damping disabled: stable and cheap, docs/internal_rl.md D7).
 
-Task layer (`pinpad_layout`): 4 x 4 virtual cells of side 2 (choice §8.8), 4 colours,
+Task layer (`pinpad_layout`): 4 x 4 virtual cells of side 2 (docs/internal_rl.md D8), 4 colours,
 1 wall, the Table A2 pretraining tasks and the held-out 0-1-2-3, visit on entering a cell.
 Termination: the torso centre enters the wall cell or leaves the arena, the torso height
 leaves [0.2, 1.0], a wrong colour, success, or T = 500 steps. Reward 1 on success.
@@ -16,7 +16,7 @@ Reset: random solvable layout; torso (x, y) uniform inside the start cell, unifo
 random yaw, every other qpos entry (height, joint angles) and every velocity the nominal
 value plus U(-0.1, 0.1).
 
-Observation (41 dims, float32; choice §8.9): symlog of the proprioception qpos[2:] (13)
+Observation (41 dims, float32; docs/internal_rl.md D9): symlog of the proprioception qpos[2:] (13)
 and qvel (14), then `layout_features`: torso (x, y) normalised to [-1, 1]², the world-frame
 vectors to the 4 colours and the wall divided by the arena side, and the torso's
 coordinates inside its cell.
@@ -131,7 +131,7 @@ class AntPinpad(MJXPinpad):
     def observe(self, state: ContinuousState) -> jax.Array:
         """f32 [obs_dim] observation (module docstring)."""
         data = state.data
-        # choice §8.9: proprio = symlog(qpos[2:], qvel), no contact forces
+        # docs/internal_rl.md D9: proprio = symlog(qpos[2:], qvel), no contact forces
         proprio = symlog(jnp.concatenate([data.qpos[2:], data.qvel]))
         return jnp.concatenate([proprio, layout_features(self.grid, state.pad, data.qpos[:2])])
 

@@ -1,4 +1,4 @@
-"""Gridworld-pinpad in pure JAX (paper App. A.1; spec §2.1).
+"""Gridworld-pinpad in pure JAX (internal RL App. A.1).
 
 A G x G grid (G = 7) holds O = 8 uniquely coloured cells, W = 4 wall cells and the agent,
 all on distinct cells sampled afresh every episode. Actions move one cell in a cardinal
@@ -250,7 +250,8 @@ class GridPinpad:
         if task.ndim != 1:
             raise ValueError(f"task: expected int32 [K] (one task per env), got shape {task.shape}")
 
-        # choice §8.3: reject layouts in which some leg is unreachable (data and RL alike)
+        # docs/internal_rl.md D3: reject layouts in which some leg is unreachable (data and RL
+        # alike)
         def draw(k):
             cands = jax.vmap(lambda kk: self._sample_layout(kk, task))(
                 jax.random.split(k, _CANDIDATES))

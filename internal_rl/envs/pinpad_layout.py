@@ -1,4 +1,5 @@
-"""Cell-grid logic shared by the continuous pinpads (Point-pinpad, Ant-pinpad; spec §2.2, §10.3).
+"""Cell-grid logic shared by the continuous pinpads (Point-pinpad, Ant-pinpad;
+internal RL App. A.2, docs/internal_rl.md D23).
 
 The arena is a G x G grid of *virtual* cells of side `cell_size` centred on the origin
 (cell id = row * G + col, col along +x, row along +y). Four coloured cells, one wall cell
@@ -7,11 +8,11 @@ simulated (no wall or tile geoms): all task logic reads the body's (x, y) only.
 
 The layout and task bookkeeping reuse the discrete grid world: a `GridPinpad(size=G,
 num_colours=4, num_walls=1)` samples layouts in which every leg of the task is reachable
-(choice §8.3) and keeps the BFS distance maps the scripted experts plan with. Its state
+(docs/internal_rl.md D3) and keeps the BFS distance maps the scripted experts plan with. Its state
 (`GridState`) is carried as `ContinuousState.pad`, with `pad.agent` = the body's current
 cell. `advance` applies the pinpad rules after a physics step: a colour is visited when
 the body's centre enters its cell from another cell; the episode ends on success, on a
-wrong colour, on entering the wall cell, on leaving the arena (choice §8.8), on an
+wrong colour, on entering the wall cell, on leaving the arena (docs/internal_rl.md D8), on an
 env-specific failure (the ant's torso height) and at the horizon. Unlike the grid world
 the subgoal label is the next colour itself (4 classes).
 """
@@ -141,7 +142,8 @@ def next_colour(pad: GridState) -> jax.Array:
 
 
 def layout_features(grid: CellGrid, pad: GridState, xy: jax.Array) -> jax.Array:
-    """Observation part shared by the continuous pinpads (choice §8.9), f32 [2 + 2(O+W) + 2]:
+    """Observation part shared by the continuous pinpads (docs/internal_rl.md D9),
+    f32 [2 + 2(O+W) + 2]:
 
     the body's position normalised to [-1, 1]², the vector from the body to every coloured
     cell's centre (by colour id) then to every wall cell, divided by the arena side G·c, in

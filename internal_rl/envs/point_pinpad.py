@@ -1,9 +1,10 @@
-"""Point-pinpad: the Ant-pinpad task with a 2-D point mass, simulated in MJX (spec §10.3).
+"""Point-pinpad: the Ant-pinpad task with a 2-D point mass, simulated in MJX
+(docs/internal_rl.md D23).
 
 Body: a unit point mass on two slide joints (x, y) driven by two motors, ctrl in [-1, 1]².
 Joint damping and gear are set so that one env step (frame-skip 5 x timestep 0.02 = 0.1 s)
-approximates the double integrator `v <- 0.9 v + 0.25 a, x <- x + 0.1 v` of the spec. The
-body has no collision geoms: walls and coloured cells are virtual (`pinpad_layout`).
+approximates the double integrator `v <- 0.9 v + 0.25 a, x <- x + 0.1 v` of docs/internal_rl.md
+D23. The body has no collision geoms: walls and coloured cells are virtual (`pinpad_layout`).
 
 Layout and rules as Ant-pinpad: 4 x 4 cells of size 1, 4 colours, 1 wall, Table A2
 pretraining tasks and the held-out 0-1-2-3, visit on entering a cell, termination on the

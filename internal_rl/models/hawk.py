@@ -1,4 +1,5 @@
-"""Hawk recurrent base model for the continuous pinpads (spec §4.3, Table A15; Griffin paper).
+"""Hawk recurrent base model for the continuous pinpads (internal RL App. D.1, Table A15;
+Griffin paper).
 
 One token per time step: the observation is linearly embedded to n_e, run through L
 pre-norm residual blocks `x += Mixer(Norm(x)); x += MLP(Norm(x))` whose mixer is the Hawk
@@ -8,22 +9,22 @@ temporal block
 
 and read out after a final norm by two heads at the same position t: a Gaussian action
 head p(a_t | o_1:t) with a learned, state-independent diagonal covariance, and a unit
-variance Gaussian observation head p(o_t+1 | o_1:t) (choice §4.1). The RG-LRU is
+variance Gaussian observation head p(o_t+1 | o_1:t) (docs/internal_rl.md D6). The RG-LRU is
 
     r_t = σ(W_a x_t + b_a),  i_t = σ(W_x x_t + b_x)           (block-diagonal, 8 heads)
     log a_t = c r_t log σ(Λ)  (c = 8)
     h_t = a_t ⊙ h_t−1 + sqrt(1 − a_t²) ⊙ (i_t ⊙ x_t)
 
-with Λ initialised so that σ(Λ)^c ~ U[0.9, 0.999] (choice §8.6).
+with Λ initialised so that σ(Λ)^c ~ U[0.9, 0.999] (docs/internal_rl.md D6).
 
 Two code paths compute the same function: `__call__` runs the whole sequence with a
 parallel `jax.lax.associative_scan` (training), `decode_step` runs one token with an
-explicit carried state per layer (`HawkCache`: the last conv_width − 1 conv inputs and the
-LRU state), for rollouts. Residual-stream indexing and interventions follow
-`internal_rl.models.transformer` (§4.5): e_{t,0} is the embedding, e_{t,l} the output of
-block l, and `intervention(e) -> ê` replaces stream `intervention_layer` before the later
-blocks run. `start_layer` / `stop_layer` run only part of the stack (Alg. 1's lower and
-upper halves).
+explicit carried state per layer (`HawkCache`: the last conv_width − 1 conv inputs and the LRU
+state), for rollouts. Residual-stream indexing and interventions follow
+`internal_rl.models.transformer` (docs/internal_rl.md D21): e_{t,0} is the embedding, e_{t,l}
+the output of block l, and `intervention(e) -> ê` replaces stream `intervention_layer` before
+the later blocks run. `start_layer` / `stop_layer` run only part of the stack (Alg. 1's lower
+and upper halves).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class HawkConfig:
     depth: int = 4
     lru_width: int | None = None  # None = dim
     num_heads: int = 8  # blocks of the block-diagonal RG-LRU gates
-    conv_width: int = 4  # choice §8.6 (Griffin default)
+    conv_width: int = 4  # docs/internal_rl.md D6 (Griffin default)
     c: float = 8.0  # RG-LRU decay sharpness (Griffin)
     mlp_hidden: int = 256
     init_scale: float = 0.1  # variance-scaling factor of every dense initialiser
@@ -144,7 +145,8 @@ class RGLRU(nnx.Module):
         self.width, self.c = width, c
         self.r_gate = BlockDiagonalLinear(width, num_heads, kernel_init=kernel_init, rngs=rngs)
         self.i_gate = BlockDiagonalLinear(width, num_heads, kernel_init=kernel_init, rngs=rngs)
-        # choice §8.6: Λ such that a^c ~ U[0.9, 0.999] (slow, long-memory decays at init)
+        # docs/internal_rl.md D6: Λ such that a^c ~ U[0.9, 0.999] (slow, long-memory decays at
+        # init)
         u = jax.random.uniform(rngs.params(), (width,), minval=0.9, maxval=0.999)
         a = u ** (1.0 / c)
         self.a_logit = nnx.Param(jnp.log(a) - jnp.log1p(-a))
@@ -226,7 +228,7 @@ class HawkBlock(nnx.Module):
     """Pre-norm residual block: `x += mixer(norm1(x)); x += mlp(norm2(x))` (RMSNorm, ReLU MLP)."""
 
     def __init__(self, cfg: HawkConfig, *, kernel_init, rngs: nnx.Rngs):
-        # choice §4.3: RMSNorm
+        # docs/internal_rl.md D6: RMSNorm
         self.norm1 = RMSNorm(cfg.dim, rngs=rngs)
         self.mixer = HawkMixer(cfg, kernel_init=kernel_init, rngs=rngs)
         self.norm2 = RMSNorm(cfg.dim, rngs=rngs)
@@ -451,7 +453,7 @@ def sequence_losses(out: HawkOutput, batch: dict[str, jax.Array]) -> dict[str, j
 
     batch: action f32 [B, T, A], next_obs f32 [B, T, obs_dim] (o_{t+1}).
     action_nll is under the learned diagonal Gaussian; obs_nll under a unit-variance
-    Gaussian (choice §4.1: ‖o − ô‖²/2 + const).
+    Gaussian (docs/internal_rl.md D6: ‖o − ô‖²/2 + const).
     """
     action_nll = gaussian_nll(batch["action"], out.action_mean, out.action_log_std)
     obs_nll = gaussian_nll(batch["next_obs"], out.obs_mean, jnp.zeros(()))

@@ -1,14 +1,15 @@
-"""The base autoregressive model for Gridworld-pinpad (spec §4, Table A16).
+"""The base autoregressive model for Gridworld-pinpad (internal RL App. D.1, Table A16).
 
 One token per time step: the 637-d binary observation is linearly embedded to n_e, run
 through a causal pre-norm `common.nn.TransformerStack` (RMSNorm, ReLU MLP, T5 bucketed
 relative position bias with 32 buckets shared by all layers, all initialisers
 variance-scaled by 0.1), final-normed, and read out by two heads at the same position t:
 the action head p(a_t | o_1:t) (4-way) and the observation head p(o_t+1 | o_1:t), which
-is 13 independent 49-way softmaxes, one per entity (choice §8.2). Past actions are not
+is 13 independent 49-way softmaxes, one per entity (docs/internal_rl.md D2). Past actions are not
 fed back (Alg. 1).
 
-Residual stream indexing (§4.5): e_{t,0} is the embedding, e_{t,l} the output of block l.
+Residual stream indexing (docs/internal_rl.md D21): e_{t,0} is the embedding, e_{t,l} the output
+of block l.
 `__call__` returns all L+1 streams and accepts an intervention `e -> ê` at layer l;
 `decode_step` is the one-token-at-a-time version with per-layer KV caches.
 """
@@ -35,7 +36,7 @@ class ModelConfig:
     num_heads: int = 4
     mlp_hidden: int = 256
     num_buckets: int = 32
-    max_distance: int = 128  # choice §8.5
+    max_distance: int = 128  # docs/internal_rl.md D5
     init_scale: float = 0.1  # variance-scaling factor of every initialiser
     obs_dim: int = 637
     num_actions: int = 4
@@ -82,7 +83,7 @@ class BaseModel(nnx.Module):
         self.stack = TransformerStack(
             cfg.depth, cfg.dim, cfg.num_heads, cfg.mlp_hidden,
             relative_bias=True, num_buckets=cfg.num_buckets, max_distance=cfg.max_distance,
-            # choice §8.5: RMSNorm; one T5 bias table shared by all layers
+            # docs/internal_rl.md D5: RMSNorm; one T5 bias table shared by all layers
             activation="relu", norm="rms", final_norm=True, kernel_init=init, rngs=rngs)
         self.action_head = dense(cfg.dim, cfg.num_actions, kernel_init=init, rngs=rngs)
         self.obs_head = dense(cfg.dim, cfg.num_entities * cfg.num_cells, kernel_init=init,

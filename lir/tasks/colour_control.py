@@ -1,4 +1,4 @@
-"""Negative control (spec §7.4 task 9): what colour is the circle?
+"""Negative control (docs/lir.md D16): what colour is the circle?
 
 One image with one disk of the answer colour and 0-3 distractor shapes of other colours.
 Answer: the colour word, open-ended over the 8 palette colours; chance 1/8 (targets

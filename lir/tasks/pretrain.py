@@ -1,6 +1,6 @@
-"""Phase-P skill generators (spec §7.2): generic single-image QA used to pretrain the tiny
+"""Phase-P skill generators (docs/lir.md D14): generic single-image QA used to pretrain the tiny
 LMM before any fine-tuning. None of them is one of the target tasks; they teach the skills
-that the target tasks recombine (spec §7.6 design rule): reading the surface colour under a
+that the target tasks recombine (docs/lir.md D18): reading the surface colour under a
 marker (correspondence, reflectance), binding letter markers to places (every A-D task),
 colour presence and size (counting, localization), coarse layout (jigsaw, similarity).
 

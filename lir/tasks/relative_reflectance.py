@@ -5,8 +5,8 @@ One image = piecewise-constant albedo (Voronoi regions of palette colours scaled
 brightness) times a smooth shading field; marker A (pure red) and marker B (pure green) sit
 on two spatially separated points in different regions. With luminance Y of the albedo and
 ``rel = |Y_A - Y_B| / max(Y_A, Y_B)``: rel <= 0.1 -> (C) about the same, otherwise (A) A is
-darker or (B) B is darker (spec §4.2). Sampled gaps keep a margin: same-class pairs have
-rel <= 0.07, others rel >= 0.2. Class C is sampled 25% of the time (spec §7.4), A and B 37.5%
+darker or (B) B is darker (LIVR App. A). Sampled gaps keep a margin: same-class pairs have
+rel <= 0.07, others rel >= 0.2. Class C is sampled 25% of the time (docs/lir.md D16), A and B 37.5%
 each: uniform guessing gives 1/3, always answering the majority class gives 0.375.
 Needs vision and discounting a nuisance: the shading field makes the brighter-looking pixel
 the darker albedo in many examples, so comparing raw pixel brightness is not enough.

@@ -3,7 +3,7 @@
 Scene colours (``PALETTE``) are muted (every channel in [40, 230]); marker colours
 (``MARKERS``) are pure white and saturated primaries, so a marker can never be confused with
 a scene surface. Markers are hollow squares: the pixels inside the ring keep the surface
-colour, so the colour *under* a marker stays visible (spec §7.4: markers are coloured squares
+colour, so the colour *under* a marker stays visible (docs/lir.md D16: markers are coloured squares
 because letters are illegible at this resolution).
 """
 

@@ -3,7 +3,7 @@
 Ids are positions in ``TOKENS`` and never change order (a checkpoint's embedding rows follow
 them). Special tokens come first so PAD is id 0. Latent tokens are *not* in this vocabulary:
 latent slots carry the PAD id and the model splices a separate ``(K, d)`` latent table there
-(spec §6 #3: latents are never in the output vocabulary).
+(docs/lir.md D1: latents are never in the output vocabulary).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The continuous (Point-pinpad) pipeline: configs, expert data, Hawk pretraining with
-resume, closed-loop evaluation and probes (spec §10.3).
+resume, closed-loop evaluation and probes (docs/internal_rl.md D23).
 
 Compiles dominate on a CPU, so the file compiles one expert-batch program (shared by every
 dataset of the same shapes), one train step, one closed-loop program and one probe forward,

@@ -1,4 +1,4 @@
-"""Gridworld-pinpad invariants (spec §2.1, §10.4)."""
+"""Gridworld-pinpad invariants (internal RL App. A.1, docs/internal_rl.md D24)."""
 
 from collections import deque
 

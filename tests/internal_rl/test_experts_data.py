@@ -1,4 +1,5 @@
-"""Expert optimality/success and on-the-fly expert data (spec §3.1, §10.4)."""
+"""Expert optimality/success and on-the-fly expert data (internal RL App. C.1.1,
+docs/internal_rl.md D24)."""
 
 import jax
 import jax.numpy as jnp

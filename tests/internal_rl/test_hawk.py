@@ -1,5 +1,6 @@
 """Hawk base model: recurrence vs naive loop, step path = sequence path, causality,
-interventions, Gaussian losses and a few training steps (spec §4.3, §10.4)."""
+interventions, Gaussian losses and a few training steps (internal RL App. D.1,
+docs/internal_rl.md D24)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,5 @@
 """Metacontroller: temporal integration, causality, identity at U = 0, KL, switch metrics,
-frozen-base training (spec §6, §10.4)."""
+frozen-base training (internal RL App. C.4, docs/internal_rl.md D24)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,5 @@
 """Continuous pinpads in MJX: cell logic, Point-pinpad + scripted expert, Ant-pinpad
-(spec §2.2, §10.3).
+(internal RL App. A.2, docs/internal_rl.md D23).
 
 MJX compiles dominate on a CPU, so each env compiles two programs, shared by every test
 through module-scoped fixtures: a batched reset and a batched fixed-length rollout from

@@ -1,4 +1,5 @@
-"""Base model: causality, step-vs-sequence equality, masked loss, controllers (spec §10.4)."""
+"""Base model: causality, step-vs-sequence equality, masked loss, controllers
+(docs/internal_rl.md D24)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,7 @@
 """Internal RL and raw-action RL: abstract-env bookkeeping against a naive replay, advantage
 normalisation, the initial policy = prior, PPO convergence on a bandit, raw-action PPO
-(spec §7, §10.4). Tiny random models; one compiled reset and rollout shared by the tests."""
+(internal RL App. C.5, docs/internal_rl.md D24). Tiny random models; one compiled reset and
+rollout shared by the tests."""
 
 import dataclasses
 import math

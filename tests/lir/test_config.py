@@ -28,7 +28,7 @@ def test_paper_recipe():
     spe = steps_per_epoch(ft, cfg.data.n_train)
     assert spe == 125
     s1, s2 = stage_optimizer(ft, 4 * spe), stage_optimizer(ft, 6 * spe)
-    # spec §1.5: S1 = 500 steps with 25 warmup, S2 = 750 steps with ~38 warmup, cosine to 0
+    # LIVR §4.3, App. B: S1 = 500 steps with 25 warmup, S2 = 750 steps with ~38 warmup, cosine to 0
     assert (s1.total_steps, s1.warmup_steps, s2.total_steps, s2.warmup_steps) == (500, 25, 750, 38)
     assert s1.schedule == "cosine" and s1.end_lr_fraction == 0.0 and s1.name == "adamw"
 

@@ -19,12 +19,12 @@ def roles_of(*rows):
     return np.array([[R[c] for c in r.ljust(n, "_")] for r in rows], dtype=np.int32)
 
 
-# The spec's block tables written out cell by cell (True = open, subject to causality).
+# The mask variants' block tables written out cell by cell (True = open, subject to causality).
 # Rows: query role; columns: key role, in order S I P L T A.
 _ORDER = "SIPLTA"
 _TABLES = {
     "causal": ["111111", "111111", "111111", "111111", "111111", "111111"],
-    # §1.3 stage-1 table: S, Q, Q', A rows lose the I column.
+    # LIVR §3.2 stage-1 mask: S, Q, Q', A rows lose the I column.
     "bottleneck": ["101111", "111111", "101111", "111111", "101111", "101111"],
     # Ans->Vis only: the assistant side (tail + answer) loses I; the prompt keeps it.
     "answer_only": ["111111", "111111", "111111", "111111", "101111", "101111"],

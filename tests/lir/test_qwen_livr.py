@@ -80,7 +80,7 @@ def test_sequence_roles_follow_the_chat_template():
     b = _batch(0, 4)
     roles = np.asarray(b.roles[0])
     ids = np.asarray(b.input_ids[0])
-    # vision start/end markers count as image tokens (spec §1.3 pitfall (i))
+    # vision start/end markers count as image tokens (docs/lir.md D4)
     assert set(roles[np.isin(ids, [188, 189])]) == {int(Role.IMAGE)}
     assert (roles[ids == LATENT_ID] == Role.LATENT).sum() == 4
     order = [r for i, r in enumerate(roles) if i == 0 or r != roles[i - 1]]
@@ -246,7 +246,7 @@ def test_lora_and_parameter_counts_match_the_published_sizes():
     from lir.backbones.qwen2_5_vl.config import qwen2_5_vl_3b, qwen2_5_vl_7b
     from lir.backbones.qwen2_5_vl.memory import lora_parameters, parameter_counts
 
-    # spec §1.6: r = 16 on all 7 projections of every LM layer
+    # LIVR App. B: r = 16 on all 7 projections of every LM layer
     assert round(lora_parameters(qwen2_5_vl_3b()) / 1e6, 2) == 29.93
     assert round(lora_parameters(qwen2_5_vl_7b()) / 1e6, 2) == 40.37
     model = QwenLIVR(QwenVL(CFG, rngs=nnx.Rngs(0)), 0, key=jax.random.key(0))

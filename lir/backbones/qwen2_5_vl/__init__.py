@@ -1,4 +1,4 @@
-"""Qwen2.5-VL (3B / 7B Instruct) in Flax NNX, with LIVR on top (spec §8).
+"""Qwen2.5-VL (3B / 7B Instruct) in Flax NNX, with LIVR on top (docs/lir.md D20).
 
 Modules: ``config`` (shapes, config.json reader), ``processor`` (images, vision layout,
 M-RoPE ids; NumPy), ``vision`` (tower + merger), ``language`` (decoder LM + KV cache),

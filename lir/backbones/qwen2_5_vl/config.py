@@ -3,7 +3,7 @@
 Both config layouts are accepted: the hub files (text fields at the top level,
 ``rope_scaling.mrope_section``) and newer re-saves (``text_config`` / ``vision_config``
 sub-dicts, ``rope_parameters``). ``qwen2_5_vl_3b()`` / ``qwen2_5_vl_7b()`` give the published
-shapes (spec §8.1) without any weights, for memory estimates and shape tests.
+shapes (docs/lir.md D20) without any weights, for memory estimates and shape tests.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pathlib
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """The vision tower and patch merger (spec §8.1: depth 32, width 1280, 16 heads)."""
+    """The vision tower and patch merger (released configs: depth 32, width 1280, 16 heads)."""
 
     depth: int = 32
     hidden_size: int = 1280
@@ -56,7 +56,7 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """The language model (spec §8.1; defaults are the 3B model)."""
+    """The language model (released configs; defaults are the 3B model)."""
 
     vocab_size: int = 151936
     hidden_size: int = 2048
@@ -84,7 +84,7 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class QwenVLConfig:
-    """Whole model: vision tower, LM and the special token ids (spec §8.1 table)."""
+    """Whole model: vision tower, LM and the special token ids (as in the released configs)."""
 
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()

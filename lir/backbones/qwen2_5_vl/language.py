@@ -1,5 +1,5 @@
 """Qwen2.5-VL language model in Flax NNX: GQA with q/k/v bias and M-RoPE, SwiGLU, RMSNorm,
-tied or untied head, and a per-layer KV cache (spec §8.1 step 9).
+tied or untied head, and a per-layer KV cache (docs/lir.md D20).
 
 Attention is ``common.nn.Attention`` (rotate-half multi-axis RoPE with the t/h/w sections
 ``mrope_section``, boolean masks, ``common.nn.KVCache``); the MLP is ``common.nn.MLP``

@@ -1,9 +1,9 @@
-"""LIVR on Qwen2.5-VL (spec §1, §6, §8.1 step 11): K latent tokens as a separate trainable
+"""LIVR on Qwen2.5-VL (LIVR §3.2-3.3, docs/lir.md D20): K latent tokens as a separate trainable
 (K, D) table spliced after the prompt, the role masks of ``lir.masks`` on Qwen's chat
 template, LoRA on the LM's q,k,v,o,gate,up,down only, answer-only loss, and the train /
 predict steps.
 
-Sequence of one example (spec §1.3, §6 #1 and #4), with roles from :class:`lir.masks.Role`:
+Sequence of one example (LIVR §3.2, docs/lir.md D3-D4), with roles from :class:`lir.masks.Role`:
 
   SYSTEM  <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
   IMAGE   <|vision_start|> <|image_pad|> x n_i <|vision_end|>   (per image; markers included)
@@ -12,7 +12,7 @@ Sequence of one example (spec §1.3, §6 #1 and #4), with roles from :class:`lir
   TAIL    <|im_end|>\\n<|im_start|>assistant\\n
   ANSWER  answer text + <|im_end|>
 
-The latents are never in the output vocabulary (spec §6 #3): logits cover the checkpoint's
+The latents are never in the output vocabulary (docs/lir.md D1): logits cover the checkpoint's
 vocabulary only, and the latent rows live in :attr:`QwenLIVR.latents` (``LatentParam``,
 float32) rather than in the (frozen, bf16) embedding table.
 """
@@ -134,7 +134,7 @@ def make_batch(examples: Sequence[Encoded], patches: np.ndarray, grid_thw: np.nd
 def init_latents(embedding: jax.Array, num_latents: int, key: jax.Array,
                  rows: int | None = None) -> jax.Array:
     """New latent rows float32[K, D] ~ per-dimension N(mean, std^2) of the first ``rows``
-    embedding rows (the tokenizer's real tokens; spec §6 #2, close to HF's mean-resizing)."""
+    embedding rows (the tokenizer's real tokens; docs/lir.md D2, close to HF's mean-resizing)."""
     emb = jnp.asarray(embedding[:rows] if rows else embedding, jnp.float32)
     mu, sd = jnp.mean(emb, 0), jnp.std(emb, 0)
     return mu + sd * jax.random.normal(key, (num_latents, emb.shape[1]), jnp.float32)
@@ -168,7 +168,7 @@ class QwenLIVR(nnx.Module):
 
 
 def add_lora(model: QwenLIVR, cfg: LoRAConfig, *, rngs: nnx.Rngs) -> list[tuple]:
-    """LoRA on the language model's decoder layers only (spec §1.6 pitfall: the vision
+    """LoRA on the language model's decoder layers only (LIVR §3.3, docs/lir.md D20: the vision
     blocks' gate/up/down_proj get none). LoRA matrices are float32 whatever the base dtype."""
     paths = apply_lora(model.base.language.layers, cfg.targets or LM_LORA_TARGETS, cfg.rank,
                        cfg.alpha, cfg.dropout, rngs=rngs)
@@ -194,7 +194,7 @@ def generate(model: QwenLIVR, batch: QwenBatch, max_new_tokens: int, eos_token_i
     """Greedy answers int32[B, max_new_tokens] for prompt-only batches (right-padded, with
     the latents in place). ``mask_variant`` "bottleneck" keeps the Stage-1 mask on the
     prompt (the test-time bottleneck diagnostic; decode steps then see the image through
-    the cache, so use it with one-token answers, spec §6 #20)."""
+    the cache, so use it with one-token answers, docs/lir.md D13)."""
     roles = jnp.asarray(batch.roles)
     mask = attention_mask(roles, mask_variant)
     return greedy_generate(model.base, model.embed(batch), jnp.asarray(batch.positions),

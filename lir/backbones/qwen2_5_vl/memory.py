@@ -1,7 +1,7 @@
 """Parameter counts and device-memory estimates of LIVR fine-tuning from a config alone
 (no weights; the module is built with ``nnx.eval_shape``), for sizing 3B / 7B runs.
 
-Estimate per device at the paper's settings (spec §2.2, §6 #9): bf16 frozen weights
+Estimate per device at the paper's settings (LIVR App. B, docs/lir.md D8): bf16 frozen weights
 (sharded FSDP-style over ``n_devices``), float32 LoRA + latents with AdamW moments and a
 gradient (4 copies), and activations with per-layer rematerialisation: the bf16 residual
 stream kept at every LM layer boundary, plus one layer's recomputed working set (float32

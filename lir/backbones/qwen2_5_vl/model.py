@@ -1,5 +1,5 @@
 """Qwen2.5-VL in Flax NNX: vision tower + language model, image-feature scatter, forward
-with any boolean mask, and greedy generation with a KV cache (spec §8.1 steps 7, 14).
+with any boolean mask, and greedy generation with a KV cache (docs/lir.md D20).
 
 Inputs are host-prepared arrays with static shapes:
 
@@ -80,7 +80,7 @@ def greedy_generate(model: QwenVL, embeds: jax.Array, positions: jax.Array,
                     rope_delta: jax.Array, valid: jax.Array, max_new_tokens: int,
                     eos_token_id: int, prefill_mask: jax.Array | None = None,
                     logit_limit: int | None = None) -> jax.Array:
-    """Greedy decoding with a KV cache (spec §1.7, §8.1 step 14).
+    """Greedy decoding with a KV cache (docs/lir.md D9, D20).
 
     Args:
       embeds: float[B, S, D] prompt embeddings (images and latents already spliced in).

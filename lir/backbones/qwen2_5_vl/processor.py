@@ -2,12 +2,12 @@
 M-RoPE position ids. Nothing here is traced; every output has a static shape for ``jit``.
 
 * :func:`preprocess_images`: smart resize (bicubic), x/255, CLIP mean/std normalisation,
-  frame repeated to T = 2, patchify in merge-grouped order (spec §8.1 step 1).
+  frame repeated to T = 2, patchify in merge-grouped order (docs/lir.md D20).
 * :func:`vision_layout`: the window permutation, window / image segment ids (so one
   boolean-mask attention kernel serves window and full-attention blocks), the 2-D rotary
-  row/col ids and the inverse permutation for the merged tokens (spec §8.1 steps 3-4).
+  row/col ids and the inverse permutation for the merged tokens (HF ``get_window_index``).
 * :func:`rope_index`: (3, B, S) M-RoPE position ids and the per-row rope delta used for
-  decoding (spec §8.1 step 8).
+  decoding (HF ``get_rope_index``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclasses.dataclass(frozen=True)
 class ProcessorConfig:
     """Pixel budget and patch geometry. Defaults are the processor's own (min 3,136 and
-    max 12,845,056 pixels); spec §6 #8 recommends max_pixels = 1280 * 28 * 28 for training."""
+    max 12,845,056 pixels); docs/lir.md D7 uses max_pixels = 1280 * 28 * 28 for training."""
 
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 16384
@@ -202,7 +202,7 @@ def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig, n_padded: int | None 
 def rope_index(input_ids: np.ndarray, grid_thw: np.ndarray, image_token_id: int,
                valid: np.ndarray | None = None, merge_size: int = 2
                ) -> tuple[np.ndarray, np.ndarray]:
-    """M-RoPE position ids of a batch (spec §8.1 step 8).
+    """M-RoPE position ids of a batch (HF ``get_rope_index``).
 
     Args:
       input_ids: int[B, S]; each run of ``image_token_id`` is one image, consuming the rows

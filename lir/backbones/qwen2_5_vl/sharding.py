@@ -1,5 +1,5 @@
-"""FSDP-style placement of the frozen weights over every device of a mesh (spec §8.1
-memory notes): each weight is split along its largest axis that the device count divides,
+"""FSDP-style placement of the frozen weights over every device of a mesh (docs/lir.md
+D20): each weight is split along its largest axis that the device count divides,
 so a 7B model's bf16 weights (~16.6 GB) spread over the GPUs a user has; XLA all-gathers a
 layer's weights where the jitted step uses them. Small or indivisible tensors, and the
 trainable LoRA / latent parameters, stay replicated.

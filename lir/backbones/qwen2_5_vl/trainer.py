@@ -1,4 +1,5 @@
-"""Two-stage LIVR / direct-SFT fine-tuning of :class:`QwenLIVR` (spec §1.5, §2.2, §6 #6-7).
+"""Two-stage LIVR / direct-SFT fine-tuning of :class:`QwenLIVR` (LIVR §3.2, App. B;
+docs/lir.md D5-D6).
 
 Each stage gets a fresh AdamW and a fresh 5%-warmup cosine schedule
 (``lir.config.stage_optimizer``), through ``common.train``'s functional train step. Only the
@@ -56,7 +57,7 @@ def finetune(model: QwenLIVR, method: str, ft: FinetuneConfig, batches: Sequence
         reshuffled every epoch from ``seed``. Steps per epoch = len(batches) //
         ``ft.accumulation_steps``.
       on_epoch: ``(model, stage index, epoch) -> validation accuracy or None``; with values
-        from the last stage's epochs the best one is kept (ties: later epoch, spec §6 #7).
+        from the last stage's epochs the best one is kept (ties: later epoch, docs/lir.md D6).
       log: receives one dict of metrics per train-step call.
     Returns:
       {"losses": per-call losses, "val": [(stage, epoch, acc)], "best_epoch": int or None}.

@@ -1,6 +1,6 @@
 """Qwen2.5-VL vision tower in Flax NNX: patch embedding, 2-D rotary positions, window /
-full attention as segment-id masks, SwiGLU blocks and the 2x2 patch merger (spec §8.1
-steps 2-6).
+full attention as segment-id masks, SwiGLU blocks and the 2x2 patch merger (docs/lir.md
+D20).
 
 The tower runs on one packed sequence of all images' patches, reordered so each attention
 window is contiguous (:class:`lir.backbones.qwen2_5_vl.processor.VisionLayout`). Window blocks

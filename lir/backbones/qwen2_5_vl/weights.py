@@ -1,6 +1,6 @@
 """Load a local Hugging Face Qwen2.5-VL checkpoint (config.json + safetensors shards) into
-:class:`lir.backbones.qwen2_5_vl.model.QwenVL`, streaming one tensor at a time (spec §8.1
-step 10). Nothing is ever downloaded: a missing directory or file is an error.
+:class:`lir.backbones.qwen2_5_vl.model.QwenVL`, streaming one tensor at a time (docs/lir.md
+D20). Nothing is ever downloaded: a missing directory or file is an error.
 
 Name mapping (hub names; re-saved checkpoints use ``model.language_model.*`` for ``model.*``
 and ``model.visual.*`` for ``visual.*``, and both are accepted):
