@@ -9,11 +9,13 @@ the *background load*: the fraction of the machine's CPU time (all cores) that w
 processes, i.e. busy time minus this process's own CPU time, over the wall time of all cores.
 A call whose background load exceeds ``max_load`` is contended: it is repeated (at most
 ``retries`` more times) and the least contended attempt is kept, so a burst from another process
-does not land in the median. The loads of the kept calls are recorded with the numbers.
+does not land in the median. The loads of the kept calls are recorded with the numbers. (Under
+load that lasts, every attempt is contended: the retries then cost time without changing much,
+and ``contended_retries`` and ``background_load`` in the record say so.)
 
 Calls shorter than a few scheduler ticks (``/proc/stat`` counts in 1/CLK_TCK s, usually 10 ms)
-cannot be measured one by one; their per-call load is ``None`` and the record's load falls back
-to the whole timed block. On a system without ``/proc/stat`` every load is ``None``.
+cannot be measured one by one; their per-call load is ``None`` (such a call is never retried)
+and the record's load falls back to the whole timed block. On a system without ``/proc/stat`` every load is ``None``.
 
 Imported by the scripts as ``from timing import time_call`` when they are run as files
 (``python benchmarks/x.py`` puts this folder first on ``sys.path``) and as
@@ -153,8 +155,9 @@ def time_call(
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             load = background_load(s0, read_cpu_ticks(stat_path), cpu, hz)
             attempts += 1
-            # An unmeasurable load only happens for calls too short to measure: keep the first.
-            if best is None or (load is not None and best[2] is not None and load < best[2]):
+            # A retry only follows a measured, contended attempt; a retry too short to measure
+            # is not known to be contended, so it replaces that attempt.
+            if best is None or load is None or load < best[2]:
                 best = (wall, cpu, load)
             if load is None or load <= max_load:
                 break

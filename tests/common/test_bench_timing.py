@@ -127,6 +127,12 @@ def test_contended_call_is_retried_and_least_contended_kept(tmp_path):
     assert rec["load"][0] == pytest.approx(0.5, abs=0.01)
     assert all(0.0 <= x <= 1.0 for x in rec["load"])
 
+    # a retry too short to measure is not known to be contended: it ends the retries and is kept
+    stat = FakeStat(tmp_path / "stat", [(0, 0), (900, 1000), (0, 2)])
+    rec = timing.time_call(stat.tick, repeats=1, max_load=0.25, retries=2,
+                           stat_path=str(stat.path))
+    assert rec["contended_retries"] == 1 and rec["load"] == [None]
+
     # retries=0: a contended call is kept as it is
     stat = FakeStat(tmp_path / "stat", [(0, 0), (900, 1000)])
     rec = timing.time_call(stat.tick, repeats=1, retries=0, stat_path=str(stat.path))
