@@ -185,7 +185,7 @@ def main(argv=None) -> int:
             rows.append((name, f"sample 1 clip, {label}", v["compile_s"], v["s"], v["cpu_s"]))
         v = r["loop_per_clip"]
         rows.append((name, "pipeline, per clip", v["compile_s"], v["s"], v["cpu_s"]))
-    print(f"{'preset':<7} {'what':<34} {'first call s':>12} {'best s':>9} {'cpu s':>9}")
+    print(f"{'preset':<7} {'what':<34} {'first call s':>12} {'median s':>9} {'cpu s':>9}")
     for p, w, c, s, cpu in rows:
         print(f"{p:<7} {w:<34} {c:12.2f} {s:9.4f} {cpu:9.4f}")
     write_json(

@@ -112,16 +112,14 @@ def test_time_call_custom_warmup_and_vary(tmp_path):
 def test_contended_call_is_retried_and_least_contended_kept(tmp_path):
     # per call: warm-up; timed call 1 fully contended, its retry idle; timed call 2 idle
     stat = FakeStat(tmp_path / "stat", [(0, 0), (1000, 1000), (0, 1000), (0, 1000)])
-    rec = timing.time_call(stat.tick, repeats=2, max_load=0.25, retries=2,
-                           stat_path=str(stat.path))
+    rec = timing.time_call(stat.tick, repeats=2, max_load=0.25, retries=2, stat_path=str(stat.path))
     assert rec["contended_retries"] == 1
     assert rec["load"] == [0.0, 0.0]
     assert rec["background_load"] == 0.0 and rec["load_max"] == 0.0
 
     # every attempt contended: after `retries` extra attempts the least contended one is kept
     stat = FakeStat(tmp_path / "stat", [(0, 0), (900, 1000), (500, 1000), (800, 1000)])
-    rec = timing.time_call(stat.tick, repeats=1, max_load=0.25, retries=2,
-                           stat_path=str(stat.path))
+    rec = timing.time_call(stat.tick, repeats=1, max_load=0.25, retries=2, stat_path=str(stat.path))
     assert rec["contended_retries"] == 2
     # own CPU of a call that only writes a small file is well under one tick
     assert rec["load"][0] == pytest.approx(0.5, abs=0.01)
@@ -129,8 +127,7 @@ def test_contended_call_is_retried_and_least_contended_kept(tmp_path):
 
     # a retry too short to measure is not known to be contended: it ends the retries and is kept
     stat = FakeStat(tmp_path / "stat", [(0, 0), (900, 1000), (0, 2)])
-    rec = timing.time_call(stat.tick, repeats=1, max_load=0.25, retries=2,
-                           stat_path=str(stat.path))
+    rec = timing.time_call(stat.tick, repeats=1, max_load=0.25, retries=2, stat_path=str(stat.path))
     assert rec["contended_retries"] == 1 and rec["load"] == [None]
 
     # retries=0: a contended call is kept as it is
