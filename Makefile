@@ -38,6 +38,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check common lir internal_rl spatia tests benchmarks
+	$(BIN)/ruff format --check common lir internal_rl spatia tests benchmarks
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache

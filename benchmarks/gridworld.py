@@ -5,7 +5,9 @@ auto-reset of finished episodes so every scanned step is a real env step) at bat
 and 1024, and the rate of `internal_rl.data.expert_batch` (successful, padded expert
 trajectories generated inside jit). If `xminigrid` is importable (e.g. run with a throwaway
 venv that has it), an empty-room grid of the same size is stepped the same way and the
-ratio is reported. Prints a table and writes JSON (default runs/bench/gridworld.json).
+ratio is reported. Times are the median of --repeats calls after a warm-up (compile) call,
+with the machine's background load (`benchmarks/timing.py`) in each entry's "timing".
+Prints a table and writes JSON (default benchmarks/results/gridworld.json).
 
     python benchmarks/gridworld.py [--out PATH] [--steps 100] [--repeats 3]
 """
@@ -15,33 +17,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
-import time
 
-# The repo root goes first: this folder holds benchmarks/internal_rl.py, which would otherwise
-# shadow the internal_rl package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from common.report import write_json
+from internal_rl.data import expert_batch
+from internal_rl.envs import GridPinpad, pretrain_tasks
 
-from common.report import write_json  # noqa: E402
-from internal_rl.data import expert_batch  # noqa: E402
-from internal_rl.envs import GridPinpad, pretrain_tasks  # noqa: E402
-
-
-def _time(fn, *args, repeats: int) -> tuple[float, float]:
-    """(compile+first-call seconds, best steady-state seconds) of a jitted fn."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    best = float("inf")
-    for i in range(repeats):
-        args = (jax.random.fold_in(args[0], i + 1),) + tuple(args[1:])
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return first, best
+if __package__:  # python -m benchmarks.gridworld
+    from .timing import fresh_keys, time_call
+else:  # python benchmarks/gridworld.py: this folder is first on sys.path
+    from timing import fresh_keys, time_call
 
 
 def make_random_rollout(env: GridPinpad, batch: int, steps: int, auto_reset: bool):
@@ -96,7 +83,7 @@ def bench_xminigrid(batch: int, steps: int, repeats: int):
         return ts.reward
 
     fn = jax.jit(lambda key: jax.vmap(one)(jax.random.split(key, batch)).sum())
-    return _time(fn, jax.random.key(0), repeats=repeats)
+    return time_call(fn, repeats=repeats, vary=fresh_keys(jax.random.key(0)))
 
 
 def main() -> None:
@@ -110,25 +97,30 @@ def main() -> None:
     rows, results = [], dict(env_steps=[], expert=[], xminigrid=[])
     for b in [int(x) for x in args.batches.split(",")]:
         for auto in (False, True):
-            first, best = _time(make_random_rollout(env, b, args.steps, auto),
-                                jax.random.key(0), repeats=args.repeats)
-            sps = b * args.steps / best
+            t = time_call(make_random_rollout(env, b, args.steps, auto), repeats=args.repeats,
+                          vary=fresh_keys(jax.random.key(0)))
+            sps = b * args.steps / t["median_s"]
             results["env_steps"].append(dict(batch=b, steps=args.steps, auto_reset=auto,
-                                             compile_s=first, seconds=best, steps_per_s=sps))
+                                             compile_s=t["compile_s"], seconds=t["median_s"],
+                                             steps_per_s=sps, timing=t))
             what = "pinpad random, auto-reset" if auto else "pinpad random, step only"
-            rows.append((what, b, f"{sps:,.0f} steps/s", f"{first:.1f}"))
+            rows.append((what, b, f"{sps:,.0f} steps/s", f"{t['compile_s']:.1f}"))
         xm = bench_xminigrid(b, args.steps, args.repeats)
         if xm is not None:
-            xsps = b * args.steps / xm[1]
-            results["xminigrid"].append(dict(batch=b, steps_per_s=xsps, compile_s=xm[0],
-                                             pinpad_autoreset_over_xminigrid=sps / xsps))
-            rows.append(("xminigrid Empty-8x8 (autoreset)", b, f"{xsps:,.0f} steps/s", f"{xm[0]:.1f}"))
+            xsps = b * args.steps / xm["median_s"]
+            results["xminigrid"].append(dict(batch=b, steps_per_s=xsps, compile_s=xm["compile_s"],
+                                             pinpad_autoreset_over_xminigrid=sps / xsps,
+                                             timing=xm))
+            rows.append(("xminigrid Empty-8x8 (autoreset)", b, f"{xsps:,.0f} steps/s",
+                         f"{xm['compile_s']:.1f}"))
     for b in (64, 1024):
         fn = jax.jit(lambda k, b=b: expert_batch(env, k, pretrain_tasks(), b, 40))
-        first, best = _time(fn, jax.random.key(0), repeats=args.repeats)
-        results["expert"].append(dict(batch=b, max_len=40, compile_s=first, seconds=best,
-                                      trajectories_per_s=b / best))
-        rows.append(("expert trajectories (L=40)", b, f"{b / best:,.0f} traj/s", f"{first:.1f}"))
+        t = time_call(fn, repeats=args.repeats, vary=fresh_keys(jax.random.key(0)))
+        sec = t["median_s"]
+        results["expert"].append(dict(batch=b, max_len=40, compile_s=t["compile_s"],
+                                      seconds=sec, trajectories_per_s=b / sec, timing=t))
+        rows.append(("expert trajectories (L=40)", b, f"{b / sec:,.0f} traj/s",
+                     f"{t['compile_s']:.1f}"))
     results["meta"] = dict(jax=jax.__version__, backend=jax.default_backend(),
                            cpu_count=os.cpu_count(), machine=platform.machine(),
                            xminigrid_available=bool(results["xminigrid"]))

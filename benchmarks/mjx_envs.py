@@ -2,11 +2,13 @@
 
 For each env and batch size, `jit(vmap(scan(env.step)))` runs `--steps` env steps (each
 `frame_skip` MJX physics steps plus the pinpad task logic) under uniformly random actions
-from freshly reset states; compile time (first call) is reported separately from the best
-steady-state time over `--repeats` calls. The peer is C MuJoCo's threaded
+from freshly reset states; compile time (first call) is reported separately from the
+steady-state time. The peer is C MuJoCo's threaded
 `mujoco.rollout.rollout` (all cores) on the same MjModel, the same initial states and the
 same random controls, each held for `frame_skip` physics steps (physics only, no task
-logic); the table reports env steps/s of both and the MJX / C ratio.
+logic); the table reports env steps/s of both and the MJX / C ratio. Steady-state times are
+the median of `--repeats` calls, with the machine's background load (`benchmarks/timing.py`)
+in each entry's "timing".
 
     python benchmarks/mjx_envs.py [--out PATH] [--batches 1,32,256] [--steps 100]
 """
@@ -16,23 +18,22 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
-import time
 
-# benchmarks/internal_rl.py would shadow the `internal_rl` package when this file is run as
-# a script: put the repository root first on the path.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import mujoco
+import numpy as np
+from mujoco import rollout as mj_rollout
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import mujoco  # noqa: E402
-import numpy as np  # noqa: E402
-from mujoco import rollout as mj_rollout  # noqa: E402
+from common.report import write_json
+from internal_rl.envs.ant_pinpad import AntPinpad
+from internal_rl.envs.pinpad_layout import pretrain_tasks
+from internal_rl.envs.point_pinpad import PointPinpad
 
-from common.report import write_json  # noqa: E402
-from internal_rl.envs.ant_pinpad import AntPinpad  # noqa: E402
-from internal_rl.envs.pinpad_layout import pretrain_tasks  # noqa: E402
-from internal_rl.envs.point_pinpad import PointPinpad  # noqa: E402
+if __package__:  # python -m benchmarks.mjx_envs
+    from .timing import time_call
+else:  # python benchmarks/mjx_envs.py: this folder is first on sys.path
+    from timing import time_call
 
 
 def make_mjx_run(env, steps: int):
@@ -63,15 +64,9 @@ def reset_batch(env, batch: int):
 def time_mjx(env, states, steps: int, repeats: int) -> dict:
     batch = states.pad.t.shape[0]
     run = make_mjx_run(env, steps)
-    t0 = time.perf_counter()
-    jax.block_until_ready(run(states, jax.random.key(1)))
-    compile_s = time.perf_counter() - t0
-    best = float("inf")
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(states, jax.random.key(2 + i)))
-        best = min(best, time.perf_counter() - t0)
-    return dict(compile_s=compile_s, seconds=best, env_steps_per_s=batch * steps / best)
+    t = time_call(run, repeats=repeats, vary=lambda n: (states, jax.random.key(1 + n)))
+    return dict(compile_s=t["compile_s"], seconds=t["median_s"],
+                env_steps_per_s=batch * steps / t["median_s"], timing=t)
 
 
 def time_c_mujoco(env, states, steps: int, repeats: int, threads: int) -> dict:
@@ -90,16 +85,11 @@ def time_c_mujoco(env, states, steps: int, repeats: int, threads: int) -> dict:
     ctrl = rng.uniform(-1.0, 1.0, (batch, steps, m.nu)).repeat(env.frame_skip, axis=1)
     datas = [mujoco.MjData(m) for _ in range(threads)]
     nstep = steps * env.frame_skip
-    t0 = time.perf_counter()
-    mj_rollout.rollout(m, datas, init, ctrl, nstep=nstep, persistent_pool=True)
-    first = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mj_rollout.rollout(m, datas, init, ctrl, nstep=nstep, persistent_pool=True)
-        best = min(best, time.perf_counter() - t0)
-    return dict(first_s=first, seconds=best, env_steps_per_s=batch * steps / best,
-                threads=threads)
+    # the first call starts the thread pool (persistent_pool): the warm-up
+    t = time_call(lambda: mj_rollout.rollout(m, datas, init, ctrl, nstep=nstep,
+                                             persistent_pool=True), repeats=repeats)
+    return dict(first_s=t["compile_s"], seconds=t["median_s"],
+                env_steps_per_s=batch * steps / t["median_s"], threads=threads, timing=t)
 
 
 def main() -> None:

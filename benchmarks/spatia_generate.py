@@ -10,9 +10,10 @@ For each preset (default tiny and small, `spatia.config`):
 * one clip of the whole loop (`spatia.pipeline.generate_video` on a 2-clip closed loop: memory
   render, retrieval, sampling, memory update), per clip.
 
-Each entry reports the first call (trace + compile + run, "compile_s"), the best wall time of
-``--repeats`` later calls, and that call's process CPU time (on a machine shared with other
-processes wall time is inflated, CPU time much less). The load average at start and end is
+Each entry reports the first call (trace + compile + run, "compile_s"), the median wall time
+of ``--repeats`` later calls ("s"), and their median process CPU time ("cpu_s"; on a machine
+shared with other processes wall time is inflated, CPU time much less), with the machine's
+background load in "timing" (`benchmarks/timing.py`). The load average at start and end is
 stored. Prints a table and writes JSON (default benchmarks/results/spatia_generate.json).
 
     python benchmarks/spatia_generate.py [--presets tiny,small] [--repeats 5] [--out PATH]
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,20 +37,16 @@ from spatia import pipeline as pl
 from spatia import reproduce as R
 from spatia import train as T
 
+if __package__:  # python -m benchmarks.spatia_generate
+    from .timing import scale, time_call
+else:  # python benchmarks/spatia_generate.py: this folder is first on sys.path
+    from timing import scale, time_call
 
-def _time(fn, repeats: int) -> dict:
-    """{"compile_s": first call, "s": best wall of repeats, "cpu_s": process CPU of that call}."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    best, best_cpu = float("inf"), float("nan")
-    for _ in range(repeats):
-        c0, t0 = time.process_time(), time.perf_counter()
-        jax.block_until_ready(fn())
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if wall < best:
-            best, best_cpu = wall, cpu
-    return {"compile_s": first, "s": best, "cpu_s": best_cpu}
+
+def _entry(t: dict) -> dict:
+    """A `time_call` record as this file's entry: {"compile_s": first call, "s": median wall,
+    "cpu_s": median process CPU time, "timing": the whole record (spread, background load)}."""
+    return {"compile_s": t["compile_s"], "s": t["median_s"], "cpu_s": t["cpu_s"], "timing": t}
 
 
 def _batch(cfg: C.SpatiaConfig, batch_size: int, keys, seed: int = 0) -> dict:
@@ -83,7 +79,7 @@ def bench_training(cfg: C.SpatiaConfig, repeats: int) -> dict:
             holder["state"], metrics = step(holder["state"], batch)
             return metrics["loss"]
 
-        out[name] = _time(run, repeats)
+        out[name] = _entry(time_call(run, repeats=repeats))
         n_train = sum(x.size for x in jax.tree.leaves(holder["state"].params))
         n_all = n_train + sum(x.size for x in jax.tree.leaves(holder["state"].frozen))
         out[name].update(
@@ -112,7 +108,7 @@ def bench_sampling(cfg: C.SpatiaConfig, repeats: int) -> dict:
                 guidance_scale=e.guidance_scale,
             )["frames"]
 
-        out[label] = _time(run, repeats)
+        out[label] = _entry(time_call(run, repeats=repeats))
     out["sampler"] = {
         "steps": e.sample_steps,
         "method": e.sampler,
@@ -142,8 +138,8 @@ def bench_loop(cfg: C.SpatiaConfig, repeats: int) -> dict:
         )
         return jnp.asarray(res.rgb)
 
-    t = _time(run, max(1, repeats // 2))
-    return {k: v / 2 for k, v in t.items()} | {"clips": 2}
+    per_clip = scale(time_call(run, repeats=max(1, repeats // 2)), 1 / 2)
+    return _entry(per_clip) | {"clips": 2}
 
 
 def dataclass_replace_loops(cfg: C.SpatiaConfig) -> C.SpatiaConfig:
@@ -189,7 +185,7 @@ def main(argv=None) -> int:
             rows.append((name, f"sample 1 clip, {label}", v["compile_s"], v["s"], v["cpu_s"]))
         v = r["loop_per_clip"]
         rows.append((name, "pipeline, per clip", v["compile_s"], v["s"], v["cpu_s"]))
-    print(f"{'preset':<7} {'what':<34} {'first call s':>12} {'best s':>9} {'cpu s':>9}")
+    print(f"{'preset':<7} {'what':<34} {'first call s':>12} {'median s':>9} {'cpu s':>9}")
     for p, w, c, s, cpu in rows:
         print(f"{p:<7} {w:<34} {c:12.2f} {s:9.4f} {cpu:9.4f}")
     write_json(

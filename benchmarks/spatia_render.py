@@ -14,8 +14,9 @@ Measures, in one process and on the same inputs:
   ``registration_icp`` (KD-tree point-to-plane; target normals estimated beforehand, not timed) on
   the same frame, memory and initial perturbation.
 
-Times are the best of ``--repeats`` calls after one warm-up call (compile time reported apart);
-ratios are peer time / our time (> 1: ours is faster). The machine's load average at start and end
+Times are the median of ``--repeats`` calls after one warm-up call (compile time reported apart),
+each with its `benchmarks/timing.py` record (spread, process CPU time, the machine's background
+load); ratios are peer time / our time (> 1: ours is faster). The machine's load average at start and end
 is stored in the JSON: on a shared machine every number is inflated by other processes.
 Open3D is optional (``pip install open3d-cpu``; it needs the system library libusb-1.0-0).
 Prints a table and writes JSON (default benchmarks/results/spatia_render.json).
@@ -26,9 +27,9 @@ Prints a table and writes JSON (default benchmarks/results/spatia_render.json).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -40,34 +41,15 @@ from spatia import memory as mem_lib
 from spatia import render as rnd
 from spatia import scenes, slam, trajectories
 
+if __package__:  # python -m benchmarks.spatia_render
+    from .timing import time_call
+else:  # python benchmarks/spatia_render.py: this folder is first on sys.path
+    from timing import time_call
+
 try:  # optional peer
     import open3d as o3d
 except Exception:  # noqa: BLE001 - any import failure means "no peer"
     o3d = None
-
-
-CPU_TIMES: list[float] = []  # process CPU seconds of the best call of each `_time`, in call order
-
-
-def _time(fn, repeats):
-    """(first call incl. compile, best wall time of ``repeats`` later calls) in seconds.
-
-    The process CPU time of that best call is appended to `CPU_TIMES`: on a machine shared with
-    other processes wall time is inflated, CPU time much less (an idle 2-core run would take
-    between cpu/2 and cpu of wall time, depending on how well the work parallelises).
-    """
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    best, best_cpu = float("inf"), float("inf")
-    for _ in range(max(1, repeats)):
-        t0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn())
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if wall < best:
-            best, best_cpu = wall, cpu
-    CPU_TIMES.append(best_cpu)
-    return first, best
 
 
 def _cloud(n, seed=0):
@@ -125,15 +107,16 @@ def bench_render(args, rows, results):
             chunk = 262_144 if mode in ("footprint", "soft") else None
             fn = lambda mode=mode, radius=radius, k=k, chunk=chunk, xyz=xyz, rgb=rgb, intr=intr, h=h, w=w: rnd.render(
                 xyz, rgb, None, w2c, intr, height=h, width=w, mode=mode, radius=radius, k=k, chunk=chunk).rgb
-            first, best = _time(fn, args.repeats)
-            entry[mode] = dict(ms=best * 1e3, cpu_ms=CPU_TIMES[-1] * 1e3, first_call_s=first, radius=radius)
-        t0 = time.perf_counter()
-        for _ in range(max(1, args.repeats)):
-            numpy_zbuffer(xyz_np, rgb_np, w2c, intr, h, w)
-        entry["numpy_zbuffer_ms"] = (time.perf_counter() - t0) / max(1, args.repeats) * 1e3
+            t = time_call(fn, repeats=args.repeats)
+            entry[mode] = dict(ms=t["median_s"] * 1e3, cpu_ms=t["cpu_s"] * 1e3,
+                               first_call_s=t["compile_s"], radius=radius, timing=t)
+        # numpy compiles nothing: no warm-up call
+        t = time_call(functools.partial(numpy_zbuffer, xyz_np, rgb_np, w2c, intr, h, w),
+                      repeats=args.repeats, warmup=False)
+        entry["numpy_zbuffer_ms"], entry["numpy_zbuffer_timing"] = t["median_s"] * 1e3, t
         if o3d is not None:
-            _, best = _time(_open3d_project(xyz_np, h, w, intr), args.repeats)
-            entry["open3d_project_depth_ms"] = best * 1e3
+            t = time_call(_open3d_project(xyz_np, h, w, intr), repeats=args.repeats)
+            entry["open3d_project_depth_ms"], entry["open3d_timing"] = t["median_s"] * 1e3, t
         results["render"].append(entry)
         o3 = entry.get("open3d_project_depth_ms")
         rows.append([f"render N={n:.0e} {h}x{w}", f"{entry['point']['ms']:.1f}", f"{entry['minfilter']['ms']:.1f}",
@@ -156,10 +139,10 @@ def bench_paper_workload(args, rows, results):
         fn = lambda mode=mode, radius=radius, chunk=chunk: rnd.render(
             xyz, rgb, None, np.eye(4, dtype=np.float32), intr, height=h, width=w, mode=mode, radius=radius, k=5,
             chunk=chunk).rgb
-        first, best = _time(fn, 1 if mode == "soft" else args.repeats)
-        cpu = CPU_TIMES[-1]
+        t = time_call(fn, repeats=1 if mode == "soft" else args.repeats)
+        best, cpu = t["median_s"], t["cpu_s"]
         out[mode] = dict(ms_per_frame=best * 1e3, cpu_ms_per_frame=cpu * 1e3, clip_81_frames_s=81 * best,
-                         first_call_s=first)
+                         first_call_s=t["compile_s"], timing=t)
         rows.append([f"paper workload {mode} (r={radius:.2f})", f"{best * 1e3:.0f} ms/frame (cpu {cpu * 1e3:.0f})",
                      f"81 frames: {81 * best:.1f} s", "", "", "", "", ""])
     results["paper_workload"] = out
@@ -183,19 +166,21 @@ def bench_voxel(args, rows, results):
         xyz, rgb = jnp.asarray(xyz_np), jnp.asarray(rgb_np)
         for voxel in (0.01, 0.05):
             fn = lambda voxel=voxel, xyz=xyz, rgb=rgb: mem_lib.voxel_downsample(xyz, rgb, None, voxel)[0]
-            first, best = _time(fn, args.repeats)
+            t = time_call(fn, repeats=args.repeats)
+            best = t["median_s"]
             n_out = int(mem_lib.voxel_downsample(xyz, rgb, None, voxel)[4])
-            t0 = time.perf_counter()
-            mem_lib.voxel_downsample_reference(xyz_np, rgb_np, voxel)
-            t_np = time.perf_counter() - t0
+            t_ref = time_call(functools.partial(mem_lib.voxel_downsample_reference, xyz_np, rgb_np, voxel),
+                              repeats=1, warmup=False)
+            t_np = t_ref["median_s"]
             entry = dict(points=len(xyz_np), voxel=voxel, out_points=n_out, ms=best * 1e3,
-                         cpu_ms=CPU_TIMES[-1] * 1e3, first_call_s=first, numpy_ms=t_np * 1e3)
+                         cpu_ms=t["cpu_s"] * 1e3, first_call_s=t["compile_s"], numpy_ms=t_np * 1e3,
+                         timing=t, numpy_timing=t_ref)
             if o3d is not None:
                 pc = o3d.geometry.PointCloud()
                 pc.points = o3d.utility.Vector3dVector(xyz_np.astype(np.float64))
                 pc.colors = o3d.utility.Vector3dVector(rgb_np.astype(np.float64))
-                _, b = _time(lambda pc=pc, voxel=voxel: pc.voxel_down_sample(voxel), args.repeats)
-                entry["open3d_ms"] = b * 1e3
+                t_o3 = time_call(lambda pc=pc, voxel=voxel: pc.voxel_down_sample(voxel), repeats=args.repeats)
+                entry["open3d_ms"], entry["open3d_timing"] = t_o3["median_s"] * 1e3, t_o3
                 entry["open3d_out_points"] = len(pc.voxel_down_sample(voxel).points)
             results["voxel"].append(entry)
             o3 = entry.get("open3d_ms")
@@ -222,10 +207,11 @@ def bench_icp(args, rows, results):
     delta = geo.se3_exp(jnp.asarray(np.r_[axis * np.radians(3.0), shift], jnp.float32))
     init = geo.se3_inverse(delta @ geo.se3_inverse(w2c[1]))
     fn = lambda: slam.icp_refine(mem, fr.depth[1], init, intr).w2c
-    first, best = _time(fn, args.repeats)
+    t = time_call(fn, repeats=args.repeats)
+    best = t["median_s"]
     ang, dist = slam.pose_error(fn(), w2c[1])
-    entry = dict(height=h, width=w, memory_points=mem.count(), ms=best * 1e3, cpu_ms=CPU_TIMES[-1] * 1e3,
-                 first_call_s=first,
+    entry = dict(height=h, width=w, memory_points=mem.count(), ms=best * 1e3, cpu_ms=t["cpu_s"] * 1e3,
+                 first_call_s=t["compile_s"], timing=t,
                  rot_err_deg=float(ang), trans_err_m=float(dist))
     if o3d is not None:
         reg = o3d.pipelines.registration
@@ -238,10 +224,10 @@ def bench_icp(args, rows, results):
         c2w0 = np.asarray(geo.se3_inverse(init), np.float64)
         crit = reg.ICPConvergenceCriteria(max_iteration=30)
         run = lambda: reg.registration_icp(src, tgt, 0.1, c2w0, reg.TransformationEstimationPointToPlane(), crit)
-        _, b = _time(run, args.repeats)
+        t_o3 = time_call(run, repeats=args.repeats)
         est = np.linalg.inv(run().transformation).astype(np.float32)
         a2, d2 = slam.pose_error(jnp.asarray(est), w2c[1])
-        entry.update(open3d_ms=b * 1e3, open3d_rot_err_deg=float(a2), open3d_trans_err_m=float(d2),
+        entry.update(open3d_ms=t_o3["median_s"] * 1e3, open3d_timing=t_o3, open3d_rot_err_deg=float(a2), open3d_trans_err_m=float(d2),
                      open3d_source_points=len(src.points))
     results["icp"] = entry
     o3 = entry.get("open3d_ms")

@@ -14,18 +14,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+from common import nn, train
+from common.report import hardware, markdown_table, write_json
 
-from common import nn, train  # noqa: E402
-from common.report import hardware, markdown_table, write_json  # noqa: E402
+if __package__:  # python -m benchmarks.train_step
+    from .timing import time_call
+else:  # python benchmarks/train_step.py: this folder is first on sys.path
+    from timing import time_call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,22 +69,13 @@ def lm_loss(model, batch, key):
     return nll, {}
 
 
-def _time(fn, repeats: int) -> float:
-    """Median seconds per call after one warm-up call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(n: int = 2048, repeats: int = 5) -> tuple[float, dict]:
+    """(GFLOP/s of a float32 n x n jnp.dot at the median time, its timing record)."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     dot = jax.jit(jnp.dot)
-    return 2 * n**3 / _time(lambda: dot(a, b), repeats) / 1e9
+    rec = time_call(lambda: dot(a, b), repeats=repeats)
+    return 2 * n**3 / rec["median_s"] / 1e9, rec
 
 
 def bench_size(size: Size, repeats: int) -> dict:
@@ -107,7 +99,8 @@ def bench_size(size: Size, repeats: int) -> dict:
         holder["state"], metrics = compiled(holder["state"], tokens)
         return metrics["loss"]
 
-    seconds = _time(run, repeats)
+    rec = time_call(run, repeats=repeats)
+    seconds = rec["median_s"]
     tokens_per_step = size.batch * size.seq_len
     non_embed = n_params - size.vocab * size.width
     analytic = 6 * non_embed * tokens_per_step + 12 * size.depth * size.seq_len * size.width * tokens_per_step
@@ -120,6 +113,7 @@ def bench_size(size: Size, repeats: int) -> dict:
         "xla_gflop_per_step": xla_flops / 1e9,
         "analytic_gflop_per_step": analytic / 1e9,
         "achieved_gflops": xla_flops / seconds / 1e9,
+        "timing": rec,
     }
 
 
@@ -131,7 +125,7 @@ def main(argv=None) -> dict:
     sizes = SIZES[:1] if args.quick else SIZES
     repeats = 2 if args.quick else 5
 
-    peak = matmul_peak_gflops(1024 if args.quick else 2048)
+    peak, peak_timing = matmul_peak(1024 if args.quick else 2048)
     rows = [bench_size(s, repeats) for s in sizes]
     for row in rows:
         row["fraction_of_matmul_peak"] = row["achieved_gflops"] / peak
@@ -143,7 +137,8 @@ def main(argv=None) -> dict:
         fmt="{:.3g}",
     ))
     # Other processes on a small machine skew both numbers; the ratio is less sensitive.
-    result = {"matmul_peak_gflops": peak, "sizes": rows, "hardware": hardware(),
+    result = {"matmul_peak_gflops": peak, "matmul_peak_timing": peak_timing,
+              "sizes": rows, "hardware": hardware(),
               "load_average_1m": os.getloadavg()[0]}
     print(f"wrote {write_json(args.out, result)}")
     return result

@@ -14,11 +14,15 @@ episodes on the held-out task:
   raw_update    one full raw-action RL update (KV-cached sampling + PPO on all base
                 parameters) -> updates/s
 
-Compile time (first call) is reported separately from the steady state (best of
---repeats), with the CPU seconds this process used during that call (on a shared machine
-wall time overstates the cost when CPU seconds << 2 x wall on 2 cores). Prints a table and writes JSON (default benchmarks/results/internal_rl.json).
+Compile time (first call) is reported separately from the steady state (median of
+--repeats calls), with the CPU seconds this process used per call (on a shared machine
+wall time overstates the cost when CPU seconds << 2 x wall on 2 cores) and the machine's
+background load (`benchmarks/timing.py`). Prints a table and writes JSON.
 
-    python benchmarks/internal_rl.py [--env gridworld|point] [--out PATH]
+(The file is not named internal_rl.py: run as a file, this folder is first on sys.path and
+the script would shadow the internal_rl package.)
+
+    python benchmarks/internal_rl_throughput.py [--env gridworld|point] [--out PATH]
                                      [--presets tiny,small] [--batch 128]
     (default --out: benchmarks/results/internal_rl.json, internal_rl_point.json for point)
 """
@@ -27,21 +31,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 
-# The script's own name shadows the `internal_rl` package when run as a file: put the
-# repository root first on the path.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from common.report import hardware, write_json  # noqa: E402
-from internal_rl.metacontroller import Metacontroller, MetacontrollerConfig  # noqa: E402
-from internal_rl.pipeline import is_continuous, presets_for, stages, task_table  # noqa: E402
-from internal_rl.rl import (  # noqa: E402
+from common.report import hardware, write_json
+from internal_rl.metacontroller import Metacontroller, MetacontrollerConfig
+from internal_rl.pipeline import is_continuous, presets_for, stages, task_table
+from internal_rl.rl import (
     RLConfig,
     make_internal_rl,
     make_ppo_update,
@@ -50,23 +48,18 @@ from internal_rl.rl import (  # noqa: E402
     trajectory_advantages,
 )
 
+if __package__:  # python -m benchmarks.internal_rl_throughput
+    from .timing import fresh_keys, time_call
+else:  # python benchmarks/internal_rl_throughput.py: this folder is first on sys.path
+    from timing import fresh_keys, time_call
 
-def _time(fn, *args, repeats: int) -> tuple[float, float, float]:
-    """(compile + first call seconds, best steady-state wall seconds, CPU seconds of this
-    process during that best call); the last arg is a key. On a shared machine the CPU
-    seconds show how much of the wall time this process actually ran."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    best, cpu = float("inf"), float("nan")
-    for i in range(repeats):
-        args = args[:-1] + (jax.random.fold_in(args[-1], i + 1),)
-        t0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn(*args))
-        wall = time.perf_counter() - t0
-        if wall < best:
-            best, cpu = wall, time.process_time() - c0
-    return first, best, cpu
+
+def _measure(fn, *leading, key, repeats: int) -> tuple[dict, dict]:
+    """(the row's legacy fields compile_s / seconds / cpu_seconds, the `time_call` record) of
+    ``fn(*leading, key)`` with a fresh key folded in per call."""
+    t = time_call(fn, repeats=repeats, vary=fresh_keys(key, *leading))
+    return dict(compile_s=t["compile_s"], seconds=t["median_s"], cpu_seconds=t["cpu_s"],
+                timing=t), t
 
 
 def bench_preset(preset: str, batch: int, repeats: int, env_name: str = "gridworld"
@@ -87,19 +80,19 @@ def bench_preset(preset: str, batch: int, repeats: int, env_name: str = "gridwor
     rows = []
 
     rollout = jax.jit(prog.rollout_fn)
-    first, best, cpu = _time(rollout, prog.params, prog.static, jax.random.key(0),
-                             repeats=repeats)
-    rows.append(dict(size, what="rollout", compile_s=first, seconds=best, cpu_seconds=cpu,
-                     episodes_per_s=batch / best, raw_steps_per_s=batch * horizon / best))
+    fields, t = _measure(rollout, prog.params, prog.static, key=jax.random.key(0), repeats=repeats)
+    sec = t["median_s"]
+    rows.append(dict(size, what="rollout", **fields, episodes_per_s=batch / sec,
+                     raw_steps_per_s=batch * horizon / sec))
 
     batch_data, ep = rollout(prog.params, prog.static, jax.random.key(0))
     adv = trajectory_advantages(jnp.arange(batch, dtype=jnp.float32) % 2)  # non-trivial
     ppo = jax.jit(make_ppo_update(rl_cfg, prog.tx, prog.logp_fn))
     opt_state = prog.tx.init(prog.params)
-    first, best, cpu = _time(lambda k: ppo(prog.params, opt_state, prog.static, batch_data, adv, k),
-                        jax.random.key(1), repeats=repeats)
-    rows.append(dict(size, what="ppo", compile_s=first, seconds=best, cpu_seconds=cpu,
-                     updates_per_s=1 / best, decisions_per_episode=float(jnp.mean(ep["decisions"]))))
+    fields, t = _measure(lambda k: ppo(prog.params, opt_state, prog.static, batch_data, adv, k),
+                      key=jax.random.key(1), repeats=repeats)
+    rows.append(dict(size, what="ppo", **fields, updates_per_s=1 / t["median_s"],
+                     decisions_per_episode=float(jnp.mean(ep["decisions"]))))
 
     for what, program in (("update", prog),
                           ("raw_update", make_raw_action_rl(rl_cfg, base, env, task))):
@@ -113,9 +106,10 @@ def bench_preset(preset: str, batch: int, repeats: int, env_name: str = "gridwor
                                                 key[None])
             return m
 
-        first, best, cpu = _time(call, jax.random.key(2), repeats=repeats)
-        rows.append(dict(size, what=what, compile_s=first, seconds=best, cpu_seconds=cpu,
-                         updates_per_s=1 / best, episodes_per_s=batch / best))
+        fields, t = _measure(call, key=jax.random.key(2), repeats=repeats)
+        sec = t["median_s"]
+        rows.append(dict(size, what=what, **fields, updates_per_s=1 / sec,
+                         episodes_per_s=batch / sec))
     return rows
 
 
