@@ -330,13 +330,14 @@ def test_feature_cache_computes_each_example_once(where, dtype, tmp_path):
     split = np.cumsum([int(g.prod()) for g in grid])[:-1]
     per_example = list(zip(np.split(patches, split), grid[:, None], strict=True))
     loads = []
-    paths = []
-    for i in range(2):
-        p = tmp_path / f"img{i}.bin"
+    paths = [tmp_path / "img0.bin", tmp_path / "img1.bin"]
+    for i, p in enumerate(paths):
         p.write_bytes(bytes([i]))
-        paths.append(p)
     keys = [example_key(f"ex{i}", [paths[i]]) for i in range(2)]
     assert keys[0] != keys[1]
+    # a changed image file gives a new key
+    paths[1].write_bytes(b"changed!")
+    assert example_key("ex1", [paths[1]]) != keys[1]
 
     def loader(i):
         return lambda: loads.append(i) or per_example[i]
@@ -352,6 +353,7 @@ def test_feature_cache_computes_each_example_once(where, dtype, tmp_path):
         np.testing.assert_allclose(np.asarray(f, np.float32), np.asarray(direct, np.float32),
                                    rtol=tol, atol=tol)
         np.testing.assert_array_equal(g, gr)
+        np.testing.assert_array_equal(g2, gr)
         np.testing.assert_array_equal(np.asarray(f2, np.float32), np.asarray(f, np.float32))
     if where == "disk":
         # a new cache on the same directory (a later run) serves the entries without the tower
@@ -378,3 +380,23 @@ def test_feature_cache_computes_each_example_once(where, dtype, tmp_path):
                                        rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="image tokens"):
             make_feature_batch(exs, feats[:-1], grid, CFG, SEQ)
+
+
+def test_qwen_paper_preset_is_batch_1_times_accumulation_8():
+    from common.config import get_preset
+    from lir.config import PRESETS
+    from lir.finetune_cli import backbone_config
+
+    ft = backbone_config("qwen2_5_vl", "paper", []).finetune
+    assert (ft.batch_size, ft.accumulation_steps) == (1, 8)
+    assert ft.learning_rate == 1e-4 and ft.num_latents == 16
+    # the tiny-model paper preset keeps its 8 x 1 split
+    base = get_preset(PRESETS, "paper").finetune
+    assert (base.batch_size, base.accumulation_steps) == (8, 1)
+    # setting either field replaces the split as a whole
+    ft = backbone_config("qwen2_5_vl", "paper", ["finetune.batch_size=3"]).finetune
+    assert (ft.batch_size, ft.accumulation_steps) == (3, 1)
+    ft = backbone_config("qwen2_5_vl", "paper", ["finetune.accumulation_steps=4"]).finetune
+    assert (ft.batch_size, ft.accumulation_steps) == (8, 4)
+    assert backbone_config("qwen2_5_vl", "tiny", []).finetune == get_preset(PRESETS,
+                                                                            "tiny").finetune
