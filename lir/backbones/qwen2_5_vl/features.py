@@ -1,6 +1,7 @@
 """Per-example cache of the frozen vision tower's output (merged visual tokens).
 
-LIVR and direct SFT never train the vision tower or merger (spec §1.6), so its output for an
+LIVR and direct SFT keep the vision tower and merger frozen (LIVR appendix, training
+details), so its output for an
 example is the same in every epoch and every stage. :class:`VisionFeatureCache` computes it
 once per example (one tower call on that example's images) and keeps it, on disk or in host
 memory, instead of holding every example's raw patches (three 1288x728 images are 14,352 x
