@@ -1,10 +1,9 @@
 """Per-example cache of the frozen vision tower's output (merged visual tokens).
 
 LIVR and direct SFT keep the vision tower and merger frozen (LIVR appendix, training
-details), so its output for an
-example is the same in every epoch and every stage. :class:`VisionFeatureCache` computes it
-once per example (one tower call on that example's images) and keeps it, on disk or in host
-memory, instead of holding every example's raw patches (three 1288x728 images are 14,352 x
+details), so its output for an example is the same in every epoch and every stage.
+:class:`VisionFeatureCache` computes it once per example (one tower call on that example's
+images) and keeps it, on disk or in host memory, instead of holding every example's raw patches (three 1288x728 images are 14,352 x
 1,176 float32 patches = 68 MB; their 3,588 bf16 merged tokens of the 3B model are 15 MB).
 
 Entries are keyed by the example id, its image files (path, size, mtime) and a fingerprint
