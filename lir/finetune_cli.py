@@ -17,17 +17,40 @@ bf16 and sharded over every visible device (FSDP); LoRA and latents are float32.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 
-from common.config import ConfigError, add_config_args, config_from_args
+from common.config import ConfigError, add_config_args, get_preset, override
 from lir.config import PRESETS
 
 BACKBONES = ("qwen2_5_vl",)
+
+# Per-backbone changes to a preset, applied before ``--set``. The paper trains Qwen2.5-VL
+# with per-device batch 1 x gradient accumulation 8 (LIVR appendix, training details);
+# ``lir.config.paper`` keeps 8 x 1 for the tiny model, but 8 rows of three full-resolution
+# images do not fit one GPU. ``--set finetune.batch_size=...`` or
+# ``finetune.accumulation_steps=...`` replaces both values of this split (they are one choice).
+BACKBONE_PRESETS = {
+    ("qwen2_5_vl", "paper"): {"finetune.batch_size": "1", "finetune.accumulation_steps": "8"},
+}
+_BATCH_KEYS = ("finetune.batch_size", "finetune.accumulation_steps")
+
+
+def backbone_config(backbone: str, preset: str, overrides: Sequence[str]):
+    """The ``lir.config`` preset with ``BACKBONE_PRESETS[(backbone, preset)]`` and then the
+    ``--set`` ``overrides`` applied."""
+    extra = dict(BACKBONE_PRESETS.get((backbone, preset), {}))
+    if any(o.split("=", 1)[0].strip() in _BATCH_KEYS for o in overrides):
+        for key in _BATCH_KEYS:
+            extra.pop(key, None)
+    return override(get_preset(PRESETS, preset), [f"{k}={v}" for k, v in extra.items()]
+                    + list(overrides))
 
 
 class ByteTokenizer:
@@ -72,21 +95,45 @@ def _round_up(n: int, m: int) -> int:
     return max(m, int(math.ceil(n / m) * m))
 
 
-class Encoder:
-    """Records -> fixed-shape :class:`QwenBatch` es for one model / tokenizer / K."""
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One encoded record: token ids / roles, its images' grid and its feature-cache key
+    (the visual tokens themselves stay in the cache until a batch needs them)."""
 
-    def __init__(self, model_cfg, tokenizer, num_latents: int, pcfg, latent_token_id: int):
+    encoded: object  # livr.Encoded
+    grid: np.ndarray
+    key: str
+
+    @property
+    def answer_tokens(self) -> int:
+        from lir.masks import Role
+
+        return sum(r == Role.ANSWER for r in self.encoded.roles)
+
+
+class Encoder:
+    """Records -> :class:`Example` s -> fixed-shape :class:`QwenBatch` es for one model /
+    tokenizer / K, with the frozen vision features from a ``VisionFeatureCache``."""
+
+    def __init__(self, model_cfg, tokenizer, num_latents: int, pcfg, latent_token_id: int,
+                 cache):
         self.cfg, self.tok, self.k, self.pcfg = model_cfg, tokenizer, num_latents, pcfg
         self.latent_token_id = latent_token_id
+        self.cache = cache
 
-    def encode(self, records, with_answer: bool):
+    def encode(self, records, with_answer: bool) -> list[Example]:
+        """Token ids of every record; each record's images go through the vision tower once
+        (its cache entry), one record at a time, so no split's patches are held at once."""
+        from lir.backbones.qwen2_5_vl.features import example_key
         from lir.backbones.qwen2_5_vl.livr import encode_example
         from lir.backbones.qwen2_5_vl.processor import image_token_counts, preprocess_images
         from lir.data_blink import build_prompt, load_image
 
         out = []
         for r in records:
-            patches, grid = preprocess_images([load_image(p) for p in r.images], self.pcfg)
+            key = example_key(r.id, r.images)
+            grid = self.cache.ensure(key, lambda r=r: preprocess_images(
+                [load_image(p) for p in r.images], self.pcfg))
             ex = encode_example(self.tok.encode, build_prompt(r),
                                 image_token_counts(grid, self.pcfg.merge_size),
                                 r.answer if with_answer else None, self.k,
@@ -94,46 +141,68 @@ class Encoder:
                                 vision_end=self.cfg.vision_end_token_id,
                                 image_pad=self.cfg.image_token_id,
                                 latent_token_id=self.latent_token_id)
-            out.append((ex, patches, grid))
+            out.append(Example(ex, grid, key))
         return out
 
-    def batches(self, encoded, batch_size: int, seq_len: int, n_patches: int):
-        """Batches of ``batch_size`` rows (the last one padded by repeating its first row;
-        returns (batches, number of real rows per batch))."""
-        from lir.backbones.qwen2_5_vl.livr import make_batch
-
-        out, real = [], []
-        for i in range(0, len(encoded), batch_size):
-            rows = encoded[i:i + batch_size]
+    def batches(self, examples: Sequence[Example], batch_size: int, seq_len: int,
+                n_tokens: int) -> tuple[Batches, list[int]]:
+        """Batches of ``batch_size`` rows (the last one padded by repeating its first row),
+        built on access; returns (batches, number of real rows per batch)."""
+        groups, real = [], []
+        for i in range(0, len(examples), batch_size):
+            rows = list(examples[i:i + batch_size])
             real.append(len(rows))
-            rows = rows + [rows[0]] * (batch_size - len(rows))
-            patches = np.concatenate([p for _, p, _ in rows])
-            grid = np.concatenate([g for _, _, g in rows])
-            out.append(make_batch([e for e, _, _ in rows], patches, grid, self.cfg, seq_len,
-                                  n_patches))
-        return out, real
+            groups.append(rows + [rows[0]] * (batch_size - len(rows)))
+        return Batches(self, groups, seq_len, n_tokens), real
 
 
-def _shapes(encoded, batch_size: int) -> tuple[int, int]:
-    """Static (seq_len, n_patches) covering every batch: lengths rounded up to 64 tokens and
-    256 patches so few shapes compile."""
-    seq = max(len(e.ids) for e, _, _ in encoded)
-    patches = max(sum(p.shape[0] for _, p, _ in encoded[i:i + batch_size])
-                  for i in range(0, len(encoded), batch_size))
-    return _round_up(seq, 64), _round_up(patches, 256)
+class Batches(Sequence):
+    """A sequence of :class:`QwenBatch` es whose visual tokens are read from the feature
+    cache when a batch is indexed: one batch's features are in host memory at a time."""
+
+    def __init__(self, encoder: Encoder, groups: list[list[Example]], seq_len: int,
+                 n_tokens: int):
+        self.encoder, self.groups, self.seq_len, self.n_tokens = encoder, groups, seq_len, \
+            n_tokens
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i):
+        from lir.backbones.qwen2_5_vl.livr import make_feature_batch
+
+        if isinstance(i, slice):
+            return Batches(self.encoder, self.groups[i], self.seq_len, self.n_tokens)
+        rows = self.groups[i]
+        feats = np.concatenate([self.encoder.cache.get(e.key)[0] for e in rows])
+        grid = np.concatenate([e.grid for e in rows])
+        return make_feature_batch([e.encoded for e in rows], feats, grid, self.encoder.cfg,
+                                  self.seq_len, self.n_tokens)
 
 
-def predict(model, encoder: Encoder, records, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy generations (decoded text) for ``records``, latents in place, causal mask."""
+def _shapes(examples: Sequence[Example], batch_size: int) -> tuple[int, int]:
+    """Static (seq_len, n_tokens) covering every batch: lengths rounded up to 64 tokens and
+    the visual tokens of a batch to 64 rows, so few shapes compile."""
+    from lir.backbones.qwen2_5_vl.processor import image_token_counts
+
+    seq = max(len(e.encoded.ids) for e in examples)
+    counts = [int(image_token_counts(e.grid).sum()) for e in examples]
+    tokens = max(sum(counts[i:i + batch_size]) for i in range(0, len(counts), batch_size))
+    return _round_up(seq, 64), _round_up(tokens, 64)
+
+
+def predict(model, encoder: Encoder, examples: Sequence[Example], batch_size: int,
+            max_new_tokens: int) -> list[str]:
+    """Greedy generations (decoded text) for prompt-only ``examples`` (``encode(records,
+    with_answer=False)``), latents in place, causal mask."""
     from flax import nnx
 
     from lir.backbones.qwen2_5_vl.livr import generate
 
-    if not records:
+    if not examples:
         return []
-    enc = encoder.encode(records, with_answer=False)
-    seq, npatch = _shapes(enc, batch_size)
-    batches, real = encoder.batches(enc, batch_size, seq, npatch)
+    seq, ntok = _shapes(examples, batch_size)
+    batches, real = encoder.batches(examples, batch_size, seq, ntok)
     eos = encoder.cfg.eos_token_id
     run = nnx.jit(lambda m, b: generate(m, b, max_new_tokens, eos))
     model.eval()
@@ -178,15 +247,15 @@ def load_adapter(model, path: pathlib.Path) -> None:
     nnx.update(model, nnx.from_flat_state(new))
 
 
-def build_model(args, cfg, num_latents: int, with_lora: bool):
-    """(QwenLIVR, tokenizer, Encoder) for the checkpoint in ``args``."""
-    import dataclasses
-
+def build_model(args, cfg, num_latents: int, with_lora: bool, cache_dir: pathlib.Path | None):
+    """(QwenLIVR, tokenizer, Encoder) for the checkpoint in ``args``; the Encoder's vision
+    feature cache lives under ``cache_dir`` (None: host memory)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from lir.backbones.qwen2_5_vl.config import read_config
+    from lir.backbones.qwen2_5_vl.features import VisionFeatureCache
     from lir.backbones.qwen2_5_vl.livr import QwenLIVR, add_lora
     from lir.backbones.qwen2_5_vl.processor import ProcessorConfig
     from lir.backbones.qwen2_5_vl.sharding import fsdp_sharding
@@ -206,7 +275,14 @@ def build_model(args, cfg, num_latents: int, with_lora: bool):
                            temporal_patch_size=qcfg.vision.temporal_patch_size,
                            merge_size=qcfg.vision.spatial_merge_size)
     latent_id = tok.size if tok.size < qcfg.text.vocab_size else 0
-    return model, tok, Encoder(qcfg, tok, num_latents, pcfg, latent_id)
+    cache = VisionFeatureCache(model.base.visual, pcfg, cache_dir)
+    return model, tok, Encoder(qcfg, tok, num_latents, pcfg, latent_id, cache)
+
+
+def _cache_dir(args, run_dir: pathlib.Path) -> pathlib.Path | None:
+    if args.feature_cache == "memory":
+        return None
+    return pathlib.Path(args.feature_cache) if args.feature_cache else run_dir / "vision_features"
 
 
 def run_finetune(args, cfg, run_dir: pathlib.Path) -> dict:
@@ -216,19 +292,28 @@ def run_finetune(args, cfg, run_dir: pathlib.Path) -> dict:
 
     ft = cfg.finetune
     k = ft.num_latents if args.method == "livr" else 0
-    model, _, encoder = build_model(args, cfg, k, with_lora=True)
+    model, _, encoder = build_model(args, cfg, k, with_lora=True,
+                                    cache_dir=_cache_dir(args, run_dir))
     train = load_split(args.task_data, "train")[: args.limit or None]
     val = (load_split(args.task_data, "val")[: args.limit or None]
            if split_file(args.task_data, "val") else [])
+    test = (load_split(args.task_data, "test")[: args.limit or None]
+            if split_file(args.task_data, "test") else [])
+    # every split's vision features are computed here, before training: the train steps
+    # donate the model's buffers, the frozen tower's included
     enc = encoder.encode(train, with_answer=True)
-    seq, npatch = _shapes(enc, ft.batch_size)
-    batches, _ = encoder.batches(enc, ft.batch_size, seq, npatch)
+    enc_val = encoder.encode(val, with_answer=False)
+    enc_test = encoder.encode(test, with_answer=False)
+    seq, ntok = _shapes(enc, ft.batch_size)
+    max_answer = _round_up(max(e.answer_tokens for e in enc), 8)
+    batches, _ = encoder.batches(enc, ft.batch_size, seq, ntok)
     batches = batches[: len(batches) - len(batches) % ft.accumulation_steps or None]
 
     def on_epoch(m, stage, epoch):
         if not val:
             return None
-        acc = accuracy(predict(m, encoder, val, ft.batch_size, args.max_new_tokens), val)
+        acc = accuracy(predict(m, encoder, enc_val, args.eval_batch_size,
+                               args.max_new_tokens), val)
         print(json.dumps({"stage": stage, "epoch": epoch, "val_accuracy": acc}), flush=True)
         return acc
 
@@ -239,18 +324,20 @@ def run_finetune(args, cfg, run_dir: pathlib.Path) -> dict:
             if not args.quiet:
                 print(json.dumps(row), flush=True)
 
-        hist = finetune(model, args.method, ft, batches, seed=cfg.seed, on_epoch=on_epoch,
-                        log=log)
+        hist = finetune(model, args.method, ft, batches, seed=cfg.seed,
+                        max_answer_tokens=max_answer, on_epoch=on_epoch, log=log)
     model = hist.pop("model")
     save_adapter(model, run_dir / "adapter.npz", {"method": args.method, "num_latents": k})
     result = {"method": args.method, "num_latents": k, "train_examples": len(train),
               "steps": len(hist["losses"]), "first_loss": hist["losses"][0],
               "last_loss": hist["losses"][-1], "val": hist["val"],
-              "best_epoch": hist["best_epoch"], "seq_len": seq, "n_patches": npatch}
-    if split_file(args.task_data, "test"):
-        test = load_split(args.task_data, "test")[: args.limit or None]
+              "best_epoch": hist["best_epoch"], "seq_len": seq, "n_visual_tokens": ntok,
+              "max_answer_tokens": max_answer, "batch_size": ft.batch_size,
+              "accumulation_steps": ft.accumulation_steps,
+              "vision_tower_calls": encoder.cache.calls}
+    if test:
         result["test_accuracy"] = accuracy(
-            predict(model, encoder, test, ft.batch_size, args.max_new_tokens), test)
+            predict(model, encoder, enc_test, args.eval_batch_size, args.max_new_tokens), test)
     write_json(run_dir / "results.json", result)
     return result
 
@@ -265,11 +352,13 @@ def run_evaluate(args, cfg, run_dir: pathlib.Path) -> dict:
         if not adapter.is_file():
             raise FileNotFoundError(f"adapter file {str(adapter)!r} not found")
         k = int(json.loads(adapter.with_suffix(".json").read_text())["num_latents"])
-    model, _, encoder = build_model(args, cfg, k, with_lora=adapter is not None)
+    model, _, encoder = build_model(args, cfg, k, with_lora=adapter is not None,
+                                    cache_dir=_cache_dir(args, run_dir))
     if adapter is not None:
         load_adapter(model, adapter)
     records = load_split(args.task_data, args.split)[: args.limit or None]
-    texts = predict(model, encoder, records, cfg.finetune.batch_size, args.max_new_tokens)
+    texts = predict(model, encoder, encoder.encode(records, with_answer=False),
+                    args.eval_batch_size, args.max_new_tokens)
     result = {"split": args.split, "n": len(records), "num_latents": k,
               "adapter": str(adapter) if adapter else None,
               "accuracy": accuracy(texts, records),
@@ -296,12 +385,18 @@ def main(argv: list[str] | None = None) -> int:
     # docs/lir.md D7: at most 1,280 merged visual tokens per image
     parser.add_argument("--max-pixels", type=int, default=1280 * 28 * 28)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--eval-batch-size", type=int, default=8,
+                        help="rows per generation call (validation, test, evaluate)")
+    parser.add_argument("--feature-cache", default=None,
+                        help="directory of the per-example vision feature cache (default "
+                             "RUN_DIR/vision_features; entries are keyed by the vision "
+                             "weights, so one directory can serve several runs), or 'memory'")
     parser.add_argument("--limit", type=int, default=0, help="use the first N records per split")
     parser.add_argument("--no-remat", action="store_true", help="keep activations (no remat)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
-        cfg = config_from_args(PRESETS, args)
+        cfg = backbone_config(args.backbone, args.preset, args.overrides)
     except (ConfigError, ValueError) as err:
         parser.error(str(err))
     ckpt = pathlib.Path(args.checkpoint)

@@ -242,3 +242,48 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "ck").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         read_config(tmp_path / "ck")
+
+
+def _dense_segment_attention(q, k, v, segments):
+    """The dense-mask reference: [N, N] mask, float64 softmax over all keys."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    logits = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(q.shape[-1])
+    mask = segments[:, None] == segments[None, :]
+    logits = np.where(mask[None], logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("hqk,khd->qhd", probs, v)
+
+
+@pytest.mark.parametrize("impl", ["xla", "einsum"])
+def test_segment_attention_equals_the_dense_mask(impl, monkeypatch):
+    from common.nn import attention as attn_mod
+    from lir.backbones.qwen2_5_vl.config import VisionConfig
+    from lir.backbones.qwen2_5_vl.vision import segment_attention
+
+    monkeypatch.setattr(attn_mod, "DEFAULT_IMPLEMENTATION", impl)
+    cfg = VisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
+                       out_hidden_size=64, window_size=56, fullatt_block_indexes=(1,))
+    # two images of 5x7 and 7x3 merged tokens: 2x2-merged-token windows (16 patches), with
+    # partial windows at the right / bottom edges; 24 padded patches at the end
+    grid = np.asarray([[1, 10, 14], [1, 14, 6]])
+    n = int(grid.prod(-1).sum())
+    layout = proc.vision_layout(grid, cfg, n_padded=n + 24)
+    win, img = layout.window_segments, layout.image_segments
+    w = (cfg.window_size // cfg.patch_size) ** 2
+    runs = np.split(win[:n], np.nonzero(np.diff(win[:n]))[0] + 1)
+    starts = np.cumsum([0] + [len(r) for r in runs[:-1]])
+    assert len(runs) == 3 * 4 + 4 * 2 and max(map(len, runs)) == w
+    assert any(s // w != (s + len(r) - 1) // w for s, r in zip(starts, runs, strict=True)), \
+        "some window must straddle a block boundary"
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(n + 24, 2, 16)).astype(np.float32) for _ in range(3))
+    with jax.default_matmul_precision("highest"):
+        got_w = np.asarray(segment_attention(q, k, v, win, max_run=w))
+        got_i = np.asarray(segment_attention(q, k, v, img, max_run=None, query_chunk=40))
+    np.testing.assert_allclose(got_w[:n], _dense_segment_attention(q, k, v, win)[:n],
+                               rtol=1e-5, atol=1e-5)
+    assert np.isfinite(got_w).all()
+    # full attention: 2 images + the padding segment, query chunks of 40 (the last one filled)
+    np.testing.assert_allclose(got_i, _dense_segment_attention(q, k, v, img),
+                               rtol=1e-5, atol=1e-5)

@@ -257,3 +257,146 @@ def test_lora_and_parameter_counts_match_the_published_sizes():
     n_base = sum(x.size for x in jax.tree.leaves(nnx.state(QwenVL(CFG, rngs=nnx.Rngs(0)),
                                                            nnx.Param)))
     assert counts["total"] == n_base
+
+
+def _two_row_batch(num_latents: int, answers=("B", "A) xyz")):
+    """Two examples with answers of different lengths, packed into one batch."""
+    rng = np.random.default_rng(3)
+    exs, patches, grids = [], [], []
+    for i, ans in enumerate(answers):
+        images = [rng.integers(0, 256, (56, 56 + 28 * i, 3), np.uint8)]
+        p, g = proc.preprocess_images(images, PCFG)
+        exs.append(encode_example(byte_encode, f"Q{i}? (A) x (B) y", proc.image_token_counts(g),
+                                  ans, num_latents, vision_start=188, vision_end=189,
+                                  image_pad=190, latent_token_id=LATENT_ID))
+        patches.append(p)
+        grids.append(g)
+    return exs, np.concatenate(patches), np.concatenate(grids)
+
+
+def test_answer_only_loss_equals_the_full_logits_loss():
+    from lir.backbones.qwen2_5_vl.livr import answer_only_loss, answer_positions
+    from lir.model import answer_loss
+
+    model = QwenLIVR(QwenVL(CFG, rngs=nnx.Rngs(0)), 4, key=jax.random.key(0))
+    add_lora(model, LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(1))
+    lin = model.base.language.layers[1].mlp.up_proj
+    lin.lora_b.set_value(jnp.full(lin.lora_b.shape, 0.05, jnp.float32))
+    exs, patches, grid = _two_row_batch(4)
+    batch = make_batch(exs, patches, grid, CFG, SEQ, n_patches=64)
+    n_ans = answer_positions(batch.loss_mask)
+    # byte tokens: the answer text and the spelled-out <|im_end|>
+    assert n_ans == len("A) xyz<|im_end|>") and batch.loss_mask[0].sum() < n_ans
+    with jax.default_matmul_precision("highest"):
+        want = answer_loss(model(batch, "causal"), batch)
+        hidden = model.hidden(batch, "causal")
+        for a in (n_ans, n_ans + 5):  # exact bound, and extra (masked) slots
+            got = answer_only_loss(hidden, model.base.language.logits, batch.targets,
+                                   batch.loss_mask, a)
+            np.testing.assert_allclose(got, want, rtol=1e-5)
+        # too small a bound drops the later answer tokens of the longer row
+        short = answer_only_loss(hidden, model.base.language.logits, batch.targets,
+                                 batch.loss_mask, n_ans - 2)
+        assert abs(float(short) - float(want)) > 1e-4
+
+        # through loss_fn: the same value and the same gradients for LoRA and latents
+        graphdef, params, rest = nnx.split(model, LIVR_FILTER, ...)
+
+        def value_and_grad(max_answer_tokens):
+            f = lambda p: loss_fn("bottleneck", max_answer_tokens)(
+                nnx.merge(graphdef, p, rest), batch, None)[0]
+            return jax.value_and_grad(f)(params)
+
+        (l0, g0), (l1, g1) = value_and_grad(None), value_and_grad(n_ans)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("where,dtype", [("memory", jnp.float32), ("disk", jnp.float32),
+                                         ("disk", jnp.bfloat16)])
+def test_feature_cache_computes_each_example_once(where, dtype, tmp_path):
+    from lir.backbones.qwen2_5_vl.features import (
+        VisionFeatureCache,
+        example_key,
+        vision_fingerprint,
+    )
+    from lir.backbones.qwen2_5_vl.livr import make_feature_batch
+
+    base = QwenVL(CFG, param_dtype=dtype, rngs=nnx.Rngs(0))
+    directory = tmp_path / "cache" if where == "disk" else None
+    cache = VisionFeatureCache(base.visual, PCFG, directory, pad_multiple=64)
+    exs, patches, grid = _two_row_batch(0)
+    split = np.cumsum([int(g.prod()) for g in grid])[:-1]
+    per_example = list(zip(np.split(patches, split), grid[:, None], strict=True))
+    loads = []
+    paths = [tmp_path / "img0.bin", tmp_path / "img1.bin"]
+    for i, p in enumerate(paths):
+        p.write_bytes(bytes([i]))
+    keys = [example_key(f"ex{i}", [paths[i]]) for i in range(2)]
+    assert keys[0] != keys[1]
+    # a changed image file gives a new key
+    paths[1].write_bytes(b"changed!")
+    assert example_key("ex1", [paths[1]]) != keys[1]
+
+    def loader(i):
+        return lambda: loads.append(i) or per_example[i]
+
+    got = [cache.get(k, loader(i)) for i, k in enumerate(keys)]
+    again = [cache.get(k, loader(i)) for i, k in enumerate(keys)]
+    assert cache.calls == 2 and loads == [0, 1]
+    for i, ((f, g), (f2, g2)) in enumerate(zip(got, again, strict=True)):
+        p, gr = per_example[i]
+        direct = base.visual(jnp.asarray(p, dtype), proc.vision_layout(gr, CFG.vision).arrays())
+        assert f.dtype == direct.dtype and f.shape == direct.shape
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2
+        np.testing.assert_allclose(np.asarray(f, np.float32), np.asarray(direct, np.float32),
+                                   rtol=tol, atol=tol)
+        np.testing.assert_array_equal(g, gr)
+        np.testing.assert_array_equal(g2, gr)
+        np.testing.assert_array_equal(np.asarray(f2, np.float32), np.asarray(f, np.float32))
+    if where == "disk":
+        # a new cache on the same directory (a later run) serves the entries without the tower
+        fresh = VisionFeatureCache(base.visual, PCFG, tmp_path / "cache", pad_multiple=64)
+        assert fresh.fingerprint == cache.fingerprint
+        for k, (f, _) in zip(keys, got, strict=True):
+            assert fresh.ensure(k, lambda: pytest.fail("recomputed")) is not None
+            f3, _ = fresh.get(k)
+            assert f3.dtype == f.dtype
+            np.testing.assert_array_equal(np.asarray(f3, np.float32), np.asarray(f, np.float32))
+        assert fresh.calls == 0
+        # other vision weights: another fingerprint, so no stale entries are served
+        other = QwenVL(CFG, param_dtype=dtype, rngs=nnx.Rngs(1))
+        assert vision_fingerprint(other.visual, PCFG) != cache.fingerprint
+
+    if dtype == jnp.float32:
+        # a batch of cached features gives the logits of the batch of raw patches
+        model = QwenLIVR(base, 0, key=jax.random.key(0))
+        feats = np.concatenate([f for f, _ in got])
+        fb = make_feature_batch(exs, feats, grid, CFG, SEQ, n_tokens=feats.shape[0] + 4)
+        pb = make_batch(exs, patches, grid, CFG, SEQ, n_patches=patches.shape[0] + 16)
+        with jax.default_matmul_precision("highest"):
+            np.testing.assert_allclose(model(fb, "causal"), model(pb, "causal"),
+                                       rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="image tokens"):
+            make_feature_batch(exs, feats[:-1], grid, CFG, SEQ)
+
+
+def test_qwen_paper_preset_is_batch_1_times_accumulation_8():
+    from common.config import get_preset
+    from lir.config import PRESETS
+    from lir.finetune_cli import backbone_config
+
+    ft = backbone_config("qwen2_5_vl", "paper", []).finetune
+    assert (ft.batch_size, ft.accumulation_steps) == (1, 8)
+    assert ft.learning_rate == 1e-4 and ft.num_latents == 16
+    # the tiny-model paper preset keeps its 8 x 1 split
+    base = get_preset(PRESETS, "paper").finetune
+    assert (base.batch_size, base.accumulation_steps) == (8, 1)
+    # setting either field replaces the split as a whole
+    ft = backbone_config("qwen2_5_vl", "paper", ["finetune.batch_size=3"]).finetune
+    assert (ft.batch_size, ft.accumulation_steps) == (3, 1)
+    ft = backbone_config("qwen2_5_vl", "paper", ["finetune.accumulation_steps=4"]).finetune
+    assert (ft.batch_size, ft.accumulation_steps) == (8, 4)
+    assert backbone_config("qwen2_5_vl", "tiny", []).finetune == get_preset(PRESETS,
+                                                                            "tiny").finetune

@@ -3,7 +3,8 @@
 Modules: ``config`` (shapes, config.json reader), ``processor`` (images, vision layout,
 M-RoPE ids; NumPy), ``vision`` (tower + merger), ``language`` (decoder LM + KV cache),
 ``model`` (full model, greedy generation), ``weights`` (local safetensors loader),
-``sharding`` (FSDP placement of frozen weights), ``livr`` (latents, LoRA, masks, batches,
+``sharding`` (FSDP placement of frozen weights), ``features`` (per-example cache of the
+frozen vision tower's output), ``livr`` (latents, LoRA, masks, batches, answer-only loss,
 generation), ``trainer`` (two-stage schedule), ``memory`` (parameter counts, memory estimates).
 """
 

@@ -5,8 +5,10 @@ Estimate per device at the paper's settings (LIVR App. B, docs/lir.md D8): bf16 
 (sharded FSDP-style over ``n_devices``), float32 LoRA + latents with AdamW moments and a
 gradient (4 copies), and activations with per-layer rematerialisation: the bf16 residual
 stream kept at every LM layer boundary, plus one layer's recomputed working set (float32
-attention logits and probabilities over the dense S x S mask, the SwiGLU intermediates).
-The vision tower is frozen and needs no activation memory beyond one block's forward.
+attention logits and probabilities over the dense S x S mask, the SwiGLU intermediates),
+and float32 logits at the answer positions only (``livr.answer_only_loss``). The vision
+tower is frozen and runs once per example outside the train step
+(``features.VisionFeatureCache``); :func:`vision_attention_memory` sizes its attention.
 """
 
 from __future__ import annotations
@@ -54,9 +56,28 @@ class MemoryEstimate:
         return self.weights_gb + self.trainable_gb + self.activations_gb
 
 
+def vision_attention_memory(cfg: QwenVLConfig, n_patches: int, *, query_chunk: int = 512
+                            ) -> dict[str, float]:
+    """Peak bytes (GB = 1e9) of one vision attention layer over ``n_patches`` packed patches:
+    float32 logits + probabilities and the boolean mask.
+
+    "dense": the [H, N, N] logits of a segment mask over all N patches (plus the two [N, N]
+    window / image masks, held across layers); "window" / "full": ``vision.segment_attention``
+    (3W-key bands of W-patch blocks; ``query_chunk``-row chunks against all N keys)."""
+    v = cfg.vision
+    h, n = v.num_heads, n_patches
+    w = (v.window_size // v.patch_size) ** 2
+    nw = -(-n // w) * w
+    c = min(query_chunk, n)
+    dense = 2 * h * n * n * 4 + 2 * n * n
+    window = 2 * h * nw * 3 * w * 4 + nw * 3 * w
+    full = 2 * h * c * n * 4 + c * n
+    return {"dense": dense / 1e9, "window": window / 1e9, "full": full / 1e9}
+
+
 def training_memory(cfg: QwenVLConfig, seq_len: int, batch: int = 1, rank: int = 16,
-                    num_latents: int = 16, n_devices: int = 1,
-                    weight_bytes: int = 2) -> MemoryEstimate:
+                    num_latents: int = 16, n_devices: int = 1, weight_bytes: int = 2,
+                    max_answer_tokens: int = 32) -> MemoryEstimate:
     """Rough per-device memory (GB = 1e9 bytes) of one LIVR train step (module docstring)."""
     t = cfg.text
     counts = parameter_counts(cfg)
@@ -65,6 +86,6 @@ def training_memory(cfg: QwenVLConfig, seq_len: int, batch: int = 1, rank: int =
     residual = t.num_layers * batch * seq_len * t.hidden_size * 2
     attn = 2 * batch * t.num_heads * seq_len * seq_len * 4
     mlp = 3 * batch * seq_len * t.intermediate_size * 4
-    logits = 2 * batch * seq_len * t.vocab_size * 4
+    logits = 2 * batch * min(max_answer_tokens, seq_len) * t.vocab_size * 4
     acts = residual + attn + mlp + logits
     return MemoryEstimate(weights / 1e9, trainable / 1e9, acts / 1e9)

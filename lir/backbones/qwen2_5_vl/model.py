@@ -54,12 +54,19 @@ class QwenVL(nnx.Module):
         self.visual = VisionTower(cfg.vision, **kw)
         self.language = LanguageModel(cfg.text, **kw)
 
-    def embed(self, input_ids, image_slots=None, patches=None, layout=None) -> jax.Array:
-        """Token embeddings with the visual tokens scattered in: float[B, S, D]."""
+    def embed(self, input_ids, image_slots=None, patches=None, layout=None, *,
+              features=None) -> jax.Array:
+        """Token embeddings with the visual tokens scattered in: float[B, S, D].
+
+        The visual tokens are ``features`` float[T, D] when given (precomputed by the frozen
+        tower), else the tower's output on ``patches`` / ``layout``; none: text only."""
         x = self.language.embed_tokens(jnp.asarray(input_ids))
-        if patches is None:
+        if features is not None:
+            feats = jnp.asarray(features).astype(x.dtype)
+        elif patches is not None:
+            feats = self.visual(jnp.asarray(patches, x.dtype), layout).astype(x.dtype)
+        else:
             return x
-        feats = self.visual(jnp.asarray(patches, x.dtype), layout).astype(x.dtype)
         slots = jnp.asarray(image_slots)
         rows = feats[jnp.clip(slots, 0, feats.shape[0] - 1)]
         return jnp.where((slots >= 0)[..., None], rows, x)

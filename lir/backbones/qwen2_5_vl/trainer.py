@@ -44,7 +44,7 @@ def method_stages(method: str, ft: FinetuneConfig) -> tuple[tuple[Stage, ...], o
 
 
 def finetune(model: QwenLIVR, method: str, ft: FinetuneConfig, batches: Sequence[QwenBatch],
-             *, seed: int = 42,
+             *, seed: int = 42, max_answer_tokens: int | None = None,
              on_epoch: Callable[[QwenLIVR, int, int], float | None] | None = None,
              log: Callable[[dict], None] | None = None) -> dict:
     """Train ``model`` and return the history with the trained module under "model".
@@ -55,7 +55,10 @@ def finetune(model: QwenLIVR, method: str, ft: FinetuneConfig, batches: Sequence
     Args:
       batches: one epoch of train-step inputs (each ``ft.batch_size`` rows); the order is
         reshuffled every epoch from ``seed``. Steps per epoch = len(batches) //
-        ``ft.accumulation_steps``.
+        ``ft.accumulation_steps``. Any ``Sequence`` (e.g. one that builds each batch on
+        access from cached vision features).
+      max_answer_tokens: static bound on a row's answer tokens: the loss projects only those
+        positions to the vocabulary (``livr.answer_only_loss``); None: every position.
       on_epoch: ``(model, stage index, epoch) -> validation accuracy or None``; with values
         from the last stage's epochs the best one is kept (ties: later epoch, docs/lir.md D6).
       log: receives one dict of metrics per train-step call.
@@ -73,7 +76,7 @@ def finetune(model: QwenLIVR, method: str, ft: FinetuneConfig, batches: Sequence
     for si, stage in enumerate(stages):
         tx = make_optimizer(stage_optimizer(ft, stage.epochs * spe))
         graphdef, state = create_train_state(model, tx, seed + si, trainable=trainable)
-        step = make_train_step(graphdef, loss_fn(stage.mask_variant), tx)
+        step = make_train_step(graphdef, loss_fn(stage.mask_variant, max_answer_tokens), tx)
         for epoch in range(stage.epochs):
             for i in rng.permutation(spe * ft.accumulation_steps):
                 state, metrics = step(state, batches[int(i)])

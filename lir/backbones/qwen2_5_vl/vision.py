@@ -1,11 +1,19 @@
 """Qwen2.5-VL vision tower in Flax NNX: patch embedding, 2-D rotary positions, window /
-full attention as segment-id masks, SwiGLU blocks and the 2x2 patch merger (docs/lir.md
-D20).
+full attention by segment ids, SwiGLU blocks and the 2x2 patch merger (docs/lir.md D20).
 
 The tower runs on one packed sequence of all images' patches, reordered so each attention
 window is contiguous (:class:`lir.backbones.qwen2_5_vl.processor.VisionLayout`). Window blocks
-attend where the window ids match, full-attention blocks where the image ids match, both
-through ``common.nn.dot_product_attention`` with a boolean mask.
+attend where the window ids match, full-attention blocks where the image ids match.
+
+No N x N mask or logit matrix is ever built (three 1288x728 images are N = 14,352 patches;
+dense float32 logits + probabilities of one layer would be ~27 GB, where the Hugging Face
+port uses varlen flash attention over ``cu_seqlens``). :func:`segment_attention` instead
+
+* window layers: splits the sequence into blocks of the window's patch count W; a window is a
+  contiguous run of at most W patches, so a query of block b only has keys in blocks
+  b-1, b, b+1, and each block attends to that 3W-key band (memory O(N * 3W));
+* full-attention layers: scans over query chunks, each against every key with the mask of
+  that chunk only (memory O(chunk * N)).
 """
 
 from __future__ import annotations
@@ -58,44 +66,100 @@ def remat_call(module: nnx.Module, *args):
     return out
 
 
-def segment_mask(segments: jax.Array) -> jax.Array:
-    """int[N] segment ids -> bool[1, 1, N, N]: attend iff the ids are equal."""
-    return (segments[:, None] == segments[None, :])[None, None]
+# Segment id of the rows :func:`segment_attention` adds to fill its last block; real rows
+# (ids >= -1, -1 = the layout's padded patches) never match it.
+_FILL = int(jnp.iinfo(jnp.int32).min)
+
+
+def _pad_rows(x: jax.Array, before: int, after: int, value=0) -> jax.Array:
+    return jnp.pad(x, [(before, after)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
+
+
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
+                      max_run: int | None, query_chunk: int = 512) -> jax.Array:
+    """Non-causal attention where row i attends to row j iff ``segments[i] == segments[j]``.
+
+    Equals ``dot_product_attention`` with the dense mask ``segments[:, None] ==
+    segments[None, :]`` without building it (module docstring).
+
+    Args:
+      q, k, v: [N, H, Dh].
+      segments: int32[N] segment ids.
+      max_run: every run of equal ids that contains a row whose output matters is contiguous
+        and at most ``max_run`` rows long (a window's patch count): banded attention over
+        blocks of ``max_run`` rows. None: no bound (full attention per image): query chunks
+        of ``query_chunk`` rows, each against all N keys.
+      query_chunk: rows per query chunk when ``max_run`` is None.
+    Returns:
+      [N, H, Dh] in q's dtype. Rows of a run longer than ``max_run`` (the layout's trailing
+      padding, id -1) see only part of it: finite, but not the dense result.
+    """
+    n, h, dh = q.shape
+    segments = jnp.asarray(segments, jnp.int32)
+    if max_run is not None:
+        w = int(max_run)
+        nb = -(-n // w)
+        fill = nb * w - n
+        # one extra block on each side so every block has a previous and a next block
+        qb = _pad_rows(q, 0, fill).reshape(nb, w, h, dh)
+        kp, vp = (_pad_rows(x, w, fill + w).reshape(nb + 2, w, h, dh) for x in (k, v))
+        sp = _pad_rows(segments, w, fill + w, _FILL).reshape(nb + 2, w)
+        band = lambda x: jnp.concatenate([x[:-2], x[1:-1], x[2:]], axis=1)  # [nb, 3w, ...]
+        mask = (sp[1:-1, :, None] == band(sp)[:, None, :])[:, None]  # [nb, 1, w, 3w]
+        out = dot_product_attention(qb, band(kp), band(vp), mask=mask)
+        return out.reshape(nb * w, h, dh)[:n]
+    c = min(int(query_chunk), n)
+    nc = -(-n // c)
+    fill = nc * c - n
+    qc = _pad_rows(q, 0, fill).reshape(nc, c, h, dh)
+    sc = _pad_rows(segments, 0, fill, _FILL).reshape(nc, c)
+
+    def chunk(args):
+        qi, si = args
+        mask = (si[:, None] == segments[None, :])[None, None]  # [1, 1, c, N]
+        return dot_product_attention(qi[None], k[None], v[None], mask=mask)[0]
+
+    # lax.map runs the chunks one after another: one chunk's logits are live at a time
+    return jax.lax.map(chunk, (qc, sc)).reshape(nc * c, h, dh)[:n]
 
 
 class VisionAttention(nnx.Module):
-    """Non-causal attention with a fused qkv projection (bias) and 2-D RoPE."""
+    """Non-causal attention with a fused qkv projection (bias) and 2-D RoPE, within the
+    segments given at call time. ``max_run``: the longest run of one segment id (a window's
+    patch count for window blocks) or None (full-attention blocks: one image per segment)."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, max_run: int | None = None, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.max_run = max_run
         self.qkv = dense(cfg.hidden_size, 3 * cfg.hidden_size, **kw)
         self.proj = dense(cfg.hidden_size, cfg.hidden_size, **kw)
 
-    def __call__(self, x: jax.Array, angles: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [N, D], angles float32[N, Dh / 2], mask bool[1, 1, N, N] -> [N, D]."""
+    def __call__(self, x: jax.Array, angles: jax.Array, segments: jax.Array) -> jax.Array:
+        """x [N, D], angles float32[N, Dh / 2], segments int32[N] -> [N, D]."""
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
         q, k, v = (rotate_half_rope(qkv[:, 0], angles), rotate_half_rope(qkv[:, 1], angles),
                    qkv[:, 2])
-        y = dot_product_attention(q[None], k[None], v[None], mask=mask)
+        y = segment_attention(q, k, v, segments, max_run=self.max_run)
         return self.proj(y.reshape(n, -1))
 
 
 class VisionBlock(nnx.Module):
-    """``x += attn(norm1(x)); x += mlp(norm2(x))`` with a SwiGLU MLP with biases."""
+    """``x += attn(norm1(x)); x += mlp(norm2(x))`` with a SwiGLU MLP with biases.
+    ``max_run``: see :class:`VisionAttention`."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, max_run: int | None = None, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.attn = VisionAttention(cfg, **kw)
+        self.attn = VisionAttention(cfg, max_run=max_run, **kw)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, "swiglu", use_bias=True, **kw)
 
-    def __call__(self, x, angles, mask):
-        x = x + self.attn(self.norm1(x), angles, mask)
+    def __call__(self, x, angles, segments):
+        x = x + self.attn(self.norm1(x), angles, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -129,7 +193,11 @@ class VisionTower(nnx.Module):
         self.cfg = cfg
         self.remat = remat
         self.patch_embed = dense(cfg.patch_dim, cfg.hidden_size, use_bias=False, **kw)
-        self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
+        # a window of window_size^2 pixels holds (window_size / patch_size)^2 patches
+        window = (cfg.window_size // cfg.patch_size) ** 2
+        self.blocks = nnx.List([
+            VisionBlock(cfg, max_run=None if i in cfg.fullatt_block_indexes else window, **kw)
+            for i in range(cfg.depth)])
         self.merger = PatchMerger(cfg, **kw)
 
     def __call__(self, patches: jax.Array, layout: dict, *, return_hidden: bool = False):
@@ -151,12 +219,12 @@ class VisionTower(nnx.Module):
         angles = vision_rope_angles(jnp.asarray(layout["rope_rows"]),
                                     jnp.asarray(layout["rope_cols"]), cfg.head_dim,
                                     cfg.rope_theta)
-        window_mask = segment_mask(jnp.asarray(layout["window_segments"]))
-        image_mask = segment_mask(jnp.asarray(layout["image_segments"]))
+        windows = jnp.asarray(layout["window_segments"], jnp.int32)
+        images = jnp.asarray(layout["image_segments"], jnp.int32)
         hidden = []
-        for i, block in enumerate(self.blocks):
-            mask = image_mask if i in cfg.fullatt_block_indexes else window_mask
-            x = remat_call(block, x, angles, mask) if self.remat else block(x, angles, mask)
+        for block in self.blocks:
+            seg = images if block.attn.max_run is None else windows
+            x = remat_call(block, x, angles, seg) if self.remat else block(x, angles, seg)
             hidden.append(x)
         merged = self.merger(x)[jnp.asarray(layout["merged_order"])]
         return (merged, hidden) if return_hidden else merged
