@@ -262,7 +262,8 @@ def build_model(args, cfg, num_latents: int, with_lora: bool, cache_dir: pathlib
     from lir.backbones.qwen2_5_vl.weights import load_checkpoint
 
     ckpt = pathlib.Path(args.checkpoint)
-    qcfg = dataclasses.replace(read_config(ckpt), remat=not args.no_remat)
+    qcfg = dataclasses.replace(read_config(ckpt), remat=not args.no_remat,
+                               attention_chunk=args.attention_chunk or None)
     tok = load_tokenizer(ckpt, args.tokenizer)
     place = fsdp_sharding() if jax.device_count() > 1 else None
     base = load_checkpoint(ckpt, dtype=jnp.dtype(args.dtype), cfg=qcfg, sharding=place)
@@ -393,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                              "weights, so one directory can serve several runs), or 'memory'")
     parser.add_argument("--limit", type=int, default=0, help="use the first N records per split")
     parser.add_argument("--no-remat", action="store_true", help="keep activations (no remat)")
+    parser.add_argument("--attention-chunk", type=int, default=512,
+                        help="LM query rows per attention chunk in training (0: one pass); "
+                             "bounds each layer's softmax to [H, chunk, S]")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:

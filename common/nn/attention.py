@@ -20,6 +20,7 @@ from common.nn.linear import dense
 from common.nn.positions import apply_multi_axis_rope, apply_rope
 
 __all__ = [
+    "chunked_attention",
     "dot_product_attention",
     "attention_weights",
     "KVCache",
@@ -154,6 +155,56 @@ def attention_weights(
     if mask is not None:
         probs = jnp.where(m, probs, 0.0)
     return probs.reshape(B, H, Q, K)
+
+
+def chunked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    query_chunk: int = 512,
+) -> jax.Array:
+    """`dot_product_attention` computed over chunks of `query_chunk` query rows in turn.
+
+    Equal to the one-pass result, but only one chunk's [B, H, c, K] logits are live at a time,
+    in the forward and (each chunk is rematerialised) in the backward pass, where the one-pass
+    path keeps the whole [B, H, Q, K] softmax of every layer for the gradient: at Q = K = 4096
+    and 16 heads that is 1 GiB of float32 per layer.
+
+    Args:
+      q: [B, Q, H, Dh]; k, v: [B, K, Hkv, Dh]; mask: bool [B|1, 1|H, Q|1, K] or None;
+        bias: float [B|1, 1|H, Q|1, K] or None (as for `dot_product_attention`).
+      query_chunk: rows per chunk; Q is padded up to a multiple of it (padding rows dropped).
+    Returns:
+      [B, Q, H, Dh] in q's dtype.
+    """
+    B, Q, H, D = q.shape
+    c = min(int(query_chunk), Q)
+    n = -(-Q // c)
+    fill = n * c - Q
+
+    def rows(x, axis):  # [..., Q, ...] -> [n, ..., c, ...] (x's Q axis at `axis`)
+        if x is None or x.shape[axis] == 1:
+            return None
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, fill)
+        x = jnp.pad(x, pad)
+        x = x.reshape(x.shape[:axis] + (n, c) + x.shape[axis + 1 :])
+        return jnp.moveaxis(x, axis, 0)
+
+    qs, ms, bs = rows(q, 1), rows(mask, 2), rows(bias, 2)
+
+    @jax.checkpoint
+    def chunk(args):
+        qi, mi, bi = args
+        mi = mask if mi is None else mi
+        bi = bias if bi is None else bi
+        return dot_product_attention(qi, k, v, mask=mi, bias=bi)
+
+    out = jax.lax.map(chunk, (qs, ms, bs))  # [n, B, c, H, D]
+    return jnp.moveaxis(out, 0, 1).reshape(B, n * c, H, D)[:, :Q]
 
 
 def dot_product_attention(
@@ -343,6 +394,8 @@ class Attention(nnx.Module):
         self.rope_theta = rope_theta
         self.rope_sections = rope_sections
         self.sow_weights = False
+        # Rows per query chunk of the memory-bounded path (`chunked_attention`); None: one pass.
+        self.query_chunk: int | None = None
         kv_dim = kv_dim or dim
         kw = dict(kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = dense(dim, num_heads * head_dim, use_bias=qkv_bias, **kw)
@@ -407,5 +460,8 @@ class Attention(nnx.Module):
                 mask = cache_mask(new_cache.length, T, new_cache.max_len, causal=True)
         if self.sow_weights:
             self.sow(nnx.Intermediate, "attention_weights", attention_weights(q, k, mask, bias))
-        y = dot_product_attention(q, k, v, mask=mask, bias=bias)
+        if self.query_chunk is not None and cache is None and T > self.query_chunk:
+            y = chunked_attention(q, k, v, mask=mask, bias=bias, query_chunk=self.query_chunk)
+        else:
+            y = dot_product_attention(q, k, v, mask=mask, bias=bias)
         return self.o_proj(y.reshape(B, T, H * Dh)), new_cache

@@ -95,6 +95,9 @@ class QwenVLConfig:
     eos_token_id: int = 151645
     # Rematerialise each LM decoder layer and vision block in the backward pass.
     remat: bool = False
+    # Query rows per chunk of the LM's training attention (`common.nn.chunked_attention`):
+    # bounds each layer's softmax to [B, H, chunk, S] instead of [B, H, S, S]; None: one pass.
+    attention_chunk: int | None = None
 
     def __post_init__(self):
         if self.vision.out_hidden_size != self.text.hidden_size:

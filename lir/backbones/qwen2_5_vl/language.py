@@ -47,8 +47,9 @@ class LanguageModel(nnx.Module):
     Submodules: ``embed_tokens`` (nnx.Embed [V, D]), ``layers``, ``norm``, ``lm_head``
     (Dense D -> V without bias; None when the head is tied to ``embed_tokens``)."""
 
-    def __init__(self, cfg: TextConfig, *, remat: bool = False, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, remat: bool = False,
+                 attention_chunk: int | None = None, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg = cfg
         self.remat = remat
@@ -56,6 +57,8 @@ class LanguageModel(nnx.Module):
                                       param_dtype=param_dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)])
+        for layer in self.layers:
+            layer.self_attn.query_chunk = attention_chunk
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = (None if cfg.tie_word_embeddings else
                         dense(cfg.hidden_size, cfg.vocab_size, use_bias=False, **kw))

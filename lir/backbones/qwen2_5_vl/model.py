@@ -52,7 +52,7 @@ class QwenVL(nnx.Module):
         self.cfg = cfg
         kw = dict(remat=cfg.remat, param_dtype=param_dtype, rngs=rngs)
         self.visual = VisionTower(cfg.vision, **kw)
-        self.language = LanguageModel(cfg.text, **kw)
+        self.language = LanguageModel(cfg.text, attention_chunk=cfg.attention_chunk, **kw)
 
     def embed(self, input_ids, image_slots=None, patches=None, layout=None, *,
               features=None) -> jax.Array:
