@@ -12,7 +12,7 @@ The geometry commands take ``--preset tiny|small`` and dotted ``--set key=value`
 `GeomConfig` (an unknown key lists the valid ones); the resolved config is written as
 ``config.json`` next to the outputs. Figures are PNG strips drawn with matplotlib (Agg).
 ``train`` and ``reproduce`` take ``--preset tiny|small|paper`` and overrides of
-`spatia.config.SpatiaConfig` (e.g. ``--set train.main_steps=500``); both resume from the
+`spatia.config.SpatiaConfig` (e.g. ``--set train.main.steps=500``, ``--set train.control.optim.learning_rate=1e-4``); both resume from the
 checkpoints in ``--run-dir``.
 """
 

@@ -481,9 +481,9 @@ def _write_report(
         f"{H}x{W} frames, patch {m.patch_size}, N = {m.num_target_frames} new frames per clip, "
         f"M = {m.num_prev_frames} history frame(s), K <= {m.max_refs} references) trained in the "
         f"paper's stages on {d.num_scenes * d.samples_per_scene} clips from {d.num_scenes} rooms: "
-        f"base without memory ({t.base_steps} steps), control branch with the base frozen "
-        f"({t.control_steps} steps), main branch by {t.main_mode.upper()} with references and "
-        f"history noise t_aug <= {t.hist_noise_max} ({t.main_steps} steps). The paper fine-tunes a "
+        f"base without memory ({t.base.steps} steps), control branch with the base frozen "
+        f"({t.control.steps} steps), main branch by {t.main_mode.upper()} with references and "
+        f"history noise t_aug <= {t.hist_noise_max} ({t.main.steps} steps). The paper fine-tunes a "
         "pretrained 5B video model on real video; nothing here is pretrained, so absolute numbers "
         "are not comparable, only the direction of each effect."
     )

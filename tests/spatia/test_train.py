@@ -26,11 +26,13 @@ _OVERRIDES = [
     "data.samples_per_scene=8",
     "data.first_clip_prob=0.25",
     "train.batch_size=4",
-    "train.base_steps=30",
-    "train.control_steps=3",
-    "train.main_steps=3",
-    "train.warmup_steps=0",
-    "train.base_lr=3e-3",
+    "train.base.steps=30",
+    "train.control.steps=3",
+    "train.main.steps=3",
+    "train.base.optim.warmup_steps=0",
+    "train.control.optim.warmup_steps=0",
+    "train.main.optim.warmup_steps=0",
+    "train.base.optim.learning_rate=3e-3",
     "train.save_every=1000",
     "train.log_every=1000",
     "train.ablations=false",
@@ -158,7 +160,8 @@ def test_paper_preset_structure_and_pixel_data_refusal():
     # 9 history frames and 72 new ones through a 4x temporal VAE: 3 + 18 latent frames (81 total)
     assert (m.num_prev_frames, m.num_target_frames) == (3, 18)
     assert p.train.main_mode == "lora" and m.lora_rank == 64
-    assert (p.train.control_steps, p.train.main_steps) == (8000, 5000)
+    assert (p.train.control.steps, p.train.main.steps) == (8000, 5000)
+    assert (p.train.control.optim.learning_rate, p.train.main.optim.learning_rate) == (1e-5, 1e-4)
     with pytest.raises(ValueError, match="channels in"):
         D.generate_split(p)
 
@@ -181,8 +184,8 @@ def test_paper_preset_trains_one_step_at_reduced_size():
             "train.batch_size=1",
         ],
     )
-    graphdef, state, opt_cfg = T.initial_state(p, "main", None)
-    step = T._step_fn(graphdef, opt_cfg, p.train.hist_noise_max)
+    graphdef, state, _ = T.initial_state(p, "main", None)
+    step = T.stage_step(p, "main", graphdef)
     r = np.random.default_rng(0)
     m = p.model
     shapes = dict(
@@ -208,16 +211,18 @@ def test_training_lowers_the_loss(cfg, data, run):
     before = T.validation_loss(cfg, gd0, st0, "base", data)
     gd, st = stages["base"]
     after = T.validation_loss(cfg, gd, st, "base", data)
-    assert int(st.step) == cfg.train.base_steps
+    assert int(st.step) == cfg.train.base.steps
     assert after < 0.7 * before, (before, after)
 
 
 def test_stage_steps_and_checkpoints(cfg, run):
     run_dir, stages = run
     assert list(stages) == ["base", "control", "main"]
-    for name, (_, st) in stages.items():
+    for name, (gd_trained, st) in stages.items():
         assert int(st.step) == T.stage_steps(cfg, name)
         assert (T.stage_dir(run_dir, name) / "metrics.jsonl").exists()
+        # a child stage starts from its parent's restored weights: still one compiled step
+        assert T.stage_step(cfg, name, gd_trained)._cache_size() == 1, name
         gd, loaded = T.load_stage(cfg, run_dir, name)
         for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(st.params), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -265,11 +270,13 @@ def test_stage_filters_train_only_the_intended_parameters(cfg, data, run):
 def test_resume_equals_uninterrupted(cfg, data, tmp_path):
     # A stage stopped after 2 steps (as if killed after its checkpoint) and resumed to 4
     # ends bit-identical to a run of 4 steps in one go; both share the compiled step.
-    short = override(cfg, ["train.base_steps=4"])
+    short = override(cfg, ["train.base.steps=4"])
     T.train_stage(short, tmp_path / "a", "base", data, num_steps=2, verbose=False)
     gd, resumed = T.train_stage(short, tmp_path / "a", "base", data, verbose=False)
     _, straight = T.train_stage(short, tmp_path / "b", "base", data, verbose=False)
     assert int(resumed.step) == int(straight.step) == 4
+    # fresh, resumed and restored-parent states share one sharding: one compiled program
+    assert T.stage_step(short, "base", gd)._cache_size() == 1
     for a, b in zip(
         jax.tree.leaves((resumed.params, resumed.opt_state)),
         jax.tree.leaves((straight.params, straight.opt_state)),
