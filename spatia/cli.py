@@ -34,6 +34,7 @@ from spatia import geometry as geo
 from spatia import memory as mem_lib
 from spatia import render as rnd
 from spatia import scenes, trajectories
+from spatia.report import save_strip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,36 +151,6 @@ def render_memory(cfg: GeomConfig, mem, w2c, intr):
     return rnd.render_views(mem.xyz, mem.rgb, mem.valid, w2c, intr, height=cfg.scene.height,
                             width=cfg.scene.width, mode=r.mode, radius=r.radius if r.mode != "point" else 0.0,
                             k=r.k)
-
-
-def save_strip(path, rows, titles=None, col_titles=None, scale=1.6):
-    """Save a grid of images: rows = list of lists of [H, W, 3] or [H, W] arrays."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_r, n_c = len(rows), max(len(r) for r in rows)
-    h, w = np.asarray(rows[0][0]).shape[:2]
-    fig, axes = plt.subplots(n_r, n_c, figsize=(scale * n_c * w / h + 0.8, scale * n_r + 0.4), squeeze=False)
-    for i, row in enumerate(rows):
-        for j in range(n_c):
-            ax = axes[i, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j < len(row):
-                img = np.asarray(row[j])
-                ax.imshow(np.clip(img, 0, 1) if img.ndim == 3 else img, cmap=None if img.ndim == 3 else "viridis",
-                          interpolation="nearest")
-            else:
-                ax.axis("off")
-            if j == 0 and titles:
-                ax.set_ylabel(titles[i], fontsize=8)
-            if i == 0 and col_titles and j < len(col_titles):
-                ax.set_title(col_titles[j], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _pick(n, k):
