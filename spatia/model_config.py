@@ -50,6 +50,10 @@ class VideoModelConfig:
       references of a sample; hist_noise_max: t_aug ~ U[0, hist_noise_max] noise on history
       frames (Spatia supp. §6, 0.05 = 50/1000), passed to the model as those tokens' timestep.
 
+    remat: recompute each transformer block's activations in the backward pass instead of
+      storing them (`nnx.remat`): the same gradients for about one more forward pass, and the
+      activation memory of one block instead of every block (needed at the paper's size).
+
     LoRA on the main blocks (stage 2): lora_rank, lora_alpha, lora_targets.
     Sampling defaults: sampler ("euler" | "heun"), sample_steps, sample_shift, guidance_scale.
     """
@@ -71,6 +75,7 @@ class VideoModelConfig:
     rope_theta: float = 10000.0
     control_layers: tuple[int, ...] = (0, 2)
     num_instructions: int = 4
+    remat: bool = False
 
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -177,6 +182,7 @@ def paper() -> VideoModelConfig:
         freq_dim=256,
         control_layers=tuple(range(0, 30, 4)),
         num_instructions=64,
+        remat=True,
         timestep_shift=1.0,
         cond_drop_prob=0.1,
         hist_noise_max=0.05,
