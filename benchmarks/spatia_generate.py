@@ -70,8 +70,8 @@ def bench_training(cfg: C.SpatiaConfig, repeats: int) -> dict:
     out = {}
     for name in ("base", "control", "main"):
         spec = T.STAGES[name]
-        gd, state, opt_cfg = T.initial_state(cfg, name, None)
-        step = T._step_fn(gd, opt_cfg, cfg.train.hist_noise_max if spec.hist_noise else 0.0)
+        gd, state, _ = T.initial_state(cfg, name, None)
+        step = T.stage_step(cfg, name, gd)
         batch = _batch(cfg, cfg.train.batch_size, spec.keys)
         holder = {"state": state}
 

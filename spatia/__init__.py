@@ -18,8 +18,10 @@ Generation side:
 * `spatia.train`     the three training stages (base, control branch, LoRA main branch)
 * `spatia.pipeline`  the clip loop: render memory, retrieve, generate, update memory
 * `spatia.metrics`   PSNR, SSIM, closed-loop and revisit metrics, match accuracy, camera score
-* `spatia.config`, `spatia.reproduce`  presets and the Table 3-7 analogues
+* `spatia.config`, `spatia.reproduce`  presets and the Table 3-7 analogues (`spatia.paper`: the
+  paper's numbers; `spatia.report`: report prose, tables and image strips)
+* `spatia.plan`      every training stage of a preset compiled for an N-device mesh, unrun
 
-Command line: ``python -m spatia scene|render|edit|memory-report|train|reproduce`` (see
+Command line: ``python -m spatia scene|render|edit|memory-report|train|reproduce|plan`` (see
 `spatia.cli`).
 """

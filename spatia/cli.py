@@ -1,4 +1,4 @@
-"""Command line: ``python -m spatia scene|render|edit|memory-report|train|reproduce``.
+"""Command line: ``python -m spatia scene|render|edit|memory-report|train|reproduce|plan``.
 
     python -m spatia scene  --out runs/spatia/scene            # GT strip + w2c.txt/intrinsics.txt
     python -m spatia render --out runs/spatia/render           # memory vs GT along a trajectory
@@ -7,12 +7,13 @@
     python -m spatia memory-report --out reports/spatia --preset small
     python -m spatia train     --preset tiny --run-dir runs/spatia/tiny   # staged training only
     python -m spatia reproduce --preset tiny --run-dir runs/spatia/tiny   # + evaluate + report
+    python -m spatia plan --preset paper --devices 8 --per-device-batch 1  # compile, don't run
 
 The geometry commands take ``--preset tiny|small`` and dotted ``--set key=value`` overrides of
 `GeomConfig` (an unknown key lists the valid ones); the resolved config is written as
 ``config.json`` next to the outputs. Figures are PNG strips drawn with matplotlib (Agg).
 ``train`` and ``reproduce`` take ``--preset tiny|small|paper`` and overrides of
-`spatia.config.SpatiaConfig` (e.g. ``--set train.main_steps=500``); both resume from the
+`spatia.config.SpatiaConfig` (e.g. ``--set train.main.steps=500``, ``--set train.control.optim.learning_rate=1e-4``); both resume from the
 checkpoints in ``--run-dir``.
 """
 
@@ -30,10 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import config as cfg_lib
+from common.plan import add_plan_args
 from spatia import geometry as geo
 from spatia import memory as mem_lib
 from spatia import render as rnd
 from spatia import scenes, trajectories
+from spatia.report import save_strip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,36 +155,6 @@ def render_memory(cfg: GeomConfig, mem, w2c, intr):
                             k=r.k)
 
 
-def save_strip(path, rows, titles=None, col_titles=None, scale=1.6):
-    """Save a grid of images: rows = list of lists of [H, W, 3] or [H, W] arrays."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_r, n_c = len(rows), max(len(r) for r in rows)
-    h, w = np.asarray(rows[0][0]).shape[:2]
-    fig, axes = plt.subplots(n_r, n_c, figsize=(scale * n_c * w / h + 0.8, scale * n_r + 0.4), squeeze=False)
-    for i, row in enumerate(rows):
-        for j in range(n_c):
-            ax = axes[i, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j < len(row):
-                img = np.asarray(row[j])
-                ax.imshow(np.clip(img, 0, 1) if img.ndim == 3 else img, cmap=None if img.ndim == 3 else "viridis",
-                          interpolation="nearest")
-            else:
-                ax.axis("off")
-            if j == 0 and titles:
-                ax.set_ylabel(titles[i], fontsize=8)
-            if i == 0 and col_titles and j < len(col_titles):
-                ax.set_title(col_titles[j], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _pick(n, k):
     return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int))
 
@@ -293,7 +266,7 @@ def cmd_edit(cfg: GeomConfig, out: str, **_):
 
 def _model_command(args) -> int:
     """`train` / `reproduce` (spatia.train, spatia.reproduce) on a `SpatiaConfig` preset."""
-    from common.runtime import enable_compilation_cache, start_run_dir
+    from common.runtime import start_run_dir
     from spatia import config as spatia_config
 
     try:
@@ -301,7 +274,6 @@ def _model_command(args) -> int:
     except cfg_lib.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    enable_compilation_cache()
     t0 = time.time()
     try:
         if args.command == "train":
@@ -321,9 +293,39 @@ def _model_command(args) -> int:
     return 0
 
 
+def _plan_command(args) -> int:
+    """`plan`: compile every training stage of a preset for --devices simulated devices and
+    write reports/plan/spatia_<N>dev.{md,json} (`spatia.plan`, `common.plan`)."""
+    from common.distributed import make_mesh
+    from common.plan import accelerator_from_args, write_plan
+    from common.report import command_line
+    from spatia import config as spatia_config
+    from spatia.plan import plan_stages
+
+    try:
+        cfg = cfg_lib.config_from_args(spatia_config.PRESETS, args)
+        accelerator = accelerator_from_args(args)
+    except (cfg_lib.ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    rows = plan_stages(cfg, make_mesh(), accelerator=accelerator,
+                       per_device_batch=args.per_device_batch)
+    path = write_plan(rows, args.out, "spatia", args.preset, command_line())
+    print(f"wrote {path} ({len(rows)} stage(s)) in {time.time() - t0:.0f} s")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spatia", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="compile every training stage of a preset for N devices "
+                                    "from abstract shapes: FLOPs, bytes per device, est. time")
+    cfg_lib.add_config_args(p, default_preset="paper")
+    add_plan_args(p)
+    p.add_argument("--per-device-batch", type=int, default=None,
+                   help="clips per device and step call; the rest of the batch is gradient "
+                        "accumulation (default: the whole batch in one call)")
     for name, hlp in [("train", "train the generator's stages (resumes from --run-dir)"),
                       ("reproduce", "train, evaluate closed loops, write report.md + results.json")]:
         p = sub.add_parser(name, help=hlp)
@@ -341,6 +343,16 @@ def main(argv=None) -> int:
             p.add_argument("--w2c", dest="w2c_file", help="camera file, one 3x4/4x4 w2c per line")
             p.add_argument("--intrinsics", dest="intrinsics_file", help="normalised [fx/W fy/H cx/W cy/H]")
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        from common.plan import set_host_device_count
+
+        # the simulated device count must be set before JAX starts a backend
+        set_host_device_count(args.devices)
+    from common.runtime import start_process
+
+    start_process()
+    if args.command == "plan":
+        return _plan_command(args)
     if args.command in ("train", "reproduce"):
         return _model_command(args)
     try:

@@ -27,11 +27,15 @@ Presets (`PRESETS`, used as ``python -m spatia train|reproduce --preset NAME --s
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+from common.config import require
+from common.train import OptimizerConfig
 from spatia import model_config as mc
 
 __all__ = [
     "DataConfig",
+    "StageConfig",
     "TrainConfig",
     "EvalConfig",
     "SpatiaConfig",
@@ -42,6 +46,7 @@ __all__ = [
 ]
 
 _MAIN_MODES = ("lora", "full")
+_RENDER_MODES = ("point", "minfilter", "footprint", "soft", "soft_minfilter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +93,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self):
-        def bad(field, expected):
-            raise ValueError(f"DataConfig.{field}={getattr(self, field)!r}: expected {expected}")
-
+        req = functools.partial(require, self)
         for f in (
             "num_scenes",
             "samples_per_scene",
@@ -98,46 +101,62 @@ class DataConfig:
             "cand_stride",
             "retrieval_views",
         ):
-            if getattr(self, f) < 1:
-                bad(f, ">= 1")
-        if self.val_scenes < 0:
-            bad("val_scenes", ">= 0")
+            req(f, getattr(self, f) >= 1, ">= 1")
+        req("val_scenes", self.val_scenes >= 0, ">= 0")
         for f in ("dynamic_prob", "first_clip_prob", "extra_memory_prob"):
-            if not 0.0 <= getattr(self, f) <= 1.0:
-                bad(f, "in [0, 1]")
-        if self.voxel_s0 <= 0:
-            bad("voxel_s0", "> 0")
-        if self.render_mode not in ("point", "minfilter", "footprint", "soft", "soft_minfilter"):
-            bad("render_mode", "a spatia.render mode")
-        if not 0.0 < self.fov_deg < 170.0:
-            bad("fov_deg", "in (0, 170)")
+            req(f, 0.0 <= getattr(self, f) <= 1.0, "in [0, 1]")
+        req("voxel_s0", self.voxel_s0 > 0, "> 0")
+        req("render_mode", self.render_mode in _RENDER_MODES, f"one of {_RENDER_MODES}")
+        req("fov_deg", 0.0 < self.fov_deg < 170.0, "in (0, 170)")
+
+
+def adamw(learning_rate: float, *, warmup_steps: int = 20) -> OptimizerConfig:
+    """The optimiser of every stage (docs/spatia.md D9): AdamW, linear warm-up then constant lr,
+    weight decay 0.01, gradient clipping at norm 1. The constant schedule ignores total_steps."""
+    return OptimizerConfig(
+        name="adamw",
+        learning_rate=learning_rate,
+        schedule="constant",
+        warmup_steps=warmup_steps,
+        weight_decay=0.01,
+        grad_clip_norm=1.0,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One training stage: its number of optimizer steps and its optimiser.
+
+    steps = 0 skips the stage's updates (its checkpoint is the initialised model).
+    """
+
+    steps: int = 200
+    optim: OptimizerConfig = dataclasses.field(default_factory=lambda: adamw(1e-3))
+
+    def __post_init__(self):
+        require(self, "steps", self.steps >= 0, ">= 0")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The three training stages (Spatia §4, docs/spatia.md D14) and their optimisers.
+    """The three training stages (Spatia §4, docs/spatia.md D14), each a `StageConfig`.
 
-    Stage "base" (no memory; also the no-memory baseline) trains every non-control parameter
-    on history + instruction; stage "control" freezes the base and trains the control branch on
-    the memory projection; stage "main" trains the main blocks with references and history
-    (main_mode "lora": LoRA of rank model.lora_rank, "full": all base parameters), control
-    frozen, with t_aug ~ U[0, hist_noise_max] noise on the history frames.
-    *_steps = 0 skips a stage's updates (its checkpoint is the initialised model).
-    Optimiser (docs/spatia.md D9): AdamW, linear warm-up then constant lr, weight decay, grad clip.
+    base (no memory; also the no-memory baseline) trains every non-control parameter on
+    history + instruction; control freezes the base and trains the control branch on the memory
+    projection; main trains the main blocks with references and history (main_mode "lora":
+    LoRA of rank model.lora_rank, "full": all base parameters), control frozen, with
+    t_aug ~ U[0, hist_noise_max] noise on the history frames. Each stage's optimiser is
+    `<stage>.optim` (e.g. ``--set train.control.optim.learning_rate=1e-5``).
     ablations: also train the Table 4 variants "main_proj" (no references) and "main_refs"
       (no control branch, references only) with the main stage's settings.
+    seed: root of the named random streams of training (model init, LoRA init, step keys,
+      batch order; `common.rng.stream_seed`).
     """
 
     batch_size: int = 8
-    base_steps: int = 300
-    control_steps: int = 200
-    main_steps: int = 200
-    base_lr: float = 1e-3
-    control_lr: float = 1e-3
-    main_lr: float = 1e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    base: StageConfig = StageConfig(steps=300)
+    control: StageConfig = StageConfig(steps=200)
+    main: StageConfig = StageConfig(steps=200)
     main_mode: str = "lora"
     hist_noise_max: float = 0.05
     ablations: bool = True
@@ -146,23 +165,12 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        def bad(field, expected):
-            raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r}: expected {expected}")
-
-        if self.batch_size < 1:
-            bad("batch_size", ">= 1")
-        for f in ("base_steps", "control_steps", "main_steps", "warmup_steps"):
-            if getattr(self, f) < 0:
-                bad(f, ">= 0")
-        for f in ("base_lr", "control_lr", "main_lr"):
-            if not getattr(self, f) > 0:
-                bad(f, "> 0")
-        if self.main_mode not in _MAIN_MODES:
-            bad("main_mode", f"one of {_MAIN_MODES}")
-        if not 0.0 <= self.hist_noise_max < 1.0:
-            bad("hist_noise_max", "in [0, 1)")
-        if self.save_every < 1 or self.log_every < 1:
-            bad("save_every", ">= 1 (and log_every >= 1)")
+        req = functools.partial(require, self)
+        req("batch_size", self.batch_size >= 1, ">= 1")
+        req("main_mode", self.main_mode in _MAIN_MODES, f"one of {_MAIN_MODES}")
+        req("hist_noise_max", 0.0 <= self.hist_noise_max < 1.0, "in [0, 1)")
+        req("save_every", self.save_every >= 1, ">= 1")
+        req("log_every", self.log_every >= 1, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,27 +205,19 @@ class EvalConfig:
     seed: int = 10_000
 
     def __post_init__(self):
-        def bad(field, expected):
-            raise ValueError(f"EvalConfig.{field}={getattr(self, field)!r}: expected {expected}")
-
-        if self.num_loops < 1:
-            bad("num_loops", ">= 1")
-        if not self.clips or min(self.clips) < 1:
-            bad("clips", "a non-empty tuple of clip counts >= 1")
-        if any(k < 0 for k in self.ks):
-            bad("ks", "reference counts >= 0")
-        if not self.voxels_s0 or min(self.voxels_s0) <= 0:
-            bad("voxels_s0", "a non-empty tuple of positive sizes")
-        if self.sample_steps < 1:
-            bad("sample_steps", ">= 1")
-        if self.sampler not in ("euler", "heun"):
-            bad("sampler", "'euler' or 'heun'")
-        if self.loop_kind not in ("yaw", "dolly", "orbit"):
-            bad("loop_kind", "'yaw', 'dolly' or 'orbit'")
-        if self.depth_source not in ("generator", "oracle"):
-            bad("depth_source", "'generator' or 'oracle'")
-        if self.update not in ("incremental", "rebuild"):
-            bad("update", "'incremental' or 'rebuild'")
+        req = functools.partial(require, self)
+        req("num_loops", self.num_loops >= 1, ">= 1")
+        req("clips", bool(self.clips) and min(self.clips) >= 1,
+            "a non-empty tuple of clip counts >= 1")
+        req("ks", all(k >= 0 for k in self.ks), "reference counts >= 0")
+        req("voxels_s0", bool(self.voxels_s0) and min(self.voxels_s0) > 0,
+            "a non-empty tuple of positive sizes")
+        req("sample_steps", self.sample_steps >= 1, ">= 1")
+        req("sampler", self.sampler in ("euler", "heun"), "'euler' or 'heun'")
+        req("loop_kind", self.loop_kind in ("yaw", "dolly", "orbit"), "'yaw', 'dolly' or 'orbit'")
+        req("depth_source", self.depth_source in ("generator", "oracle"),
+            "'generator' or 'oracle'")
+        req("update", self.update in ("incremental", "rebuild"), "'incremental' or 'rebuild'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,13 +252,9 @@ def small() -> SpatiaConfig:
         data=DataConfig(num_scenes=96, val_scenes=8, traj_frames=32, samples_per_scene=16),
         train=TrainConfig(
             batch_size=8,
-            base_steps=2000,
-            control_steps=800,
-            main_steps=800,
-            base_lr=5e-4,
-            control_lr=5e-4,
-            main_lr=5e-4,
-            warmup_steps=100,
+            base=StageConfig(2000, adamw(5e-4, warmup_steps=100)),
+            control=StageConfig(800, adamw(5e-4, warmup_steps=100)),
+            main=StageConfig(800, adamw(5e-4, warmup_steps=100)),
             save_every=200,
             log_every=20,
         ),
@@ -283,12 +279,9 @@ def paper() -> SpatiaConfig:
         train=TrainConfig(
             batch_size=64,
             # the paper starts from the pretrained Wan2.2-TI2V-5B, so the base stage is empty
-            base_steps=0,
-            control_steps=8000,
-            main_steps=5000,
-            control_lr=1e-5,
-            main_lr=1e-4,
-            warmup_steps=200,
+            base=StageConfig(0, adamw(1e-3, warmup_steps=200)),
+            control=StageConfig(8000, adamw(1e-5, warmup_steps=200)),
+            main=StageConfig(5000, adamw(1e-4, warmup_steps=200)),
             ablations=False,
             save_every=500,
             log_every=50,

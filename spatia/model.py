@@ -195,6 +195,14 @@ class SequenceLayout:
 # -------------------------------------------------------------------------------- modules
 
 
+def _call_block(blk: AdaLNBlock, h, cond, mask, positions):
+    return blk(h, cond, mask=mask, positions=positions)
+
+
+# The same block call with its activations recomputed in the backward pass (config.remat).
+_call_block_remat = nnx.remat(_call_block)
+
+
 def _adaln_block(cfg: VideoModelConfig, rngs: nnx.Rngs) -> AdaLNBlock:
     return AdaLNBlock(
         cfg.dim,
@@ -226,6 +234,7 @@ class ControlBranch(nnx.Module):
         self.after_proj = nnx.List(
             [dense(cfg.dim, cfg.dim, kernel_init=_zeros, rngs=rngs) for _ in range(n)]
         )
+        self.remat = cfg.remat
 
     def __call__(self, control, x_main, cond, positions, mask) -> list[jax.Array]:
         """control [B, Lc, in_dim], x_main / cond [B, Lc, D] (main-stream patch embeddings and
@@ -235,8 +244,9 @@ class ControlBranch(nnx.Module):
         # (as the official code does) and added to the main stream later.
         c = self.before_proj(self.embed(control)) + x_main
         hints = []
+        call = _call_block_remat if self.remat else _call_block
         for blk, proj in zip(self.blocks, self.after_proj, strict=True):
-            c = blk(c, cond, mask=mask, positions=positions)
+            c = call(blk, c, cond, mask, positions)
             hints.append(proj(c))
         return hints
 
@@ -319,8 +329,9 @@ class VideoDiT(nnx.Module):
             cmask = None if mask is None else mask[..., s:]
             outs = self.control(control, h[:, s:], cond[:, s:], pos[:, :, s:], cmask)
             hints = dict(zip(self.config.control_layers, outs, strict=True))
+        call = _call_block_remat if self.config.remat else _call_block
         for i, blk in enumerate(self.blocks):
-            h = blk(h, cond, mask=mask, positions=pos)
+            h = call(blk, h, cond, mask, pos)
             if i in hints:
                 h = h.at[:, s:].add(hints[i])
         return self.final(h, cond)

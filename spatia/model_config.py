@@ -1,6 +1,6 @@
 """Configuration of Spatia's video generator (`spatia.model.VideoDiT`) with presets.
 
-Presets (`VIDEO_MODEL_PRESETS`):
+Presets (the `model` part of `spatia.config`'s presets of the same names):
   tiny:  16x16 RGB frames, patch (1,4,4), width 64, 4 main + 2 control blocks; CPU, seconds per step.
   small: 32x32 RGB frames, spatio-temporal patch (2,8,8) (16 tokens per latent frame,
          docs/spatia.md D14), width 128, 6 main + 3 control blocks (~2.8 M parameters).
@@ -17,8 +17,11 @@ pipeline uses, not parameters of the network.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-__all__ = ["VideoModelConfig", "tiny", "small", "paper", "VIDEO_MODEL_PRESETS"]
+from common.config import require
+
+__all__ = ["VideoModelConfig", "tiny", "small", "paper"]
 
 _SAMPLERS = ("euler", "heun")
 
@@ -47,6 +50,10 @@ class VideoModelConfig:
       references of a sample; hist_noise_max: t_aug ~ U[0, hist_noise_max] noise on history
       frames (Spatia supp. §6, 0.05 = 50/1000), passed to the model as those tokens' timestep.
 
+    remat: recompute each transformer block's activations in the backward pass instead of
+      storing them (`nnx.remat`): the same gradients for about one more forward pass, and the
+      activation memory of one block instead of every block (needed at the paper's size).
+
     LoRA on the main blocks (stage 2): lora_rank, lora_alpha, lora_targets.
     Sampling defaults: sampler ("euler" | "heun"), sample_steps, sample_shift, guidance_scale.
     """
@@ -68,6 +75,7 @@ class VideoModelConfig:
     rope_theta: float = 10000.0
     control_layers: tuple[int, ...] = (0, 2)
     num_instructions: int = 4
+    remat: bool = False
 
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -86,49 +94,35 @@ class VideoModelConfig:
     guidance_scale: float = 1.0
 
     def __post_init__(self):
-        def bad(field, expected):
-            raise ValueError(
-                f"VideoModelConfig.{field}={getattr(self, field)!r}: expected {expected}"
-            )
-
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            bad("patch_size", "(pt, ph, pw) of positive ints")
-        if len(self.frame_size) != 2:
-            bad("frame_size", "(H, W)")
+        req = functools.partial(require, self)
+        req("patch_size", len(self.patch_size) == 3 and min(self.patch_size) >= 1,
+            "(pt, ph, pw) of positive ints")
+        req("frame_size", len(self.frame_size) == 2, "(H, W)")
         pt, ph, pw = self.patch_size
-        if self.frame_size[0] % ph or self.frame_size[1] % pw:
-            bad("frame_size", f"multiples of the spatial patch ({ph}, {pw})")
+        req("frame_size", self.frame_size[0] % ph == 0 and self.frame_size[1] % pw == 0,
+            f"multiples of the spatial patch ({ph}, {pw})")
         for f in ("num_target_frames", "num_prev_frames"):
-            if getattr(self, f) % pt:
-                bad(f, f"a multiple of the temporal patch {pt}")
-        if self.num_target_frames < pt:
-            bad("num_target_frames", f">= {pt}")
-        if self.num_prev_frames < 0 or self.max_refs < 0:
-            bad("max_refs", ">= 0 (and num_prev_frames >= 0)")
-        if self.dim % self.num_heads:
-            bad("num_heads", f"a divisor of dim={self.dim}")
+            req(f, getattr(self, f) % pt == 0, f"a multiple of the temporal patch {pt}")
+        req("num_target_frames", self.num_target_frames >= pt, f">= {pt}")
+        req("num_prev_frames", self.num_prev_frames >= 0, ">= 0")
+        req("max_refs", self.max_refs >= 0, ">= 0")
+        req("num_heads", self.dim % self.num_heads == 0, f"a divisor of dim={self.dim}")
         head_dim = self.dim // self.num_heads
-        if head_dim % 2 or head_dim // 2 < 3:
-            bad("num_heads", f"a head dim dim/num_heads that is even and >= 6, got {head_dim}")
-        if any(not 0 <= j < self.depth for j in self.control_layers):
-            bad("control_layers", f"indices in [0, depth={self.depth})")
-        if list(self.control_layers) != sorted(set(self.control_layers)):
-            bad("control_layers", "strictly increasing indices")
-        if self.num_instructions < 0:
-            bad("num_instructions", ">= 0")
+        req("num_heads", head_dim % 2 == 0 and head_dim // 2 >= 3,
+            f"a head dim dim/num_heads that is even and >= 6, got {head_dim}")
+        req("control_layers", all(0 <= j < self.depth for j in self.control_layers),
+            f"indices in [0, depth={self.depth})")
+        req("control_layers", list(self.control_layers) == sorted(set(self.control_layers)),
+            "strictly increasing indices")
+        req("num_instructions", self.num_instructions >= 0, ">= 0")
         for f in ("cond_drop_prob", "ref_drop_prob"):
-            if not 0.0 <= getattr(self, f) <= 1.0:
-                bad(f, "in [0, 1]")
-        if not 0.0 <= self.hist_noise_max < 1.0:
-            bad("hist_noise_max", "in [0, 1)")
-        if self.logit_std <= 0:
-            bad("logit_std", "> 0")
-        if self.timestep_shift <= 0 or self.sample_shift <= 0:
-            bad("timestep_shift", "> 0 (and sample_shift > 0)")
-        if self.sampler not in _SAMPLERS:
-            bad("sampler", f"one of {_SAMPLERS}")
-        if self.sample_steps < 1:
-            bad("sample_steps", ">= 1")
+            req(f, 0.0 <= getattr(self, f) <= 1.0, "in [0, 1]")
+        req("hist_noise_max", 0.0 <= self.hist_noise_max < 1.0, "in [0, 1)")
+        req("logit_std", self.logit_std > 0, "> 0")
+        req("timestep_shift", self.timestep_shift > 0, "> 0")
+        req("sample_shift", self.sample_shift > 0, "> 0")
+        req("sampler", self.sampler in _SAMPLERS, f"one of {_SAMPLERS}")
+        req("sample_steps", self.sample_steps >= 1, ">= 1")
 
     @property
     def head_dim(self) -> int:
@@ -188,6 +182,7 @@ def paper() -> VideoModelConfig:
         freq_dim=256,
         control_layers=tuple(range(0, 30, 4)),
         num_instructions=64,
+        remat=True,
         timestep_shift=1.0,
         cond_drop_prob=0.1,
         hist_noise_max=0.05,
@@ -199,5 +194,3 @@ def paper() -> VideoModelConfig:
         guidance_scale=3.5,
     )
 
-
-VIDEO_MODEL_PRESETS = {"tiny": tiny, "small": small, "paper": paper}

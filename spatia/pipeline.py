@@ -46,6 +46,7 @@ the final pose, like the official code; padded frames never enter the video or t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
@@ -55,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from common.config import require
 from spatia import flow, metrics, retrieval, scenes, slam
 from spatia import geometry as geo
 from spatia import memory as mem_lib
@@ -63,7 +65,6 @@ from spatia import render as rnd
 __all__ = [
     "DEPTH_RANGE",
     "PipelineConfig",
-    "PIPELINE_PRESETS",
     "pipeline_config_for_model",
     "Trajectory",
     "StartFrame",
@@ -136,70 +137,27 @@ class PipelineConfig:
     ref_method: str = "hungarian"
 
     def __post_init__(self):
-        def bad(field, expected):
-            raise ValueError(
-                f"PipelineConfig.{field}={getattr(self, field)!r}: expected {expected}"
-            )
-
-        if self.clip_frames < 1:
-            bad("clip_frames", ">= 1")
-        if self.history_frames < 1:
-            bad("history_frames", ">= 1 (round 0 conditions on the start frame)")
-        if self.max_refs < 0:
-            bad("max_refs", ">= 0")
-        if self.voxel is not None and not self.voxel > 0:
-            bad("voxel", "> 0 or None")
-        if self.capacity < 1:
-            bad("capacity", ">= 1")
-        if self.update not in ("incremental", "rebuild"):
-            bad("update", "'incremental' or 'rebuild'")
-        if self.mask_source not in ("colour_key", "oracle"):
-            bad("mask_source", "'colour_key' or 'oracle'")
-        if not 0 <= self.colour_key_tol < 0.15:
-            bad(
-                "colour_key_tol",
-                "in [0, 0.15) (static colours are >= 0.15 from every reserved colour)",
-            )
-        if self.depth_source not in ("generator", "oracle"):
-            bad("depth_source", "'generator' or 'oracle'")
-        if self.render_mode not in rnd.MODES:
-            bad("render_mode", f"one of {rnd.MODES}")
-        if self.render_mode != "point" and not self.render_radius > 0:
-            bad("render_radius", f"> 0 for render_mode {self.render_mode!r}")
-        if self.ref_target_stride < 1 or self.ref_cand_stride < 1:
-            bad("ref_target_stride", ">= 1 (and ref_cand_stride >= 1)")
-        if self.icp_damping < 0:
-            bad("icp_damping", ">= 0")
-        if self.ref_method not in ("hungarian", "greedy"):
-            bad("ref_method", "'hungarian' or 'greedy'")
-
-
-def _tiny() -> PipelineConfig:
-    return PipelineConfig()
-
-
-def _small() -> PipelineConfig:
-    return PipelineConfig(clip_frames=8, history_frames=2, max_refs=4, voxel=0.05, capacity=65536)
-
-
-def _paper() -> PipelineConfig:
-    # Spatia §4, docs/spatia.md D1: 72 new frames after 9 history frames, K = 7, 1 cm voxels,
-    # PyTorch3D radius 0.01 NDC ~ 3.5 px at 704 px, targets at 2 fps and candidates at 6 fps of
-    # 24 fps
-    return PipelineConfig(
-        clip_frames=72,
-        history_frames=9,
-        max_refs=7,
-        voxel=0.01,
-        capacity=4_194_304,
-        render_radius=3.5,
-        ref_target_stride=12,
-        ref_cand_stride=4,
-    )
-
-
-# Loop settings matching the `spatia.model_config` presets of the same name.
-PIPELINE_PRESETS = {"tiny": _tiny, "small": _small, "paper": _paper}
+        req = functools.partial(require, self)
+        req("clip_frames", self.clip_frames >= 1, ">= 1")
+        req("history_frames", self.history_frames >= 1,
+            ">= 1 (round 0 conditions on the start frame)")
+        req("max_refs", self.max_refs >= 0, ">= 0")
+        req("voxel", self.voxel is None or self.voxel > 0, "> 0 or None")
+        req("capacity", self.capacity >= 1, ">= 1")
+        req("update", self.update in ("incremental", "rebuild"), "'incremental' or 'rebuild'")
+        req("mask_source", self.mask_source in ("colour_key", "oracle"),
+            "'colour_key' or 'oracle'")
+        req("colour_key_tol", 0 <= self.colour_key_tol < 0.15,
+            "in [0, 0.15) (static colours are >= 0.15 from every reserved colour)")
+        req("depth_source", self.depth_source in ("generator", "oracle"),
+            "'generator' or 'oracle'")
+        req("render_mode", self.render_mode in rnd.MODES, f"one of {rnd.MODES}")
+        req("render_radius", self.render_mode == "point" or self.render_radius > 0,
+            f"> 0 for render_mode {self.render_mode!r}")
+        req("ref_target_stride", self.ref_target_stride >= 1, ">= 1")
+        req("ref_cand_stride", self.ref_cand_stride >= 1, ">= 1")
+        req("icp_damping", self.icp_damping >= 0, ">= 0")
+        req("ref_method", self.ref_method in ("hungarian", "greedy"), "'hungarian' or 'greedy'")
 
 
 def pipeline_config_for_model(

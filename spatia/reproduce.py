@@ -28,17 +28,18 @@ camera_score}}, ``table5`` = {K: {...}}, ``table6`` = {memory|no_memory: {clips:
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import hashlib
+import json
 import time
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common.config import to_dict
+from common.config import to_dict, to_json
 from common.metrics import read_metrics
-from common.report import Report, command_line
+from common.report import Report, StageClock, command_line
+from common.rng import stream_key
 from common.runtime import start_run_dir
 from spatia import datasets as D
 from spatia import memory as mem_lib
@@ -47,9 +48,10 @@ from spatia import pipeline as pl
 from spatia import scenes, trajectories
 from spatia import train as T
 from spatia.config import SpatiaConfig
+from spatia.paper import PAPER
+from spatia.report import loop_strip, write_report
 
 __all__ = [
-    "PAPER",
     "VARIANTS",
     "Loop",
     "make_loops",
@@ -62,46 +64,6 @@ __all__ = [
     "evaluate",
     "reproduce",
 ]
-
-# The paper's numbers (Spatia Tables 3-7), copied from its tables.
-PAPER = {
-    "table3": {
-        "ViewCrafter": {"psnr_c": 14.79, "ssim_c": 0.481, "lpips_c": 0.365, "match_acc": 0.447},
-        "FlexWorld": {"psnr_c": 12.20, "ssim_c": 0.428, "lpips_c": 0.598, "match_acc": 0.377},
-        "Voyager": {"psnr_c": 17.66, "ssim_c": 0.540, "lpips_c": 0.380, "match_acc": 0.507},
-        "Spatia": {"psnr_c": 19.38, "ssim_c": 0.579, "lpips_c": 0.213, "match_acc": 0.698},
-    },
-    "table4": {
-        "none": {"camera_score": 58.81, "psnr_c": 15.55, "ssim_c": 0.444, "lpips_c": 0.379},
-        "proj": {"camera_score": 80.13, "psnr_c": 17.18, "ssim_c": 0.500, "lpips_c": 0.295},
-        "refs": {"camera_score": 61.38, "psnr_c": 15.64, "ssim_c": 0.444, "lpips_c": 0.393},
-        "both": {"camera_score": 84.47, "psnr_c": 19.38, "ssim_c": 0.579, "lpips_c": 0.213},
-    },
-    "table5": {
-        1: {"psnr_c": 17.50, "ssim_c": 0.537, "lpips_c": 0.284, "match_acc": 0.592},
-        3: {"psnr_c": 17.85, "ssim_c": 0.540, "lpips_c": 0.275, "match_acc": 0.606},
-        5: {"psnr_c": 18.48, "ssim_c": 0.556, "lpips_c": 0.248, "match_acc": 0.640},
-        7: {"psnr_c": 19.38, "ssim_c": 0.579, "lpips_c": 0.213, "match_acc": 0.698},
-    },
-    "table6": {
-        "no_memory": {
-            2: {"camera_score": 56.87, "psnr_c": 13.00, "ssim_c": 0.377, "lpips_c": 0.521},
-            4: {"camera_score": 46.43, "psnr_c": 11.32, "ssim_c": 0.328, "lpips_c": 0.611},
-            6: {"camera_score": 49.97, "psnr_c": 10.74, "ssim_c": 0.310, "lpips_c": 0.644},
-        },
-        "memory": {
-            2: {"camera_score": 84.47, "psnr_c": 19.38, "ssim_c": 0.579, "lpips_c": 0.213},
-            4: {"camera_score": 83.97, "psnr_c": 18.23, "ssim_c": 0.546, "lpips_c": 0.253},
-            6: {"camera_score": 83.41, "psnr_c": 18.04, "ssim_c": 0.541, "lpips_c": 0.259},
-        },
-    },
-    "table7": {
-        0.01: {"psnr": 18.58, "ssim": 0.646, "lpips": 0.254},
-        0.03: {"psnr": 17.10, "ssim": 0.614, "lpips": 0.313},
-        0.05: {"psnr": 16.35, "ssim": 0.596, "lpips": 0.349},
-        0.07: {"psnr": 15.97, "ssim": 0.585, "lpips": 0.370},
-    },
-}
 
 # ICP estimates with fewer inlier pairs are rejected (the threshold spatia.metrics applies).
 _MIN_ICP_PAIRS = 12
@@ -304,7 +266,7 @@ def evaluate_variant(
             loop.trajectory,
             gen,
             pcfg,
-            jax.random.key(seed + i),
+            stream_key(seed, "rollout", i),
             start=start,
             scene=loop.scene,
             instructions=instr,
@@ -423,26 +385,7 @@ def evaluate(cfg: SpatiaConfig, stages: dict, *, verbose: bool = True) -> dict:
     return out
 
 
-def _save_strip(path: pathlib.Path, loop: Loop, results: dict) -> None:
-    from spatia.cli import save_strip
-
-    rows = [list(loop.gt_rgb)]
-    titles = ["ground truth"]
-    for name, res in results.items():
-        rows.append(list(res.rgb))
-        titles.append({"none": "no memory", "both": "memory"}.get(name, name))
-    if "both" in results:
-        res = results["both"]
-        proj = [np.zeros_like(loop.gt_rgb[0])]
-        for rec in res.clips:
-            n_hist = len(rec.history_index)
-            proj += list(rec.projection[n_hist : n_hist + len(rec.frame_index)])
-        rows.append(proj)
-        titles.append("memory projection")
-    save_strip(str(path), rows, titles, [f"frame {i}" for i in range(len(loop.gt_rgb))], scale=1.1)
-
-
-# --------------------------------------------------------------------------------------- report
+# --------------------------------------------------------------------------- orchestration
 
 
 def _training_summary(cfg: SpatiaConfig, run_dir, stages: dict, val: dict | None) -> dict:
@@ -457,226 +400,90 @@ def _training_summary(cfg: SpatiaConfig, run_dir, stages: dict, val: dict | None
     return out
 
 
-def _fmt_t(d: dict | None, keys) -> list:
-    return [d.get(k) if d is not None else None for k in keys]
+def _json_form(results: dict) -> dict:
+    """`results` as it reads back from JSON (numbers as Python floats/ints, every key a str),
+    so a fresh evaluation and one loaded from its cache give the report the same dict."""
+    return json.loads(json.dumps(results, default=lambda x: np.asarray(x).tolist()))
 
 
-def _write_report(
-    cfg: SpatiaConfig,
-    run_dir: pathlib.Path,
-    results: dict,
-    report: Report,
-    preset: str | None,
-    wall: float,
-) -> None:
-    m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
-    H, W = m.frame_size
-    r = report
-    r.paragraph(
-        f"Preset `{preset or 'custom'}`. Everything below was run by this command on synthetic "
-        "rooms "
-        f"(docs/spatia.md D12): an RGB-D flow-matching video DiT ({m.depth} main blocks of width "
-        f"{m.dim}, "
-        f"{len(m.control_layers)} control blocks after main layers {list(m.control_layers)}, "
-        f"{H}x{W} frames, patch {m.patch_size}, N = {m.num_target_frames} new frames per clip, "
-        f"M = {m.num_prev_frames} history frame(s), K <= {m.max_refs} references) trained in the "
-        f"paper's stages on {d.num_scenes * d.samples_per_scene} clips from {d.num_scenes} rooms: "
-        f"base without memory ({t.base_steps} steps), control branch with the base frozen "
-        f"({t.control_steps} steps), main branch by {t.main_mode.upper()} with references and "
-        f"history noise t_aug <= {t.hist_noise_max} ({t.main_steps} steps). The paper fine-tunes a "
-        "pretrained 5B video model on real video; nothing here is pretrained, so absolute numbers "
-        "are not comparable, only the direction of each effect."
-    )
-    r.paragraph(
-        f"Evaluation: {e.num_loops} held-out rooms, each with an out-and-back '{e.loop_kind}' loop "
-        f"(yaw {e.yaw_deg} deg, {e.dist_m} m) whose last pose equals its first; clip 1 starts from "
-        "the ground-truth frame 0 and a memory built from it, later clips condition on the "
-        f"generated history, retrieved references and the memory projection; the memory is updated "
-        f"from every generated clip (depth: {e.depth_source}; dynamic pixels masked by colour "
-        "key). "
-        f"Sampler: {e.sampler}, {e.sample_steps} steps, CFG {e.guidance_scale}. PSNR_C / SSIM_C "
-        "compare the first and last frame; match accuracy is the geometric stand-in for RoMa "
-        "(fraction of co-visible pixels whose colours agree within 0.1); the camera score maps "
-        "ICP-estimated pose errors of the generated RGB-D frames to [0, 100] (WorldScore "
-        "normalisation, 15 deg / 0.5 m; a frame whose depth ICP cannot align counts with the "
-        "maximum errors). LPIPS is not computed (no pretrained network at 16-32 px)."
-    )
+def _config_hash(cfg: SpatiaConfig) -> str:
+    return hashlib.sha1(to_json(cfg).encode()).hexdigest()[:12]
 
-    tr = results["training"]
-    r.heading("Training")
-    r.table(
-        ["stage", "steps", "final train loss", "validation loss"],
-        [[k, str(v["steps"]), v["final_train_loss"], v.get("val_loss")] for k, v in tr.items()],
-        "{:.4f}",
-    )
-    r.paragraph(
-        "Validation loss: the flow-matching loss on held-out rooms with fixed noise draws "
-        "(each stage on its own inputs), so a lower loss after the control stage means "
-        "the memory projection is informative."
-    )
 
-    t3 = results["table3"]
-    r.heading("Table 3 analogue: memory on closed loops (2 clips)")
-    keys = ("psnr_c", "ssim_c", "match_acc", "psnr_revisit")
-    rows = [
-        ["no memory (base)"] + _fmt_t(t3["no_memory"], keys),
-        ["memory (ours)"] + _fmt_t(t3["memory"], keys),
-    ]
-    rows += [[f"paper: {k}"] + _fmt_t(v, keys[:3]) + [None] for k, v in PAPER["table3"].items()]
-    r.table(["method", "PSNR_C", "SSIM_C", "match acc", "PSNR revisited"], rows, "{:.3f}")
+def _train_stages(cfg: SpatiaConfig, run_dir, data, clock: StageClock, verbose: bool) -> dict:
+    """Trains (resuming) or loads every stage; {name: (graphdef, state)}.
 
-    t4 = results["table4_full"]
-    r.heading("Table 4: scene projection and reference frames")
-    rows = []
-    for k, v in t4.items():
-        p = PAPER["table4"][k]
-        rows.append(
-            [
-                k,
-                v["camera_score"],
-                p["camera_score"],
-                v["psnr_c"],
-                p["psnr_c"],
-                v["ssim_c"],
-                p["ssim_c"],
-            ]
-        )
-    r.table(
-        ["variant", "camera score", "paper", "PSNR_C", "paper", "SSIM_C", "paper"], rows, "{:.3f}"
-    )
+    A stage's training is a cached result (`train-<steps>.json` in its directory, holding the
+    compute seconds), so a rerun that only loads the checkpoint still counts its training time.
+    """
+    stages = {}
+    for name in T.stage_order(cfg):
+        steps = T.stage_steps(cfg, name)
+        path = T.stage_dir(run_dir, name) / f"train-{steps}.json"
+        if path.exists() and not T.is_trained(cfg, run_dir, name):
+            path.unlink()  # its checkpoints were removed: the stage trains again
+        trained = {}
 
-    t5 = results["table5"]
-    r.heading("Table 5: number of references K")
-    rows = [
-        [str(k), v["psnr_c"], v["ssim_c"], v["match_acc"], PAPER["table5"].get(k, {}).get("psnr_c")]
-        for k, v in t5.items()
-    ]
-    rows += [
-        [f"paper K={k}", None, v["ssim_c"], v["match_acc"], v["psnr_c"]]
-        for k, v in PAPER["table5"].items()
-        if k not in t5
-    ]
-    r.table(["K", "PSNR_C", "SSIM_C", "match acc", "paper PSNR_C"], rows, "{:.3f}")
-    r.paragraph(
-        f"K = 1, 3, 5, 7 in the paper; here K <= {m.max_refs} (the model's reference slots), "
-        "one model trained with K ~ U{0..K} evaluated at each K."
-    )
+        def train(name=name, steps=steps, trained=trained):
+            if verbose:
+                print(f"[train] stage {name}: training ({steps} steps)", flush=True)
+            trained[name] = T.train_stage(cfg, run_dir, name, data, verbose=verbose)
+            return {"steps": int(trained[name][1].step)}
 
-    t6 = results["table6_full"]
-    r.heading("Table 6: long horizon (more clips)")
-    rows = []
-    for key in ("no_memory", "memory"):
-        for c, v in t6[key].items():
-            p = PAPER["table6"][key].get(c, {})
-            rows.append(
-                [
-                    key.replace("_", " "),
-                    str(c),
-                    v["camera_score"],
-                    p.get("camera_score"),
-                    v["psnr_c"],
-                    p.get("psnr_c"),
-                    v["ssim_c"],
-                    p.get("ssim_c"),
-                ]
-            )
-    r.table(
-        ["model", "clips", "camera score", "paper", "PSNR_C", "paper", "SSIM_C", "paper"],
-        rows,
-        "{:.3f}",
-    )
-
-    t7 = results["table7"]
-    r.heading("Table 7: memory density")
-    paper7 = list(PAPER["table7"].items())
-    rows = []
-    for i, (v, row) in enumerate(t7.items()):
-        pv, pr = paper7[i] if i < len(paper7) else (None, {})
-        rows.append(
-            [
-                f"{v:g} s0",
-                row["voxel_m"] * 100,
-                row["memory_points"],
-                row["memory_bytes"],
-                row["psnr_all"],
-                row["psnr_c"],
-                f"{pv} m" if pv else None,
-                pr.get("psnr"),
-            ]
-        )
-    r.table(
-        ["voxel", "cm", "points", "bytes", "PSNR all frames", "PSNR_C", "paper cube", "paper PSNR"],
-        rows,
-        "{:.2f}",
-    )
-    r.paragraph(
-        f"s0 = 3 m / fx = {D.voxel_size(cfg, 1.0) * 100:.1f} cm (one pixel at a typical depth), "
-        "the paper's 1:3:5:7 ratios; the model was trained with memories at "
-        f"{d.voxel_s0:g} s0. Bytes = points x {mem_lib.bytes_per_point()} B."
-    )
-
-    if "dynamic" in results:
-        dyn = results["dynamic"]
-        r.heading("Dynamic objects: memory with vs. without dynamic masking")
-        r.table(
-            [
-                "memory",
-                "ghost pixels in later projections",
-                "dynamic-coloured points",
-                "PSNR static pixels",
-                "PSNR_C",
-            ],
-            [
-                [k, v["ghost_pixels"], v["dynamic_points_in_memory"], v["psnr_static"], v["psnr_c"]]
-                for k, v in dyn.items()
-            ],
-            "{:.2f}",
-        )
-        r.paragraph(
-            f"{e.dynamic_loops} rooms with a moving object in a reserved colour. Ghost pixels: "
-            "pixels of the projections of clips >= 2 that show a dynamic colour where the "
-            "ground truth at that pose and time is static (means per loop). The paper has no "
-            "numbers for this test (docs/spatia.md D11, H5)."
-        )
-
-    r.heading("A closed loop")
-    r.image(
-        "loop_strip.png",
-        "ground truth, the base model without memory, the full model, and the "
-        "memory projection it was given (frame 0 is the ground-truth start frame)",
-    )
-    r.paragraph(f"Wall time of the whole command (data, training, evaluation): {wall:.0f} s.")
+        clock.cached(f"train {name}", path, train)
+        if name in trained:
+            stages[name] = trained[name]
+        else:
+            if verbose:
+                print(f"[train] stage {name}: done, loading ({steps} steps)", flush=True)
+            stages[name] = T.load_stage(cfg, run_dir, name)
+    return stages
 
 
 def reproduce(
     cfg: SpatiaConfig, run_dir, *, preset: str | None = None, verbose: bool = True
 ) -> dict:
-    """Data -> staged training (resuming) -> closed-loop evaluation -> report.md + results.json."""
+    """Data -> staged training (resuming) -> closed-loop evaluation -> report.md + results.json.
+
+    Every expensive step is resumable or cached: the datasets (`spatia.datasets`), each stage's
+    checkpoints and training time, and the evaluation (``eval-<config hash>.json``, which also
+    holds its compute seconds), so a rerun rebuilds the report from caches and its provenance
+    still states the compute time of every stage. Returns the results dict of ``results.json``.
+    """
     t0 = time.time()
     run_dir = start_run_dir(run_dir, cfg)
+    clock = StageClock()
     report = Report(
         f"Spatia on synthetic rooms ({preset or 'custom'} preset)", command=command_line()
     )
-    data = D.load_dataset(cfg, run_dir / "data", "train", verbose=verbose)
-    val = (
-        D.load_dataset(cfg, run_dir / "data", "val", verbose=verbose)
-        if cfg.data.val_scenes
-        else None
+    with clock.stage("data"):
+        data = D.load_dataset(cfg, run_dir / "data", "train", verbose=verbose)
+        val = (
+            D.load_dataset(cfg, run_dir / "data", "val", verbose=verbose)
+            if cfg.data.val_scenes
+            else None
+        )
+    stages = _train_stages(cfg, run_dir, data, clock, verbose)
+    with clock.stage("validation"):
+        results = {"training": _training_summary(cfg, run_dir, stages, val)}
+
+    def run_evaluation():
+        ev = evaluate(cfg, stages, verbose=verbose)
+        loop, strip = ev.pop("_strip")
+        loop_strip(run_dir / "loop_strip.png", loop, strip)
+        return _json_form(ev)
+
+    results.update(
+        clock.cached("evaluate", run_dir / f"eval-{_config_hash(cfg)}.json", run_evaluation)
     )
-    stages = T.train_all(cfg, run_dir, data, verbose=verbose)
-    results = {"training": _training_summary(cfg, run_dir, stages, val)}
-    ev = evaluate(cfg, stages, verbose=verbose)
-    loop, strip = ev.pop("_strip")
-    _save_strip(run_dir / "loop_strip.png", loop, strip)
-    results.update(ev)
     results["paper"] = PAPER
     results["config"] = to_dict(cfg)
-    wall = time.time() - t0
-    _write_report(cfg, run_dir, results, report, preset, wall)
-    report.write(run_dir, results, wall_seconds=wall)
+    write_report(cfg, results, report, preset)
+    report.write(run_dir, results, clock=clock)
     if verbose:
         print(
-            f"[reproduce] wrote {run_dir / 'report.md'} and results.json in {wall:.0f} s",
+            f"[reproduce] wrote {run_dir / 'report.md'} and results.json in "
+            f"{time.time() - t0:.0f} s",
             flush=True,
         )
     return results

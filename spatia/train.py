@@ -24,39 +24,43 @@ The loss is `spatia.flow`'s velocity MSE on target tokens with logit-normal time
 stage lives in `<run_dir>/stages/<name>/` (checkpoints, metrics.jsonl); its checkpoint holds the
 whole train state (trainable + frozen parameters, AdamW state, step, RNG key) and the data
 iterator's position, so a killed stage resumes to exactly the state an uninterrupted run reaches.
+Each stage runs through `common.train.run_stage` (checkpoints, metrics, progress, the device
+mesh: state replicated, batches split over the `data` axis) with its step from
+`common.train.STEPS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
-import sys
-from collections.abc import Callable
 
 import jax
 import numpy as np
 from flax import nnx
 
+from common import distributed as dist
 from common import train as ctrain
 from common.checkpoint import Checkpointer
 from common.config import to_dict
-from common.metrics import MetricsWriter, Progress
+from common.rng import stream_key, stream_seed
 from spatia import datasets, flow
 from spatia import model as M
-from spatia.config import SpatiaConfig
+from spatia.config import SpatiaConfig, StageConfig
 
 __all__ = [
     "StageSpec",
     "STAGES",
     "stage_order",
+    "stage_config",
     "stage_optimizer",
     "stage_steps",
+    "stage_step",
     "build_model",
     "initial_state",
     "stage_dir",
     "train_stage",
     "load_stage",
+    "is_trained",
     "train_all",
     "trainable_filter",
     "validation_loss",
@@ -113,12 +117,15 @@ def _spec(name: str) -> StageSpec:
     return STAGES[name]
 
 
+def stage_config(cfg: SpatiaConfig, name: str) -> StageConfig:
+    """The `StageConfig` (steps, optim) of a stage: the ablations share the main stage's."""
+    t = cfg.train
+    return {"base": t.base, "control": t.control, "main": t.main}[_spec(name).kind]
+
+
 def stage_steps(cfg: SpatiaConfig, name: str) -> int:
     """Number of optimizer steps of a stage."""
-    t = cfg.train
-    return {"base": t.base_steps, "control": t.control_steps, "main": t.main_steps}[
-        _spec(name).kind
-    ]
+    return stage_config(cfg, name).steps
 
 
 def _uses_lora(cfg: SpatiaConfig, spec: StageSpec) -> bool:
@@ -136,20 +143,21 @@ def trainable_filter(cfg: SpatiaConfig, name: str):
 
 
 def stage_optimizer(cfg: SpatiaConfig, name: str) -> ctrain.OptimizerConfig:
-    """AdamW, linear warm-up then constant lr (docs/spatia.md D9), per stage."""
-    t = cfg.train
-    lr = {"base": t.base_lr, "control": t.control_lr, "main": t.main_lr}[_spec(name).kind]
-    steps = stage_steps(cfg, name)
-    return ctrain.OptimizerConfig(
-        name="adamw",
-        learning_rate=lr,
-        schedule="constant",
-        warmup_steps=min(t.warmup_steps, steps),
-        # The constant schedule ignores total_steps; fixing it keeps configs that differ only
-        # in step counts on one compiled train step.
-        total_steps=min(t.warmup_steps, steps) + 1,
-        weight_decay=t.weight_decay,
-        grad_clip_norm=t.grad_clip,
+    """The optimiser of a stage (`train.<base|control|main>.optim`, docs/spatia.md D9)."""
+    return stage_config(cfg, name).optim
+
+
+def stage_step(cfg: SpatiaConfig, name: str, graphdef: nnx.GraphDef):
+    """The jitted train step `(state, batch) -> (state, metrics)` of a stage: the flow-matching
+    velocity loss (history noise t_aug ~ U[0, hist_noise_max] in the stages that use it) and
+    the stage's optimiser. Built once per (structure, optimiser, loss) by `common.train.STEPS`,
+    so stages and runs of one structure share one compiled step."""
+    hist = cfg.train.hist_noise_max if _spec(name).hist_noise else 0.0
+    return ctrain.STEPS.train_step(
+        graphdef,
+        stage_optimizer(cfg, name),
+        flow.make_loss_fn(hist_noise_max=hist),
+        loss_key=("spatia_flow", hist),
     )
 
 
@@ -160,12 +168,14 @@ def build_model(cfg: SpatiaConfig, name: str, parent: nnx.Module | None = None) 
     stage's structure from a seeded init, which is what a restore needs as a target.
     """
     spec = _spec(name)
-    model = parent if parent is not None else M.VideoDiT(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+    model = parent
+    if model is None:
+        model = M.VideoDiT(cfg.model, rngs=nnx.Rngs(stream_seed(cfg.train.seed, "model")))
     if spec.init_control and parent is not None:
         M.init_control_from_main(model)
     if _uses_lora(cfg, spec):
-        # A distinct stream per stage keeps the LoRA init reproducible and stage-specific.
-        M.add_main_lora(model, rngs=nnx.Rngs(cfg.train.seed + 1000 + list(STAGES).index(name)))
+        # A stream per stage keeps the LoRA init reproducible and stage-specific.
+        M.add_main_lora(model, rngs=nnx.Rngs(stream_seed(cfg.train.seed, "lora", name)))
     return model
 
 
@@ -184,9 +194,9 @@ def _stage_config(cfg: SpatiaConfig, name: str) -> dict:
 
 # Step counts and logging cadence may change between a run and its resumption.
 _IGNORED = (
-    "train.base_steps",
-    "train.control_steps",
-    "train.main_steps",
+    "train.base.steps",
+    "train.control.steps",
+    "train.main.steps",
     "train.save_every",
     "train.log_every",
     "train.ablations",
@@ -202,31 +212,36 @@ def _checkpointer(cfg: SpatiaConfig, run_dir, name: str) -> Checkpointer:
     )
 
 
-@functools.lru_cache(maxsize=32)
-def _step_fn(graphdef, opt_cfg: ctrain.OptimizerConfig, hist_noise_max: float) -> Callable:
-    # Cached on (graphdef, optimizer, loss options): stages and tests with the same structure
-    # share one compiled step.
-    loss = flow.make_loss_fn(hist_noise_max=hist_noise_max)
-    return ctrain.make_train_step(graphdef, loss, ctrain.make_optimizer(opt_cfg))
+def _on_mesh(tree, mesh=None):
+    """`tree` replicated on `mesh` (default: every device), as `common.train.run_stage` places
+    a state: fresh, restored and trained states then share one sharding, so the compiled train
+    step and eval loss serve all of them without recompiling."""
+    mesh = dist.make_mesh() if mesh is None else mesh
+    if jax.process_count() > 1:
+        return dist.replicate(tree, mesh)
+    return jax.device_put(tree, dist.replicated(mesh))
 
 
-def initial_state(cfg: SpatiaConfig, name: str, parent: nnx.Module | None):
-    """(graphdef, TrainState at step 0, OptimizerConfig) of a stage built by `build_model`."""
+def initial_state(cfg: SpatiaConfig, name: str, parent: nnx.Module | None, *, mesh=None):
+    """(graphdef, TrainState at step 0, OptimizerConfig) of a stage built by `build_model`,
+    replicated over `mesh` (default: every device)."""
     model = build_model(cfg, name, parent)
     opt_cfg = stage_optimizer(cfg, name)
-    rng = jax.random.fold_in(jax.random.key(cfg.train.seed), list(STAGES).index(name))
     graphdef, state = ctrain.create_train_state(
-        model, ctrain.make_optimizer(opt_cfg), rng, trainable=trainable_filter(cfg, name)
+        model,
+        ctrain.STEPS.optimizer(opt_cfg),
+        stream_key(cfg.train.seed, "train", name),
+        trainable=trainable_filter(cfg, name),
     )
-    # Commit every array to the device: a restored checkpoint (and a parent's restored weights)
-    # arrive committed, fresh arrays do not, and jit compiles the step once per combination.
-    state = jax.device_put(state, jax.devices()[0])
-    return graphdef, state, opt_cfg
+    return graphdef, _on_mesh(state, mesh), opt_cfg
 
 
-def load_stage(cfg: SpatiaConfig, run_dir, name: str) -> tuple[nnx.GraphDef, ctrain.TrainState]:
-    """(graphdef, state) of a stage's newest checkpoint; FileNotFoundError if it has none."""
-    graphdef, state, _ = initial_state(cfg, name, None)
+def load_stage(
+    cfg: SpatiaConfig, run_dir, name: str, *, mesh=None
+) -> tuple[nnx.GraphDef, ctrain.TrainState]:
+    """(graphdef, state) of a stage's newest checkpoint, replicated over `mesh` (default: every
+    device; the sharding `train_stage` produces); FileNotFoundError if it has none."""
+    graphdef, state, _ = initial_state(cfg, name, None, mesh=mesh)
     with _checkpointer(cfg, run_dir, name) as ckpt:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(
@@ -236,7 +251,8 @@ def load_stage(cfg: SpatiaConfig, run_dir, name: str) -> tuple[nnx.GraphDef, ctr
     return graphdef, state
 
 
-def _is_done(cfg: SpatiaConfig, run_dir, name: str) -> bool:
+def is_trained(cfg: SpatiaConfig, run_dir, name: str) -> bool:
+    """Whether a stage's newest checkpoint is at its configured number of steps."""
     with _checkpointer(cfg, run_dir, name) as ckpt:
         return ckpt.latest_step() == stage_steps(cfg, name)
 
@@ -249,6 +265,7 @@ def train_stage(
     *,
     num_steps: int | None = None,
     verbose: bool = True,
+    mesh=None,
 ) -> tuple[nnx.GraphDef, ctrain.TrainState]:
     """Trains (or resumes, or just loads) one stage; its parents must be trained already.
 
@@ -256,39 +273,37 @@ def train_stage(
       data: the training arrays of `spatia.datasets.load_dataset`.
       num_steps: stop at this step (default the stage's configured steps); a later call with a
         larger value resumes from the checkpoint.
-    Returns: (graphdef, final state) of the stage.
+      mesh: the device mesh (default: every device, `common.train.run_stage`); the state is
+        replicated on it and each batch split over its `data` axis.
+    Returns: (graphdef, final state) of the stage, replicated on the mesh.
     """
     spec = _spec(name)
     target = stage_steps(cfg, name) if num_steps is None else num_steps
     parent = None
     if spec.parent is not None:
-        gd_p, st_p = load_stage(cfg, run_dir, spec.parent)
+        gd_p, st_p = load_stage(cfg, run_dir, spec.parent, mesh=mesh)
         parent = ctrain.merge_model(gd_p, st_p)
-    graphdef, state, opt_cfg = initial_state(cfg, name, parent)
-    hist = cfg.train.hist_noise_max if spec.hist_noise else 0.0
-    step_fn = _step_fn(graphdef, opt_cfg, hist)
+    graphdef, state, _ = initial_state(cfg, name, parent, mesh=mesh)
+    step_fn = stage_step(cfg, name, graphdef)
     it = datasets.batch_iterator(
-        data, spec.keys, cfg.train.batch_size, seed=cfg.train.seed + list(STAGES).index(name)
+        data, spec.keys, cfg.train.batch_size, seed=stream_seed(cfg.train.seed, "data", name)
     )
-    directory = stage_dir(run_dir, name)
-    directory.mkdir(parents=True, exist_ok=True)
-    progress = Progress(target, name=name, stream=sys.stderr) if verbose else None
-    with (
-        _checkpointer(cfg, run_dir, name) as ckpt,
-        MetricsWriter(directory / "metrics.jsonl") as mw,
-    ):
-        state = ctrain.train(
-            state,
-            step_fn,
-            it,
-            target,
-            checkpointer=ckpt,
-            save_every=cfg.train.save_every,
-            metrics_writer=mw,
-            log_every=cfg.train.log_every,
-            progress=progress.update if progress else None,
-        )
-    return graphdef, state
+    result = ctrain.run_stage(
+        name,
+        state,
+        step_fn,
+        it,
+        target,
+        directory=stage_dir(run_dir, name),
+        checkpoint_config=_stage_config(cfg, name),
+        ignore_config_keys=_IGNORED,
+        max_to_keep=2,
+        save_every=cfg.train.save_every,
+        log_every=cfg.train.log_every,
+        verbose=verbose,
+        mesh=mesh,
+    )
+    return graphdef, result.state
 
 
 def train_all(cfg: SpatiaConfig, run_dir, data: dict, *, verbose: bool = True) -> dict:
@@ -296,7 +311,7 @@ def train_all(cfg: SpatiaConfig, run_dir, data: dict, *, verbose: bool = True) -
     out = {}
     for name in stage_order(cfg):
         if verbose:
-            status = "done, loading" if _is_done(cfg, run_dir, name) else "training"
+            status = "done, loading" if is_trained(cfg, run_dir, name) else "training"
             print(f"[train] stage {name}: {status} ({stage_steps(cfg, name)} steps)", flush=True)
         out[name] = train_stage(cfg, run_dir, name, data, verbose=verbose)
     return out
@@ -315,18 +330,18 @@ def validation_loss(
     """Mean flow-matching loss of a stage's model on `num_batches` batches of `data` (its keys),
     with fixed noise keys and no instruction dropout, so stages compare on equal draws."""
     spec = _spec(name)
-    loss = _eval_loss_fn(graphdef)
+    loss = ctrain.STEPS.get(("spatia_eval_loss", graphdef), lambda: _eval_loss_fn(graphdef))
     n = next(iter(data.values())).shape[0]
     bs = min(cfg.train.batch_size, n)
     total = 0.0
     for b in range(num_batches):
         idx = (np.arange(bs) + b * bs) % n
         batch = {k: data[k][idx] for k in spec.keys}
-        total += float(loss(state.params, state.frozen, batch, jax.random.key(seed + b)))
+        key = stream_key(seed, "validation", b)
+        total += float(loss(state.params, state.frozen, batch, key))
     return total / num_batches
 
 
-@functools.lru_cache(maxsize=16)
 def _eval_loss_fn(graphdef):
     base_loss = flow.make_loss_fn(cond_drop_prob=0.0, ref_drop_prob=0.0, hist_noise_max=0.0)
 

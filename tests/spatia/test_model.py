@@ -16,7 +16,7 @@ from flax import nnx
 from common import train as ctrain
 from spatia import flow
 from spatia import model as M
-from spatia.model_config import VIDEO_MODEL_PRESETS, VideoModelConfig, paper, tiny
+from spatia.model_config import VideoModelConfig, paper, small, tiny
 
 B, N, MP, K, HW = 2, 4, 1, 2, 16
 
@@ -106,9 +106,9 @@ def _run(model, inp, control="same"):
 
 
 def test_presets_and_config_errors():
-    for name, make in VIDEO_MODEL_PRESETS.items():
+    for make in (tiny, small, paper):
         c = make()
-        assert sum(c.rope_sections) == c.head_dim // 2, name
+        assert sum(c.rope_sections) == c.head_dim // 2, make.__name__
     p = paper()
     assert (p.depth, p.dim, p.num_heads, p.mlp_hidden) == (30, 3072, 24, 14336)
     assert p.control_layers == (0, 4, 8, 12, 16, 20, 24, 28)
@@ -146,7 +146,7 @@ def test_patchify_roundtrip_and_positions():
 
 
 def test_tokenize_temporal_patch_tiles_refs_and_pools_validity():
-    cfg = dataclasses.replace(VIDEO_MODEL_PRESETS["small"](), patch_size=(2, 8, 8))
+    cfg = dataclasses.replace(small(), patch_size=(2, 8, 8))
     r = np.random.default_rng(0)
     Bs, H = 1, 16
     b = dict(
@@ -461,3 +461,29 @@ def test_paper_structure_trains_one_step():
     step = ctrain.make_train_step(graphdef, flow.loss_fn, tx)
     state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_remat_keeps_loss_and_gradients():
+    # config.remat recomputes each block in the backward pass: the same numbers, less memory
+    cfg = dataclasses.replace(tiny(), depth=2, control_layers=(0, 1))
+    r = np.random.default_rng(0)
+    batch = dict(
+        frames=r.random((2, 4, 16, 16, 3), np.float32),
+        prev=r.random((2, 1, 16, 16, 3), np.float32),
+        proj=r.random((2, 5, 16, 16, 3), np.float32),
+        hole=r.random((2, 5, 16, 16, 1), np.float32),
+        instruction=np.array([1, 2], np.int32),
+    )
+    out = []
+    for remat in (False, True):
+        model = M.VideoDiT(dataclasses.replace(cfg, remat=remat), rngs=nnx.Rngs(0))
+        gd, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p, rest, gd=gd):
+            return flow.loss_fn(nnx.merge(gd, p, rest), batch, jax.random.key(0))[0]
+
+        out.append(jax.jit(jax.value_and_grad(loss))(params, rest))
+    (l0, g0), (l1, g1) = out
+    assert float(l0) == float(l1)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)

@@ -17,6 +17,7 @@ from spatia import config as C
 from spatia import datasets as D
 from spatia import model as M
 from spatia import train as T
+from tests.multidevice import assert_params_close, run_with_devices
 
 _OVERRIDES = [
     "model.depth=2",
@@ -26,11 +27,13 @@ _OVERRIDES = [
     "data.samples_per_scene=8",
     "data.first_clip_prob=0.25",
     "train.batch_size=4",
-    "train.base_steps=30",
-    "train.control_steps=3",
-    "train.main_steps=3",
-    "train.warmup_steps=0",
-    "train.base_lr=3e-3",
+    "train.base.steps=30",
+    "train.control.steps=3",
+    "train.main.steps=3",
+    "train.base.optim.warmup_steps=0",
+    "train.control.optim.warmup_steps=0",
+    "train.main.optim.warmup_steps=0",
+    "train.base.optim.learning_rate=3e-3",
     "train.save_every=1000",
     "train.log_every=1000",
     "train.ablations=false",
@@ -158,7 +161,8 @@ def test_paper_preset_structure_and_pixel_data_refusal():
     # 9 history frames and 72 new ones through a 4x temporal VAE: 3 + 18 latent frames (81 total)
     assert (m.num_prev_frames, m.num_target_frames) == (3, 18)
     assert p.train.main_mode == "lora" and m.lora_rank == 64
-    assert (p.train.control_steps, p.train.main_steps) == (8000, 5000)
+    assert (p.train.control.steps, p.train.main.steps) == (8000, 5000)
+    assert (p.train.control.optim.learning_rate, p.train.main.optim.learning_rate) == (1e-5, 1e-4)
     with pytest.raises(ValueError, match="channels in"):
         D.generate_split(p)
 
@@ -181,8 +185,8 @@ def test_paper_preset_trains_one_step_at_reduced_size():
             "train.batch_size=1",
         ],
     )
-    graphdef, state, opt_cfg = T.initial_state(p, "main", None)
-    step = T._step_fn(graphdef, opt_cfg, p.train.hist_noise_max)
+    graphdef, state, _ = T.initial_state(p, "main", None)
+    step = T.stage_step(p, "main", graphdef)
     r = np.random.default_rng(0)
     m = p.model
     shapes = dict(
@@ -208,16 +212,18 @@ def test_training_lowers_the_loss(cfg, data, run):
     before = T.validation_loss(cfg, gd0, st0, "base", data)
     gd, st = stages["base"]
     after = T.validation_loss(cfg, gd, st, "base", data)
-    assert int(st.step) == cfg.train.base_steps
+    assert int(st.step) == cfg.train.base.steps
     assert after < 0.7 * before, (before, after)
 
 
 def test_stage_steps_and_checkpoints(cfg, run):
     run_dir, stages = run
     assert list(stages) == ["base", "control", "main"]
-    for name, (_, st) in stages.items():
+    for name, (gd_trained, st) in stages.items():
         assert int(st.step) == T.stage_steps(cfg, name)
         assert (T.stage_dir(run_dir, name) / "metrics.jsonl").exists()
+        # a child stage starts from its parent's restored weights: still one compiled step
+        assert T.stage_step(cfg, name, gd_trained)._cache_size() == 1, name
         gd, loaded = T.load_stage(cfg, run_dir, name)
         for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(st.params), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -265,14 +271,43 @@ def test_stage_filters_train_only_the_intended_parameters(cfg, data, run):
 def test_resume_equals_uninterrupted(cfg, data, tmp_path):
     # A stage stopped after 2 steps (as if killed after its checkpoint) and resumed to 4
     # ends bit-identical to a run of 4 steps in one go; both share the compiled step.
-    short = override(cfg, ["train.base_steps=4"])
+    short = override(cfg, ["train.base.steps=4"])
     T.train_stage(short, tmp_path / "a", "base", data, num_steps=2, verbose=False)
     gd, resumed = T.train_stage(short, tmp_path / "a", "base", data, verbose=False)
     _, straight = T.train_stage(short, tmp_path / "b", "base", data, verbose=False)
     assert int(resumed.step) == int(straight.step) == 4
+    # fresh, resumed and restored-parent states share one sharding: one compiled program
+    assert T.stage_step(short, "base", gd)._cache_size() == 1
     for a, b in zip(
         jax.tree.leaves((resumed.params, resumed.opt_state)),
         jax.tree.leaves((straight.params, straight.opt_state)),
         strict=True,
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_first_stage_on_8_devices_matches_one_device(cfg, data, cache_dir, tmp_path):
+    # A few steps of the base stage with batch 8, once on 1 device and once data-parallel on 8
+    # simulated devices (state replicated, one clip per device); the dataset comes from the
+    # module's cache, so both runs see the same clips in the same order.
+    # (one main block keeps the two subprocesses' compiles short; the data do not depend on it)
+    overrides = _OVERRIDES + ["train.batch_size=8", "model.depth=1", "model.control_layers=(0,)"]
+    code = """
+from common.config import override
+from spatia import config as C, datasets as D, train as T
+from tests.multidevice import flat_params
+cfg = override(C.tiny(), overrides)
+gd, st = T.train_stage(cfg, run_dir, "base", D.load_dataset(cfg, cache_dir), num_steps=3,
+                       verbose=False)
+assert int(st.step) == 3
+kernel = next(iter(jax.tree.leaves(st.params)))
+assert kernel.sharding.mesh.size == jax.device_count() and kernel.sharding.is_fully_replicated
+result = flat_params(st)
+"""
+    args = dict(overrides=overrides, cache_dir=str(cache_dir))
+    one = run_with_devices(1, code, run_dir=str(tmp_path / "one"), **args)
+    eight = run_with_devices(8, code, run_dir=str(tmp_path / "eight"), **args)
+    # float32 with matmul precision "highest": the 8-device step sums the per-device gradient
+    # partials in another order, which moves the loss in its last bits; 3 Adam steps of lr 3e-3
+    # keep the parameters within a few float32 ulps of the update size.
+    assert_params_close(eight, one, rtol=1e-5, atol=1e-6)
