@@ -86,6 +86,42 @@ def _row(cfg, lora, opt, shapes, stage, variant, trainable, k, mesh, acc, steps)
                        items_per_step="", accelerator=acc, dtype="bfloat16")
 
 
+def _count(full: QwenVLConfig, lora: LoRAConfig, k: int, trainable=...) -> int:
+    state = jax.eval_shape(lambda: nnx.state(_model(full, lora, k), trainable))
+    return sum(x.size for x in jax.tree.leaves(state))
+
+
+def _stage_row(full, lora, opt, shapes, stage, variant, trainable, k, mesh, acc, steps,
+               attention_chunk):
+    depth = full.text.num_layers
+    one, two = (
+        _row(dataclasses.replace(full, text=dataclasses.replace(full.text, num_layers=n)),
+             lora, opt, shapes, stage, variant, trainable, k, mesh, acc, steps)
+        for n in (1, 2)
+    )
+
+    def extrapolate(field):
+        a, b = getattr(one, field), getattr(two, field)
+        return type(a)(a + (depth - 1) * (b - a))
+
+    flops = extrapolate("flops_per_device")
+    return dataclasses.replace(
+        two, params=_count(full, lora, k), trainable=_count(full, lora, k, trainable),
+        items_per_step=(f"{shapes.batch} example × {shapes.images} images, "
+                        f"S={shapes.seq_len(k)}; 1 of {shapes.accumulation} accumulated"),
+        flops_per_device=flops,
+        argument_bytes=extrapolate("argument_bytes"),
+        output_bytes=extrapolate("output_bytes"),
+        alias_bytes=extrapolate("alias_bytes"),
+        temp_bytes=extrapolate("temp_bytes"),
+        compile_seconds=one.compile_seconds + two.compile_seconds,
+        est_step_seconds=two.est_step_seconds * flops / two.flops_per_device,
+        note=(f"bf16 weights, remat per layer, attention in {attention_chunk}-query chunks, "
+              "frozen vision features precomputed; FLOPs/bytes extrapolated from 1 "
+              f"and 2 of {depth} layers; bytes an upper bound (CPU ignores remat)"),
+    )
+
+
 def plan_rows(mesh, acc: P.Accelerator, opt: OptimizerConfig, lora: LoRAConfig, *,
               num_latents: int = 16, sizes=("3b", "7b"), shapes: Shapes = Shapes(),
               attention_chunk: int | None = 512) -> list:
@@ -95,39 +131,9 @@ def plan_rows(mesh, acc: P.Accelerator, opt: OptimizerConfig, lora: LoRAConfig, 
     calls_per_epoch = shapes.train_examples // shapes.batch
     for size in sizes:
         full = dataclasses.replace(SIZES[size](), remat=True, attention_chunk=attention_chunk)
-        depth = full.text.num_layers
         for stage, variant, trainable, latents, epochs in STAGES:
-            k = num_latents if latents else 0
-            probe = [
-                _row(dataclasses.replace(full, text=dataclasses.replace(full.text, num_layers=n)),
-                     lora, opt, shapes, stage, variant, trainable, k, mesh, acc,
-                     epochs * calls_per_epoch)
-                for n in (1, 2)
-            ]
-            one, two = probe
-
-            def extrapolate(field, one=one, two=two):
-                a, b = getattr(one, field), getattr(two, field)
-                return type(a)(a + (depth - 1) * (b - a))
-
-            counts = jax.eval_shape(lambda k=k: nnx.state(_model(full, lora, k)))
-            trained = jax.eval_shape(lambda k=k, t=trainable: nnx.state(_model(full, lora, k), t))
-            n_all = sum(x.size for x in jax.tree.leaves(counts))
-            n_train = sum(x.size for x in jax.tree.leaves(trained))
-            flops = extrapolate("flops_per_device")
-            rows.append(dataclasses.replace(
-                two, stage=f"Qwen2.5-VL-{size.upper()} {stage}", params=n_all, trainable=n_train,
-                items_per_step=(f"{shapes.batch} example × {shapes.images} images, "
-                                f"S={shapes.seq_len(k)}; 1 of {shapes.accumulation} accumulated"),
-                flops_per_device=flops,
-                argument_bytes=extrapolate("argument_bytes"),
-                output_bytes=extrapolate("output_bytes"),
-                alias_bytes=extrapolate("alias_bytes"),
-                temp_bytes=extrapolate("temp_bytes"),
-                compile_seconds=one.compile_seconds + two.compile_seconds,
-                est_step_seconds=two.est_step_seconds * flops / two.flops_per_device,
-                note=(f"bf16 weights, remat per layer, attention in {attention_chunk}-query chunks, "
-                      "frozen vision features precomputed; FLOPs/bytes extrapolated from 1 "
-                      f"and 2 of {depth} layers; bytes an upper bound (CPU ignores remat)"),
-            ))
+            row = _stage_row(full, lora, opt, shapes, f"Qwen2.5-VL-{size.upper()} {stage}",
+                             variant, trainable, num_latents if latents else 0, mesh, acc,
+                             epochs * calls_per_epoch, attention_chunk)
+            rows.append(row)
     return rows
