@@ -204,7 +204,7 @@ _call_block_remat = nnx.remat(_call_block)
 
 
 def _adaln_block(cfg: VideoModelConfig, rngs: nnx.Rngs) -> AdaLNBlock:
-    return AdaLNBlock(
+    block = AdaLNBlock(
         cfg.dim,
         cfg.num_heads,
         cfg.mlp_hidden,
@@ -215,6 +215,8 @@ def _adaln_block(cfg: VideoModelConfig, rngs: nnx.Rngs) -> AdaLNBlock:
         rope_sections=cfg.rope_sections,
         rngs=rngs,
     )
+    block.attn.query_chunk = cfg.attention_chunk
+    return block
 
 
 class ControlBranch(nnx.Module):

@@ -76,6 +76,9 @@ class VideoModelConfig:
     control_layers: tuple[int, ...] = (0, 2)
     num_instructions: int = 4
     remat: bool = False
+    # Query rows per chunk of self-attention (`common.nn.chunked_attention`): bounds each
+    # block's softmax to [B, H, chunk, L] instead of [B, H, L, L]; None: one pass.
+    attention_chunk: int | None = None
 
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -183,6 +186,7 @@ def paper() -> VideoModelConfig:
         control_layers=tuple(range(0, 30, 4)),
         num_instructions=64,
         remat=True,
+        attention_chunk=1024,
         timestep_shift=1.0,
         cond_drop_prob=0.1,
         hist_noise_max=0.05,
