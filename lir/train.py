@@ -36,7 +36,12 @@ Every arm uses one batch layout with K latent slots; arms without latents (K = 0
 ``lir.data.drop_latents`` of the same batches (latent slots become PAD), which equals deleting
 the latents (positions do not depend on K; tested in tests/lir/test_model.py). So all arms
 have one sequence length, and every distinct (trainable filter, mask variant, schedule) train
-step is compiled once and reused across tasks and seeds (:class:`StepCache`).
+step is compiled once and reused across tasks and seeds (``common.train.STEPS``, keyed by
+the graphdef, the stage's optimizer config and ``("lir.finetune", trainable, variant)``).
+
+Both phases run through ``common.train.run_stage``: the state is replicated over the device
+mesh (all devices by default) and every batch is split over its ``data`` axis, so a batch size
+must be divisible by the device count.
 """
 
 from __future__ import annotations
@@ -47,24 +52,23 @@ import json
 import pathlib
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from common.checkpoint import Checkpointer
 from common.config import to_dict
 from common.data import ArrayIterator
-from common.metrics import MetricsWriter, Progress
+from common.metrics import MetricsWriter
 from common.train import (
+    STEPS,
     OptimizerConfig,
     TrainState,
     create_train_state,
-    make_optimizer,
-    make_train_step,
     merge_model,
-    train,
+    run_stage,
 )
 from lir import evaluate as ev
 from lir.config import LIRConfig, layout, model_config, stage_optimizer, steps_per_epoch
@@ -231,44 +235,48 @@ def _batch_loss(variant: str) -> Callable:
     return fn
 
 
-# --------------------------------------------------------------------------------------------
-# Compiled-step cache
-# --------------------------------------------------------------------------------------------
+def finetune_step(graphdef, trainable: str, variant: str, opt: OptimizerConfig):
+    """The jitted phase-F ``step(state, batch)`` for (graphdef, trainable filter name, mask
+    variant, optimizer config), built once in ``common.train.STEPS`` and reused by every task,
+    seed and arm with that key."""
+    return STEPS.train_step(graphdef, opt, _batch_loss(variant),
+                            loss_key=("lir.finetune", trainable, variant))
 
 
-class StepCache:
-    """Jitted train steps keyed by (graphdef, filter, mask variant, optimizer config).
-
-    ``make_train_step`` returns a fresh ``jax.jit`` each call; reusing one per key means every
-    task/seed/arm with the same shapes runs the already-compiled executable.
-    """
-
-    def __init__(self):
-        self._steps: dict = {}
-        self._tx: dict = {}
-
-    def tx(self, opt: OptimizerConfig):
-        """The optax transformation of ``opt`` (one object per config)."""
-        if opt not in self._tx:
-            self._tx[opt] = make_optimizer(opt)
-        return self._tx[opt]
-
-    def get(self, graphdef, trainable: str, variant: str, opt: OptimizerConfig):
-        """The jitted ``step(state, batch)`` for this key (built on first use)."""
-        key = (graphdef, trainable, variant, opt)
-        if key not in self._steps:
-            self._steps[key] = make_train_step(graphdef, _batch_loss(variant), self.tx(opt))
-        return self._steps[key]
-
-    def keys(self) -> list[tuple]:
-        """(graphdef, trainable, variant, optimizer config) of every step built so far."""
-        return list(self._steps)
-
-    def __len__(self) -> int:
-        return len(self._steps)
+def finetune_step_keys() -> list[tuple[str, str]]:
+    """(trainable, mask variant) of every phase-F step currently in ``STEPS``."""
+    return [k[3][1:] for k in STEPS.keys()
+            if k[0] == "train_step" and isinstance(k[3], tuple) and k[3][0] == "lir.finetune"]
 
 
-_STEPS = StepCache()
+class _LazyIterator:
+    """A ``common.data.DataIterator`` that builds its data only when a batch is first asked
+    for, so loading a finished phase-P cache (which restores the iterator position but reads
+    no batch) does not generate the pretraining mixture."""
+
+    def __init__(self, build: Callable[[], ArrayIterator]):
+        self._build, self._it, self._state = build, None, None
+
+    def _get(self) -> ArrayIterator:
+        if self._it is None:
+            self._it = self._build()
+            if self._state is not None:
+                self._it.set_state(self._state)
+        return self._it
+
+    def next(self) -> Any:
+        return self._get().next()
+
+    def get_state(self) -> dict:
+        if self._it is not None:
+            return self._it.get_state()
+        return self._state if self._state is not None else {"epoch": 0, "position": 0}
+
+    def set_state(self, state: dict) -> None:
+        if self._it is not None:
+            self._it.set_state(state)
+        else:
+            self._state = dict(state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +328,8 @@ def _pretrain_model(cfg: LIRConfig) -> LMM:
 def pretrain(cfg: LIRConfig, cache_root: str | pathlib.Path, *, verbose: bool = True,
              eval_per_skill: int = 200) -> Pretrained:
     """Phase P, cached under ``cache_root/<pretrain_key(cfg)>``; a finished cache is loaded
-    without training, an unfinished one resumes from its last checkpoint."""
+    without training (``common.train.run_stage`` restores its final checkpoint and runs no
+    step), an unfinished one resumes from its last checkpoint."""
     p = cfg.pretrain
     directory = pathlib.Path(cache_root) / pretrain_key(cfg)
     directory.mkdir(parents=True, exist_ok=True)
@@ -328,31 +337,28 @@ def pretrain(cfg: LIRConfig, cache_root: str | pathlib.Path, *, verbose: bool = 
     opt = OptimizerConfig(name="adamw", learning_rate=p.learning_rate, schedule="cosine",
                           warmup_steps=min(p.warmup_steps, p.steps - 1), total_steps=p.steps,
                           weight_decay=p.weight_decay, grad_clip_norm=1.0)
-    tx = make_optimizer(opt)
-    graphdef, state = create_train_state(_pretrain_model(cfg), tx,
+    graphdef, state = create_train_state(_pretrain_model(cfg), STEPS.optimizer(opt),
                                          cfg.seed * 1000 + SEED_PRETRAIN_MODEL,
                                          trainable=PRETRAIN_FILTER)
+    step_fn = STEPS.train_step(graphdef, opt, _batch_loss("causal"),
+                               loss_key=("lir.pretrain", "causal"))
+    seed = cfg.seed * 1000 + SEED_PRETRAIN_DATA
+    data = _LazyIterator(lambda: ArrayIterator(
+        _as_arrays(pretrain_data(cfg, p.n_examples, SEED_PRETRAIN_DATA)), p.batch_size,
+        seed=seed))
     done = directory / "done.json"
-    with Checkpointer(directory / "checkpoints", max_to_keep=1,
-                      config=pretrain_sections(cfg)) as ckpt:
-        if done.exists() and ckpt.latest_step() == p.steps:
-            state, _ = ckpt.restore(state)
-            metrics = json.loads(done.read_text())
-        else:
-            t0 = time.time()
-            data = pretrain_data(cfg, p.n_examples, SEED_PRETRAIN_DATA)
-            it = ArrayIterator(_as_arrays(data), p.batch_size,
-                               seed=cfg.seed * 1000 + SEED_PRETRAIN_DATA)
-            step_fn = make_train_step(graphdef, _batch_loss("causal"), tx)
-            prog = Progress(p.steps, name="pretrain") if verbose else None
-            with MetricsWriter(directory / "metrics.jsonl") as mw:
-                state = train(state, step_fn, it, p.steps, checkpointer=ckpt,
-                              save_every=max(p.steps // 4, 1), metrics_writer=mw,
-                              log_every=max(p.steps // 20, 1), check_finite_every=50,
-                              progress=(lambda s, m: prog.update(s, m)) if prog else None)
-            metrics = {"train_seconds": time.time() - t0, "steps": p.steps,
-                       "skill_accuracy": _skill_accuracy(cfg, graphdef, state, eval_per_skill)}
-            done.write_text(json.dumps(metrics, indent=1))
+    t0 = time.time()
+    result = run_stage("pretrain", state, step_fn, data, p.steps, directory=directory,
+                       checkpoint_config=pretrain_sections(cfg), max_to_keep=1,
+                       save_every=max(p.steps // 4, 1), log_every=max(p.steps // 20, 1),
+                       check_finite_every=50, verbose=verbose)
+    state = result.state
+    if done.exists() and result.steps_run == 0:
+        metrics = json.loads(done.read_text())
+    else:
+        metrics = {"train_seconds": time.time() - t0, "steps": p.steps,
+                   "skill_accuracy": _skill_accuracy(cfg, graphdef, state, eval_per_skill)}
+        done.write_text(json.dumps(metrics, indent=1))
     params = jax.tree.map(np.asarray, state.params)
     return Pretrained(params, metrics, directory)
 
@@ -445,33 +451,41 @@ def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, s
     best = {"val": -1.0, "epoch": -1, "params": None}
     curve: list[float] = []
     epoch0, steps_done, t0 = 0, 0, time.time()
+    # Only the per-epoch validation accuracy is logged: phase F keeps no checkpoints (a run
+    # is cheap and its result is cached whole by lir.reproduce), so run_stage gets no
+    # directory and writes no train-step metrics.
     writer = MetricsWriter(pathlib.Path(metrics_dir) / "metrics.jsonl") if metrics_dir else None
     try:
         for si, (variant, epochs) in enumerate(arm.stages):
             if epochs == 0:
                 continue
             opt = stage_optimizer(ft, epochs * spe, learning_rate=lr)
-            gd, state = create_train_state(model, _STEPS.tx(opt), seed * 1000 + SEED_ORDER + si,
+            gd, state = create_train_state(model, STEPS.optimizer(opt),
+                                           seed * 1000 + SEED_ORDER + si,
                                            trainable=FILTERS[arm.trainable])
-            step_fn = _STEPS.get(gd, arm.trainable, variant, opt)
             it = ArrayIterator(_as_arrays(data.train), ft.batch_size,
                                seed=seed * 1000 + SEED_ORDER)
             # same epoch order as a one-stage run: stage 2 continues at epoch `epoch0`
             it.set_state({"epoch": epoch0, "position": 0})
             eligible = si == arm.eligible_stage()
 
-            def on_epoch(st, _gd=gd, _eligible=eligible):
+            def on_epoch(st, _gd=gd, _eligible=eligible, _si=si, _done=steps_done):
                 acc = ev.accuracy(merge_model(_gd, st), data.val, ft.eval_batch_size)
                 curve.append(acc)
                 # ties -> later epoch (docs/lir.md D6); "final" keeps every epoch, so the last wins
                 if _eligible and (acc >= best["val"] or select == "final"):
                     best.update(val=acc, epoch=len(curve), params=jax.tree.map(jnp.copy,
                                                                              st.params))
+                if writer is not None:
+                    writer.write(_done + int(st.step), {
+                        "epoch": len(curve), "stage": _si, "eval/val_accuracy": acc})
                 return {"val_accuracy": acc}
 
-            state = train(state, step_fn, it, epochs * calls_per_epoch, eval_fn=on_epoch,
-                          eval_every=calls_per_epoch, metrics_writer=writer,
-                          log_every=calls_per_epoch, check_finite_every=calls_per_epoch)
+            state = run_stage(f"{arm.name}:{variant}", state,
+                              finetune_step(gd, arm.trainable, variant, opt), it,
+                              epochs * calls_per_epoch, eval_fn=on_epoch,
+                              eval_every=calls_per_epoch, log_every=calls_per_epoch,
+                              check_finite_every=calls_per_epoch, verbose=False).state
             nnx.update(model, state.params, state.frozen)
             if eligible:
                 nnx.update(model, best["params"])

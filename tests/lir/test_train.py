@@ -50,10 +50,18 @@ def _flat(state):
 
 
 def test_pretrain_cache_is_reused(setup, monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("pretrain retrained although its cache was complete")
+    real_run_stage = T.run_stage
 
-    monkeypatch.setattr(T, "train", boom)
+    def no_steps(*a, **k):
+        result = real_run_stage(*a, **k)
+        assert result.steps_run == 0, "pretrain retrained although its cache was complete"
+        return result
+
+    def no_data(*a, **k):
+        raise AssertionError("a complete pretrain cache generated its training data")
+
+    monkeypatch.setattr(T, "run_stage", no_steps)
+    monkeypatch.setattr(T, "pretrain_data", no_data)
     again = T.pretrain(setup["cfg"], setup["cache"], verbose=False)
     assert again.directory == setup["pre"].directory
     a, b = _flat(again.params), _flat(setup["pre"].params)
@@ -98,7 +106,7 @@ def test_livr_stage_switch_changes_the_mask(setup):
     (v1, e1), (v2, e2) = spec.stages
     assert (v1, v2) == ("bottleneck", "causal") and e1 and e2
     # the compiled steps of the LIVR run are keyed by exactly these variants
-    used = {(k[1], k[2]) for k in T._STEPS.keys()}
+    used = set(T.finetune_step_keys())
     assert {("livr", v1), ("livr", v2), ("lora", "answer_only")} <= used
     _, model = setup["runs"]["livr"]
     batch = drop_latents(take(setup["data"].train, np.arange(4)))
