@@ -423,7 +423,7 @@ def _write_report(report: Report, cfg: LIRConfig, preset: str, res: dict) -> Non
     m = cfg.model
     report.paragraph(
         f"Scale: {scale}. A {m.vit_depth}-layer ViT (d {m.vit_dim}) + {m.lm_depth}-layer LM "
-        f"(d {m.lm_dim}) at {m.image_size} px, pretrained for {cfg.pretrain.steps} steps "
+        f"(d {m.lm_dim}) at {m.image_size} px, pretrained for {cfg.pretrain.optim.total_steps} steps "
         f"(phase P), then LoRA r {cfg.finetune.lora.rank} fine-tuning per task on "
         f"{cfg.data.n_train} procedural examples for {cfg.finetune.sft_epochs} epochs "
         f"(LIVR {cfg.finetune.stage1_epochs} + {cfg.finetune.stage2_epochs}), K = "

@@ -11,8 +11,8 @@ model/data/pretrain settings -- reuses it; an interrupted pretraining resumes fr
 Phase F (LIVR §3.2-3.3, docs/lir.md D17): for one (task, arm, seed) the pretrained weights
 are loaded into a fresh LMM with K latent rows (re-drawn around the mean embedding,
 docs/lir.md D2), LoRA is added to the LM, and only the arm's trainable filter is optimized.
-Each stage gets a fresh AdamW and warmup-cosine schedule (``lir.config.stage_optimizer``;
-docs/lir.md D5). Validation accuracy is measured after every epoch and the best eligible
+Each stage gets a fresh AdamW and warmup-cosine schedule (``lir.config.stage_optimizer`` of
+``finetune.optim``, or ``finetune.prompt_tuning_optim`` for prompt tuning; docs/lir.md D5). Validation accuracy is measured after every epoch and the best eligible
 epoch's params are kept in memory (docs/lir.md D6: for two-stage arms only stage-2 epochs are
 eligible; ties go to the later epoch).
 
@@ -26,7 +26,7 @@ arm                 K      stages (mask variant x epochs)         trained
 ``livr``            K      bottleneck x s1, causal x s2           LoRA + latents
 ``latents_only``    K      causal x sft_epochs                    LoRA + latents
 ``mask_only``       0      answer_only x s1, causal x s2          LoRA
-``prompt_tuning``   K      causal x sft_epochs (prompt-tuning lr) latents only
+``prompt_tuning``   K      causal x sft_epochs (its own optim)    latents only
 =================== ====== ====================================== =======================
 
 Ablation arms are built with :func:`livr_arm` (stage split, stage-1 mask variant) and the
@@ -62,6 +62,7 @@ from flax import nnx
 from common.config import to_dict
 from common.data import ArrayIterator
 from common.metrics import MetricsWriter
+from common.rng import stream_key, stream_seed
 from common.train import (
     STEPS,
     OptimizerConfig,
@@ -86,10 +87,11 @@ from lir.model import (
 from lir.tasks import PRETRAIN_NAMES, generate
 
 # Bump when phase-P code changes in a way that makes old cached models invalid.
-PRETRAIN_VERSION = 1
-# Seed streams (folded with cfg.seed or the run seed) keep the random sources independent.
-SEED_PRETRAIN_MODEL, SEED_PRETRAIN_DATA, SEED_PRETRAIN_EVAL = 11, 12, 13
-SEED_TASK_DATA, SEED_LATENTS, SEED_LORA, SEED_ORDER = 21, 22, 23, 24
+# 2: named RNG streams (common.rng) and the nested pretrain.optim section.
+PRETRAIN_VERSION = 2
+# Random sources are named streams (common.rng.stream_seed) of cfg.seed (phase P, task data)
+# or of the run seed (phase F: latents, LoRA, step keys, example order), so they stay
+# independent of each other and of the seed values.
 
 FILTERS = {"lora": LORA_FILTER, "livr": LIVR_FILTER, "latents": LATENT_FILTER}
 
@@ -103,8 +105,8 @@ FILTERS = {"lora": LORA_FILTER, "livr": LIVR_FILTER, "latents": LATENT_FILTER}
 class Arm:
     """A fine-tuning recipe. ``stages``: ((mask variant, epochs), ...), run in order, each with
     a fresh optimizer; ``trainable``: a key of :data:`FILTERS`; ``latents``: whether the K
-    latent slots are in the input; ``lr``: "finetune" (``finetune.learning_rate``) or
-    "prompt_tuning" (``finetune.prompt_tuning_lr``); ``placement``: a
+    latent slots are in the input; ``optim``: the FinetuneConfig field holding the arm's
+    optimizer, "optim" or "prompt_tuning_optim"; ``placement``: a
     ``lir.data.LATENT_PLACEMENTS`` entry (the data must be collated with it);
     ``shared_latents``: one latent row repeated K times."""
 
@@ -112,7 +114,7 @@ class Arm:
     stages: tuple[tuple[str, int], ...]
     trainable: str
     latents: bool
-    lr: str = "finetune"
+    optim: str = "optim"
     # latent-design ablations (LIVR §4.4.3): where the K slots sit, and one shared row
     placement: str = "after_prompt"
     shared_latents: bool = False
@@ -163,7 +165,7 @@ def arm_specs(cfg: LIRConfig) -> dict[str, Arm]:
         "mask_only": Arm("mask_only", (("answer_only", ft.stage1_epochs),
                                        ("causal", ft.stage2_epochs)), "lora", False),
         "prompt_tuning": Arm("prompt_tuning", (("causal", ft.sft_epochs),), "latents", True,
-                             lr="prompt_tuning"),
+                             optim="prompt_tuning_optim"),
     }
 
 
@@ -195,7 +197,7 @@ def task_data(cfg: LIRConfig, task: str, num_latents: int | None = None,
     k = cfg.finetune.num_latents if num_latents is None else num_latents
     lay = layout(cfg, k, latent_placement=placement)
     d = cfg.data
-    seed = cfg.seed * 1000 + SEED_TASK_DATA
+    seed = stream_seed(cfg.seed, "task_data")
     gen = lambda n, split, offset: generate(task, n, seed, split, d.image_size, offset)  # noqa: E731
     return TaskData(task, collate(gen(d.n_train, "train", 0), lay),
                     collate(gen(d.n_val, "train", 1), lay),
@@ -311,18 +313,20 @@ class Pretrained:
     directory: pathlib.Path
 
 
-def pretrain_data(cfg: LIRConfig, n: int, stream: int, split: str = "train") -> Batch:
-    """``n`` examples of the phase-P mixture, equal counts per skill, at the K = 0 layout."""
+def pretrain_data(cfg: LIRConfig, n: int, stream: str = "data", split: str = "train") -> Batch:
+    """``n`` examples of the phase-P mixture, equal counts per skill, at the K = 0 layout,
+    drawn from the named stream ``("pretrain", stream)`` of ``cfg.seed``."""
     per = max(n // len(PRETRAIN_NAMES), 1)
     recs = []
     for name in PRETRAIN_NAMES:
-        recs += generate(name, per, cfg.seed * 1000 + stream, split, cfg.data.image_size)
+        recs += generate(name, per, stream_seed(cfg.seed, "pretrain", stream), split,
+                         cfg.data.image_size)
     return collate(recs, layout(cfg, 0))
 
 
 def _pretrain_model(cfg: LIRConfig) -> LMM:
     # one (unused, untrained) latent row: orbax cannot save a zero-size array
-    return LMM(model_config(cfg, 1), rngs=nnx.Rngs(cfg.seed * 1000 + SEED_PRETRAIN_MODEL))
+    return LMM(model_config(cfg, 1), rngs=nnx.Rngs(stream_seed(cfg.seed, "pretrain", "model")))
 
 
 def pretrain(cfg: LIRConfig, cache_root: str | pathlib.Path, *, verbose: bool = True,
@@ -334,29 +338,25 @@ def pretrain(cfg: LIRConfig, cache_root: str | pathlib.Path, *, verbose: bool = 
     directory = pathlib.Path(cache_root) / pretrain_key(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "sections.json").write_text(json.dumps(pretrain_sections(cfg), indent=1))
-    opt = OptimizerConfig(name="adamw", learning_rate=p.learning_rate, schedule="cosine",
-                          warmup_steps=min(p.warmup_steps, p.steps - 1), total_steps=p.steps,
-                          weight_decay=p.weight_decay, grad_clip_norm=1.0)
-    graphdef, state = create_train_state(_pretrain_model(cfg), STEPS.optimizer(opt),
-                                         cfg.seed * 1000 + SEED_PRETRAIN_MODEL,
+    graphdef, state = create_train_state(_pretrain_model(cfg), STEPS.optimizer(p.optim),
+                                         stream_seed(cfg.seed, "pretrain", "steps"),
                                          trainable=PRETRAIN_FILTER)
-    step_fn = STEPS.train_step(graphdef, opt, _batch_loss("causal"),
+    step_fn = STEPS.train_step(graphdef, p.optim, _batch_loss("causal"),
                                loss_key=("lir.pretrain", "causal"))
-    seed = cfg.seed * 1000 + SEED_PRETRAIN_DATA
     data = _LazyIterator(lambda: ArrayIterator(
-        _as_arrays(pretrain_data(cfg, p.n_examples, SEED_PRETRAIN_DATA)), p.batch_size,
-        seed=seed))
+        _as_arrays(pretrain_data(cfg, p.n_examples)), p.batch_size,
+        seed=stream_seed(cfg.seed, "pretrain", "order")))
     done = directory / "done.json"
     t0 = time.time()
-    result = run_stage("pretrain", state, step_fn, data, p.steps, directory=directory,
+    result = run_stage("pretrain", state, step_fn, data, p.calls, directory=directory,
                        checkpoint_config=pretrain_sections(cfg), max_to_keep=1,
-                       save_every=max(p.steps // 4, 1), log_every=max(p.steps // 20, 1),
+                       save_every=max(p.calls // 4, 1), log_every=max(p.calls // 20, 1),
                        check_finite_every=50, verbose=verbose)
     state = result.state
     if done.exists() and result.steps_run == 0:
         metrics = json.loads(done.read_text())
     else:
-        metrics = {"train_seconds": time.time() - t0, "steps": p.steps,
+        metrics = {"train_seconds": time.time() - t0, "steps": p.optim.total_steps,
                    "skill_accuracy": _skill_accuracy(cfg, graphdef, state, eval_per_skill)}
         done.write_text(json.dumps(metrics, indent=1))
     params = jax.tree.map(np.asarray, state.params)
@@ -371,7 +371,7 @@ def _skill_accuracy(cfg, graphdef, state: TrainState, n: int) -> dict[str, float
     model = merge_model(graphdef, state)
     out = {}
     for name in PRETRAIN_NAMES:
-        recs = generate(name, n, cfg.seed * 1000 + SEED_PRETRAIN_EVAL, "test",
+        recs = generate(name, n, stream_seed(cfg.seed, "pretrain", "eval"), "test",
                         cfg.data.image_size)
         out[name] = ev.accuracy(model, collate(recs, layout(cfg, 0)),
                                 cfg.finetune.eval_batch_size)
@@ -396,12 +396,12 @@ def finetune_model(cfg: LIRConfig, pretrained: Pretrained, seed: int,
     phase-P model), seeded by ``seed``."""
     k = cfg.finetune.num_latents if num_latents is None else num_latents
     mcfg = dataclasses.replace(model_config(cfg, k), shared_latents=shared_latents)
-    model = LMM(mcfg, rngs=nnx.Rngs(seed * 1000 + SEED_LATENTS))
+    model = LMM(mcfg, rngs=nnx.Rngs(stream_seed(seed, "finetune", "model")))
     nnx.update(model, _fresh(pretrained.params))
     if k:
-        reset_latents(model, jax.random.key(seed * 1000 + SEED_LATENTS),
+        reset_latents(model, stream_key(seed, "finetune", "latents"),
                       cfg.finetune.latent_init_std)
-    add_lora(model, cfg.finetune.lora, rngs=nnx.Rngs(seed * 1000 + SEED_LORA))
+    add_lora(model, cfg.finetune.lora, rngs=nnx.Rngs(stream_seed(seed, "finetune", "lora")))
     return model
 
 
@@ -446,7 +446,7 @@ def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, s
     if spe < 1:
         raise ValueError(f"n_train={data.train.batch_size} gives no full batch of "
                          f"{ft.batch_size * ft.accumulation_steps}")
-    lr = ft.prompt_tuning_lr if arm.lr == "prompt_tuning" else ft.learning_rate
+    arm_optim = getattr(ft, arm.optim)
     calls_per_epoch = spe * ft.accumulation_steps
     best = {"val": -1.0, "epoch": -1, "params": None}
     curve: list[float] = []
@@ -459,12 +459,12 @@ def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, s
         for si, (variant, epochs) in enumerate(arm.stages):
             if epochs == 0:
                 continue
-            opt = stage_optimizer(ft, epochs * spe, learning_rate=lr)
+            opt = stage_optimizer(ft, epochs * spe, arm_optim)
             gd, state = create_train_state(model, STEPS.optimizer(opt),
-                                           seed * 1000 + SEED_ORDER + si,
+                                           stream_seed(seed, "finetune", "steps", si),
                                            trainable=FILTERS[arm.trainable])
             it = ArrayIterator(_as_arrays(data.train), ft.batch_size,
-                               seed=seed * 1000 + SEED_ORDER)
+                               seed=stream_seed(seed, "finetune", "order"))
             # same epoch order as a one-stage run: stage 2 continues at epoch `epoch0`
             it.set_state({"epoch": epoch0, "position": 0})
             eligible = si == arm.eligible_stage()

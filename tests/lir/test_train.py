@@ -26,8 +26,9 @@ def micro_config():
         model=ModelConfig(image_size=32, patch_size=16, vit_dim=16, vit_depth=1, vit_heads=2,
                           lm_dim=32, lm_depth=1, lm_heads=2, max_images=1, num_latents=2),
         data=dataclasses.replace(cfg.data, n_train=32, n_val=16, n_test=24),
-        pretrain=dataclasses.replace(cfg.pretrain, steps=12, batch_size=16, warmup_steps=2,
-                                     n_examples=80),
+        pretrain=dataclasses.replace(cfg.pretrain, batch_size=16, n_examples=80,
+                                     optim=dataclasses.replace(cfg.pretrain.optim,
+                                                               total_steps=12, warmup_steps=2)),
         finetune=dataclasses.replace(cfg.finetune, sft_epochs=2, stage1_epochs=1,
                                      stage2_epochs=1, num_latents=2, eval_batch_size=16,
                                      lora=LoRAConfig(rank=2, alpha=4.0)),
@@ -69,7 +70,8 @@ def test_pretrain_cache_is_reused(setup, monkeypatch):
     # a config change that phase P depends on gets its own cache entry; one it does not
     # depend on (fine-tuning settings, K) reuses it
     cfg = setup["cfg"]
-    other = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, steps=13))
+    other = dataclasses.replace(cfg, pretrain=dataclasses.replace(
+        cfg.pretrain, optim=dataclasses.replace(cfg.pretrain.optim, total_steps=13)))
     assert T.pretrain_key(other) != T.pretrain_key(cfg)
     same = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, num_latents=3))
     assert T.pretrain_key(same) == T.pretrain_key(cfg)
