@@ -306,11 +306,13 @@ def pretrain_key(cfg: LIRConfig) -> str:
 @dataclasses.dataclass
 class Pretrained:
     """A phase-P model: ``params`` (host NumPy ``nnx.State`` of the PRETRAIN_FILTER params),
-    ``metrics`` (held-out accuracy per skill, wall time), ``directory``."""
+    ``metrics`` (held-out accuracy per skill, wall time), ``directory``; ``from_cache``: loaded
+    from a finished cache, no step run."""
 
     params: nnx.State
     metrics: dict
     directory: pathlib.Path
+    from_cache: bool = False
 
 
 def pretrain_data(cfg: LIRConfig, n: int, stream: str = "data", split: str = "train") -> Batch:
@@ -334,6 +336,7 @@ def pretrain(cfg: LIRConfig, cache_root: str | pathlib.Path, *, verbose: bool = 
     """Phase P, cached under ``cache_root/<pretrain_key(cfg)>``; a finished cache is loaded
     without training (``common.train.run_stage`` restores its final checkpoint and runs no
     step), an unfinished one resumes from its last checkpoint."""
+    t0 = time.time()
     p = cfg.pretrain
     directory = pathlib.Path(cache_root) / pretrain_key(cfg)
     directory.mkdir(parents=True, exist_ok=True)
@@ -347,20 +350,20 @@ def pretrain(cfg: LIRConfig, cache_root: str | pathlib.Path, *, verbose: bool = 
         _as_arrays(pretrain_data(cfg, p.n_examples)), p.batch_size,
         seed=stream_seed(cfg.seed, "pretrain", "order")))
     done = directory / "done.json"
-    t0 = time.time()
     result = run_stage("pretrain", state, step_fn, data, p.calls, directory=directory,
                        checkpoint_config=pretrain_sections(cfg), max_to_keep=1,
                        save_every=max(p.calls // 4, 1), log_every=max(p.calls // 20, 1),
                        check_finite_every=50, verbose=verbose)
     state = result.state
-    if done.exists() and result.steps_run == 0:
+    from_cache = done.exists() and result.steps_run == 0
+    if from_cache:
         metrics = json.loads(done.read_text())
     else:
         metrics = {"train_seconds": time.time() - t0, "steps": p.optim.total_steps,
                    "skill_accuracy": _skill_accuracy(cfg, graphdef, state, eval_per_skill)}
         done.write_text(json.dumps(metrics, indent=1))
     params = jax.tree.map(np.asarray, state.params)
-    return Pretrained(params, metrics, directory)
+    return Pretrained(params, metrics, directory, from_cache)
 
 
 def _skill_accuracy(cfg, graphdef, state: TrainState, n: int) -> dict[str, float]:

@@ -172,6 +172,24 @@ def test_reproduce_writes_table1(setup, tmp_path):
     assert set(t2["livr"]["per_task"]) == {"relative_reflectance"}
     assert all(0.0 <= t2[m]["mean"] <= 1.0 for m in ("zero_shot", "sft", "livr"))
     assert "## Table 2 analogue" in (run_dir / "report.md").read_text()
+    head = {r["metric"]: r for r in saved["headline"]}
+    assert head["LIVR − SFT (points)"]["ours"] == pytest.approx(
+        100 * saved["paired"]["livr-sft"]["mean"])
+    assert head["LIVR − SFT (points)"]["paper"] == pytest.approx(3.43)  # Qwen3-VL-4B, Table 1
+
+    # rebuilt from its caches, the report still states what every stage cost
+    first = json.loads((run_dir / "results.json").read_text())["provenance"]["compute"]
+    assert set(first["stages"]) == {"pretrain", "table1", "table2", "attention_plot"}
+    assert first["stages_from_cache"] == ["pretrain"]  # the fixture trained phase P
+    assert all(v > 0 for v in first["stages"].values())
+    again = reproduce(cfg, run_dir, preset="micro", cache_root=setup["cache"],
+                      verbose=False, command="test")
+    assert again["table1"] == res["table1"]
+    second = json.loads((run_dir / "results.json").read_text())["provenance"]["compute"]
+    assert second["stages"] == first["stages"]
+    assert second["stages_from_cache"] == sorted(first["stages"])
+    text = (run_dir / "report.md").read_text()
+    assert f"compute time: {first['total_seconds']:.0f} s in all" in text
 
 
 def test_multitask_data_is_the_union_and_final_selection(setup):
