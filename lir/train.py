@@ -437,7 +437,10 @@ def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, s
     """Phase F for one (task, arm, seed); returns a :class:`RunResult` (and the selected model
     when ``return_model``). ``data`` must have K slots at ``arm.placement``; the arm decides
     whether they are used. ``select``: "best_val" (single-task: the best eligible epoch) or
-    "final" (multi-task, LIVR §4.3: the last epoch)."""
+    "final" (multi-task, LIVR §4.3: the last epoch). ``metrics_dir``: where
+    ``metrics.jsonl`` gets one line per epoch (stage index, epoch, validation accuracy).
+    Each stage runs through ``common.train.run_stage`` on the default mesh (all devices), so
+    ``finetune.batch_size`` must be divisible by the device count."""
     if select not in SELECTIONS:
         raise ValueError(f"select must be one of {SELECTIONS}; got {select!r}")
     ft = cfg.finetune
