@@ -1,10 +1,17 @@
 """CLI: python -m lir reproduce|pretrain --preset tiny|small|paper --run-dir DIR
 [--set key=value ...] [--pretrain-cache DIR] [--quiet]
+     python -m lir plan --preset paper [--devices N] [--accelerator h100] [--out reports/plan]
 
 ``reproduce`` writes DIR/report.md and DIR/results.json (``lir.reproduce``); ``pretrain``
 only runs (or loads) the cached phase-P model and prints its held-out skill accuracy. Both
 resume: rerunning the same command continues where an interrupted one stopped. The phase-P
 cache defaults to DIR/../lir_pretrain_cache, so runs side by side share one pretrained model.
+``plan`` lowers and compiles every training stage of the preset for N simulated devices and
+writes ``OUT/lir_<N>dev.{md,json}`` (``lir.plan``).
+
+Every command starts with ``common.runtime.start_process()``: with JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID set, the same command runs as one process of a
+multi-host job.
 
 ``python -m lir finetune|evaluate --backbone qwen2_5_vl ...`` (LIVR / SFT of a local Qwen2.5-VL
 checkpoint on BLINK-format data) is handled by ``lir.finetune_cli``.
@@ -19,7 +26,7 @@ import sys
 
 from common.config import ConfigError, add_config_args, config_from_args
 from common.report import command_line
-from common.runtime import enable_compilation_cache, start_run_dir
+from common.runtime import start_process, start_run_dir
 from lir.config import PRESETS
 
 
@@ -30,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         from lir import finetune_cli
 
         return finetune_cli.main(argv)
+    if argv and argv[0] == "plan":
+        return plan(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m lir", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=("reproduce", "pretrain"))
     add_config_args(parser, default_preset="tiny")
@@ -42,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(PRESETS, args)
     except (ConfigError, ValueError) as err:
         parser.error(str(err))
+    start_process()
     run_dir = start_run_dir(args.run_dir, cfg)
     cache = pathlib.Path(args.pretrain_cache) if args.pretrain_cache else (
         run_dir.resolve().parent / "lir_pretrain_cache")
-    enable_compilation_cache()
     # Imported after parsing so `--help` and config errors do not pay for JAX start-up.
     from lir import reproduce, train
 
@@ -55,6 +64,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     reproduce.reproduce(cfg, run_dir, preset=args.preset, cache_root=cache,
                         verbose=not args.quiet, command=command_line())
+    return 0
+
+
+def plan(argv: list[str]) -> int:
+    """``python -m lir plan``: see the module docstring."""
+    from common import plan as cp
+
+    parser = argparse.ArgumentParser(prog="python -m lir plan",
+                                     description="plan every training stage of a preset")
+    add_config_args(parser, default_preset="paper")
+    cp.add_plan_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(PRESETS, args)
+        accelerator = cp.accelerator_from_args(args)
+    except (ConfigError, ValueError) as err:
+        parser.error(str(err))
+    # compile times are part of the plan, so compiles are not served from the persistent cache
+    start_process(compilation_cache=False)
+    # before any JAX array exists (importing lir creates none)
+    cp.set_host_device_count(args.devices)
+    from common.distributed import make_mesh
+    from lir.plan import run_plan
+
+    rows = run_plan(cfg, args, make_mesh(), accelerator)
+    path = cp.write_plan(rows, args.out, "lir", args.preset, command_line())
+    print(pathlib.Path(path).read_text())
     return 0
 
 

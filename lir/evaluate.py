@@ -24,7 +24,6 @@ so models with different trainable partitions share one executable.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import jax
@@ -151,39 +150,3 @@ def latent_image_attention(model: LMM, batch: Batch, mask_variant: str = "causal
         return per.reshape(per.shape[0], n_img, side, side)
 
     return np.asarray(maps(state, batch))
-
-
-def plot_latent_attention(model: LMM, batch: Batch, path: str | os.PathLike,
-                          title: str = "") -> str:
-    """Each example of ``batch`` as a column: each image above the latents' mean attention
-    map over its patches (:func:`latent_image_attention`). Writes a PNG; returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    maps = latent_image_attention(model, batch)
-    b, m = maps.shape[:2]
-    valid = np.asarray(batch.image_valid)
-    # columns: examples; rows: (image j, latent attention over image j) for each slot j
-    fig, axes = plt.subplots(2 * m, b, figsize=(2.0 * b, 2.0 * 2 * m), dpi=110,
-                             squeeze=False)
-    for i in range(b):
-        for j in range(m):
-            top, bottom = axes[2 * j, i], axes[2 * j + 1, i]
-            top.axis("off")
-            bottom.axis("off")
-            if not valid[i, j]:
-                continue
-            top.imshow(batch.images[i, j], interpolation="nearest")
-            top.set_title(f"example {i}, image {j + 1}", fontsize=7)
-            bottom.imshow(maps[i, j], cmap="inferno", interpolation="nearest")
-            bottom.set_title(f"latent attention (mass {maps[i, j].sum():.2f})", fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path

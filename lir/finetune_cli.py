@@ -409,10 +409,10 @@ def main(argv: list[str] | None = None) -> int:
                      "downloaded; pass a local Hugging Face checkpoint)")
     if not pathlib.Path(args.task_data).is_dir():
         parser.error(f"--task-data {args.task_data!r} is not a directory")
-    from common.runtime import enable_compilation_cache, start_run_dir
+    from common.runtime import start_process, start_run_dir
 
+    start_process()
     run_dir = start_run_dir(args.run_dir, cfg)
-    enable_compilation_cache()
     if args.command == "finetune":
         result = run_finetune(args, cfg, run_dir)
     else:

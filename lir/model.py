@@ -29,12 +29,14 @@ mask ablations swap the stage-1 variant (``lir.masks``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from common.config import require
 from common.nn import LayerNorm, TransformerStack, ViTEncoder, apply_lora, dense
 from lir.data import Batch
 from lir.masks import Role, attention_mask
@@ -78,14 +80,12 @@ class ModelConfig:
     vocab_size: int = VOCAB_SIZE
 
     def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(f"ModelConfig.image_size={self.image_size} must be a multiple of "
-                             f"patch_size={self.patch_size}")
-        if self.lm_dim % self.lm_heads or (self.lm_dim // self.lm_heads) % 2:
-            raise ValueError(f"ModelConfig.lm_dim={self.lm_dim} must split into lm_heads="
-                             f"{self.lm_heads} heads of even size (RoPE)")
-        if self.num_latents < 0:
-            raise ValueError(f"ModelConfig.num_latents must be >= 0; got {self.num_latents}")
+        req = functools.partial(require, self)
+        req("image_size", self.image_size % self.patch_size == 0,
+            f"a multiple of patch_size={self.patch_size}")
+        req("lm_dim", self.lm_dim % self.lm_heads == 0 and (self.lm_dim // self.lm_heads) % 2 == 0,
+            f"to split into lm_heads={self.lm_heads} heads of even size (RoPE)")
+        req("num_latents", self.num_latents >= 0, ">= 0")
 
     @property
     def tokens_per_image(self) -> int:

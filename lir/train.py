@@ -11,8 +11,8 @@ model/data/pretrain settings -- reuses it; an interrupted pretraining resumes fr
 Phase F (LIVR §3.2-3.3, docs/lir.md D17): for one (task, arm, seed) the pretrained weights
 are loaded into a fresh LMM with K latent rows (re-drawn around the mean embedding,
 docs/lir.md D2), LoRA is added to the LM, and only the arm's trainable filter is optimized.
-Each stage gets a fresh AdamW and warmup-cosine schedule (``lir.config.stage_optimizer``;
-docs/lir.md D5). Validation accuracy is measured after every epoch and the best eligible
+Each stage gets a fresh AdamW and warmup-cosine schedule (``lir.config.stage_optimizer`` of
+``finetune.optim``, or ``finetune.prompt_tuning_optim`` for prompt tuning; docs/lir.md D5). Validation accuracy is measured after every epoch and the best eligible
 epoch's params are kept in memory (docs/lir.md D6: for two-stage arms only stage-2 epochs are
 eligible; ties go to the later epoch).
 
@@ -26,7 +26,7 @@ arm                 K      stages (mask variant x epochs)         trained
 ``livr``            K      bottleneck x s1, causal x s2           LoRA + latents
 ``latents_only``    K      causal x sft_epochs                    LoRA + latents
 ``mask_only``       0      answer_only x s1, causal x s2          LoRA
-``prompt_tuning``   K      causal x sft_epochs (prompt-tuning lr) latents only
+``prompt_tuning``   K      causal x sft_epochs (its own optim)    latents only
 =================== ====== ====================================== =======================
 
 Ablation arms are built with :func:`livr_arm` (stage split, stage-1 mask variant) and the
@@ -36,7 +36,12 @@ Every arm uses one batch layout with K latent slots; arms without latents (K = 0
 ``lir.data.drop_latents`` of the same batches (latent slots become PAD), which equals deleting
 the latents (positions do not depend on K; tested in tests/lir/test_model.py). So all arms
 have one sequence length, and every distinct (trainable filter, mask variant, schedule) train
-step is compiled once and reused across tasks and seeds (:class:`StepCache`).
+step is compiled once and reused across tasks and seeds (``common.train.STEPS``, keyed by
+the graphdef, the stage's optimizer config and ``("lir.finetune", trainable, variant)``).
+
+Both phases run through ``common.train.run_stage``: the state is replicated over the device
+mesh (all devices by default) and every batch is split over its ``data`` axis, so a batch size
+must be divisible by the device count.
 """
 
 from __future__ import annotations
@@ -47,24 +52,24 @@ import json
 import pathlib
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from common.checkpoint import Checkpointer
 from common.config import to_dict
 from common.data import ArrayIterator
-from common.metrics import MetricsWriter, Progress
+from common.metrics import MetricsWriter
+from common.rng import stream_key, stream_seed
 from common.train import (
+    STEPS,
     OptimizerConfig,
     TrainState,
     create_train_state,
-    make_optimizer,
-    make_train_step,
     merge_model,
-    train,
+    run_stage,
 )
 from lir import evaluate as ev
 from lir.config import LIRConfig, layout, model_config, stage_optimizer, steps_per_epoch
@@ -82,10 +87,11 @@ from lir.model import (
 from lir.tasks import PRETRAIN_NAMES, generate
 
 # Bump when phase-P code changes in a way that makes old cached models invalid.
-PRETRAIN_VERSION = 1
-# Seed streams (folded with cfg.seed or the run seed) keep the random sources independent.
-SEED_PRETRAIN_MODEL, SEED_PRETRAIN_DATA, SEED_PRETRAIN_EVAL = 11, 12, 13
-SEED_TASK_DATA, SEED_LATENTS, SEED_LORA, SEED_ORDER = 21, 22, 23, 24
+# 2: named RNG streams (common.rng) and the nested pretrain.optim section.
+PRETRAIN_VERSION = 2
+# Random sources are named streams (common.rng.stream_seed) of cfg.seed (phase P, task data)
+# or of the run seed (phase F: latents, LoRA, step keys, example order), so they stay
+# independent of each other and of the seed values.
 
 FILTERS = {"lora": LORA_FILTER, "livr": LIVR_FILTER, "latents": LATENT_FILTER}
 
@@ -99,8 +105,8 @@ FILTERS = {"lora": LORA_FILTER, "livr": LIVR_FILTER, "latents": LATENT_FILTER}
 class Arm:
     """A fine-tuning recipe. ``stages``: ((mask variant, epochs), ...), run in order, each with
     a fresh optimizer; ``trainable``: a key of :data:`FILTERS`; ``latents``: whether the K
-    latent slots are in the input; ``lr``: "finetune" (``finetune.learning_rate``) or
-    "prompt_tuning" (``finetune.prompt_tuning_lr``); ``placement``: a
+    latent slots are in the input; ``optim``: the FinetuneConfig field holding the arm's
+    optimizer, "optim" or "prompt_tuning_optim"; ``placement``: a
     ``lir.data.LATENT_PLACEMENTS`` entry (the data must be collated with it);
     ``shared_latents``: one latent row repeated K times."""
 
@@ -108,7 +114,7 @@ class Arm:
     stages: tuple[tuple[str, int], ...]
     trainable: str
     latents: bool
-    lr: str = "finetune"
+    optim: str = "optim"
     # latent-design ablations (LIVR §4.4.3): where the K slots sit, and one shared row
     placement: str = "after_prompt"
     shared_latents: bool = False
@@ -159,7 +165,7 @@ def arm_specs(cfg: LIRConfig) -> dict[str, Arm]:
         "mask_only": Arm("mask_only", (("answer_only", ft.stage1_epochs),
                                        ("causal", ft.stage2_epochs)), "lora", False),
         "prompt_tuning": Arm("prompt_tuning", (("causal", ft.sft_epochs),), "latents", True,
-                             lr="prompt_tuning"),
+                             optim="prompt_tuning_optim"),
     }
 
 
@@ -191,7 +197,7 @@ def task_data(cfg: LIRConfig, task: str, num_latents: int | None = None,
     k = cfg.finetune.num_latents if num_latents is None else num_latents
     lay = layout(cfg, k, latent_placement=placement)
     d = cfg.data
-    seed = cfg.seed * 1000 + SEED_TASK_DATA
+    seed = stream_seed(cfg.seed, "task_data")
     gen = lambda n, split, offset: generate(task, n, seed, split, d.image_size, offset)  # noqa: E731
     return TaskData(task, collate(gen(d.n_train, "train", 0), lay),
                     collate(gen(d.n_val, "train", 1), lay),
@@ -231,44 +237,48 @@ def _batch_loss(variant: str) -> Callable:
     return fn
 
 
-# --------------------------------------------------------------------------------------------
-# Compiled-step cache
-# --------------------------------------------------------------------------------------------
+def finetune_step(graphdef, trainable: str, variant: str, opt: OptimizerConfig):
+    """The jitted phase-F ``step(state, batch)`` for (graphdef, trainable filter name, mask
+    variant, optimizer config), built once in ``common.train.STEPS`` and reused by every task,
+    seed and arm with that key."""
+    return STEPS.train_step(graphdef, opt, _batch_loss(variant),
+                            loss_key=("lir.finetune", trainable, variant))
 
 
-class StepCache:
-    """Jitted train steps keyed by (graphdef, filter, mask variant, optimizer config).
-
-    ``make_train_step`` returns a fresh ``jax.jit`` each call; reusing one per key means every
-    task/seed/arm with the same shapes runs the already-compiled executable.
-    """
-
-    def __init__(self):
-        self._steps: dict = {}
-        self._tx: dict = {}
-
-    def tx(self, opt: OptimizerConfig):
-        """The optax transformation of ``opt`` (one object per config)."""
-        if opt not in self._tx:
-            self._tx[opt] = make_optimizer(opt)
-        return self._tx[opt]
-
-    def get(self, graphdef, trainable: str, variant: str, opt: OptimizerConfig):
-        """The jitted ``step(state, batch)`` for this key (built on first use)."""
-        key = (graphdef, trainable, variant, opt)
-        if key not in self._steps:
-            self._steps[key] = make_train_step(graphdef, _batch_loss(variant), self.tx(opt))
-        return self._steps[key]
-
-    def keys(self) -> list[tuple]:
-        """(graphdef, trainable, variant, optimizer config) of every step built so far."""
-        return list(self._steps)
-
-    def __len__(self) -> int:
-        return len(self._steps)
+def finetune_step_keys() -> list[tuple[str, str]]:
+    """(trainable, mask variant) of every phase-F step currently in ``STEPS``."""
+    return [k[3][1:] for k in STEPS.keys()
+            if k[0] == "train_step" and isinstance(k[3], tuple) and k[3][0] == "lir.finetune"]
 
 
-_STEPS = StepCache()
+class _LazyIterator:
+    """A ``common.data.DataIterator`` that builds its data only when a batch is first asked
+    for, so loading a finished phase-P cache (which restores the iterator position but reads
+    no batch) does not generate the pretraining mixture."""
+
+    def __init__(self, build: Callable[[], ArrayIterator]):
+        self._build, self._it, self._state = build, None, None
+
+    def _get(self) -> ArrayIterator:
+        if self._it is None:
+            self._it = self._build()
+            if self._state is not None:
+                self._it.set_state(self._state)
+        return self._it
+
+    def next(self) -> Any:
+        return self._get().next()
+
+    def get_state(self) -> dict:
+        if self._it is not None:
+            return self._it.get_state()
+        return self._state if self._state is not None else {"epoch": 0, "position": 0}
+
+    def set_state(self, state: dict) -> None:
+        if self._it is not None:
+            self._it.set_state(state)
+        else:
+            self._state = dict(state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,65 +306,64 @@ def pretrain_key(cfg: LIRConfig) -> str:
 @dataclasses.dataclass
 class Pretrained:
     """A phase-P model: ``params`` (host NumPy ``nnx.State`` of the PRETRAIN_FILTER params),
-    ``metrics`` (held-out accuracy per skill, wall time), ``directory``."""
+    ``metrics`` (held-out accuracy per skill, wall time), ``directory``; ``from_cache``: loaded
+    from a finished cache, no step run."""
 
     params: nnx.State
     metrics: dict
     directory: pathlib.Path
+    from_cache: bool = False
 
 
-def pretrain_data(cfg: LIRConfig, n: int, stream: int, split: str = "train") -> Batch:
-    """``n`` examples of the phase-P mixture, equal counts per skill, at the K = 0 layout."""
+def pretrain_data(cfg: LIRConfig, n: int, stream: str = "data", split: str = "train") -> Batch:
+    """``n`` examples of the phase-P mixture, equal counts per skill, at the K = 0 layout,
+    drawn from the named stream ``("pretrain", stream)`` of ``cfg.seed``."""
     per = max(n // len(PRETRAIN_NAMES), 1)
     recs = []
     for name in PRETRAIN_NAMES:
-        recs += generate(name, per, cfg.seed * 1000 + stream, split, cfg.data.image_size)
+        recs += generate(name, per, stream_seed(cfg.seed, "pretrain", stream), split,
+                         cfg.data.image_size)
     return collate(recs, layout(cfg, 0))
 
 
 def _pretrain_model(cfg: LIRConfig) -> LMM:
     # one (unused, untrained) latent row: orbax cannot save a zero-size array
-    return LMM(model_config(cfg, 1), rngs=nnx.Rngs(cfg.seed * 1000 + SEED_PRETRAIN_MODEL))
+    return LMM(model_config(cfg, 1), rngs=nnx.Rngs(stream_seed(cfg.seed, "pretrain", "model")))
 
 
 def pretrain(cfg: LIRConfig, cache_root: str | pathlib.Path, *, verbose: bool = True,
              eval_per_skill: int = 200) -> Pretrained:
     """Phase P, cached under ``cache_root/<pretrain_key(cfg)>``; a finished cache is loaded
-    without training, an unfinished one resumes from its last checkpoint."""
+    without training (``common.train.run_stage`` restores its final checkpoint and runs no
+    step), an unfinished one resumes from its last checkpoint."""
+    t0 = time.time()
     p = cfg.pretrain
     directory = pathlib.Path(cache_root) / pretrain_key(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "sections.json").write_text(json.dumps(pretrain_sections(cfg), indent=1))
-    opt = OptimizerConfig(name="adamw", learning_rate=p.learning_rate, schedule="cosine",
-                          warmup_steps=min(p.warmup_steps, p.steps - 1), total_steps=p.steps,
-                          weight_decay=p.weight_decay, grad_clip_norm=1.0)
-    tx = make_optimizer(opt)
-    graphdef, state = create_train_state(_pretrain_model(cfg), tx,
-                                         cfg.seed * 1000 + SEED_PRETRAIN_MODEL,
+    graphdef, state = create_train_state(_pretrain_model(cfg), STEPS.optimizer(p.optim),
+                                         stream_seed(cfg.seed, "pretrain", "steps"),
                                          trainable=PRETRAIN_FILTER)
+    step_fn = STEPS.train_step(graphdef, p.optim, _batch_loss("causal"),
+                               loss_key=("lir.pretrain", "causal"))
+    data = _LazyIterator(lambda: ArrayIterator(
+        _as_arrays(pretrain_data(cfg, p.n_examples)), p.batch_size,
+        seed=stream_seed(cfg.seed, "pretrain", "order")))
     done = directory / "done.json"
-    with Checkpointer(directory / "checkpoints", max_to_keep=1,
-                      config=pretrain_sections(cfg)) as ckpt:
-        if done.exists() and ckpt.latest_step() == p.steps:
-            state, _ = ckpt.restore(state)
-            metrics = json.loads(done.read_text())
-        else:
-            t0 = time.time()
-            data = pretrain_data(cfg, p.n_examples, SEED_PRETRAIN_DATA)
-            it = ArrayIterator(_as_arrays(data), p.batch_size,
-                               seed=cfg.seed * 1000 + SEED_PRETRAIN_DATA)
-            step_fn = make_train_step(graphdef, _batch_loss("causal"), tx)
-            prog = Progress(p.steps, name="pretrain") if verbose else None
-            with MetricsWriter(directory / "metrics.jsonl") as mw:
-                state = train(state, step_fn, it, p.steps, checkpointer=ckpt,
-                              save_every=max(p.steps // 4, 1), metrics_writer=mw,
-                              log_every=max(p.steps // 20, 1), check_finite_every=50,
-                              progress=(lambda s, m: prog.update(s, m)) if prog else None)
-            metrics = {"train_seconds": time.time() - t0, "steps": p.steps,
-                       "skill_accuracy": _skill_accuracy(cfg, graphdef, state, eval_per_skill)}
-            done.write_text(json.dumps(metrics, indent=1))
+    result = run_stage("pretrain", state, step_fn, data, p.calls, directory=directory,
+                       checkpoint_config=pretrain_sections(cfg), max_to_keep=1,
+                       save_every=max(p.calls // 4, 1), log_every=max(p.calls // 20, 1),
+                       check_finite_every=50, verbose=verbose)
+    state = result.state
+    from_cache = done.exists() and result.steps_run == 0
+    if from_cache:
+        metrics = json.loads(done.read_text())
+    else:
+        metrics = {"train_seconds": time.time() - t0, "steps": p.optim.total_steps,
+                   "skill_accuracy": _skill_accuracy(cfg, graphdef, state, eval_per_skill)}
+        done.write_text(json.dumps(metrics, indent=1))
     params = jax.tree.map(np.asarray, state.params)
-    return Pretrained(params, metrics, directory)
+    return Pretrained(params, metrics, directory, from_cache)
 
 
 def _skill_accuracy(cfg, graphdef, state: TrainState, n: int) -> dict[str, float]:
@@ -365,7 +374,7 @@ def _skill_accuracy(cfg, graphdef, state: TrainState, n: int) -> dict[str, float
     model = merge_model(graphdef, state)
     out = {}
     for name in PRETRAIN_NAMES:
-        recs = generate(name, n, cfg.seed * 1000 + SEED_PRETRAIN_EVAL, "test",
+        recs = generate(name, n, stream_seed(cfg.seed, "pretrain", "eval"), "test",
                         cfg.data.image_size)
         out[name] = ev.accuracy(model, collate(recs, layout(cfg, 0)),
                                 cfg.finetune.eval_batch_size)
@@ -390,12 +399,12 @@ def finetune_model(cfg: LIRConfig, pretrained: Pretrained, seed: int,
     phase-P model), seeded by ``seed``."""
     k = cfg.finetune.num_latents if num_latents is None else num_latents
     mcfg = dataclasses.replace(model_config(cfg, k), shared_latents=shared_latents)
-    model = LMM(mcfg, rngs=nnx.Rngs(seed * 1000 + SEED_LATENTS))
+    model = LMM(mcfg, rngs=nnx.Rngs(stream_seed(seed, "finetune", "model")))
     nnx.update(model, _fresh(pretrained.params))
     if k:
-        reset_latents(model, jax.random.key(seed * 1000 + SEED_LATENTS),
+        reset_latents(model, stream_key(seed, "finetune", "latents"),
                       cfg.finetune.latent_init_std)
-    add_lora(model, cfg.finetune.lora, rngs=nnx.Rngs(seed * 1000 + SEED_LORA))
+    add_lora(model, cfg.finetune.lora, rngs=nnx.Rngs(stream_seed(seed, "finetune", "lora")))
     return model
 
 
@@ -428,7 +437,10 @@ def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, s
     """Phase F for one (task, arm, seed); returns a :class:`RunResult` (and the selected model
     when ``return_model``). ``data`` must have K slots at ``arm.placement``; the arm decides
     whether they are used. ``select``: "best_val" (single-task: the best eligible epoch) or
-    "final" (multi-task, LIVR §4.3: the last epoch)."""
+    "final" (multi-task, LIVR §4.3: the last epoch). ``metrics_dir``: where
+    ``metrics.jsonl`` gets one line per epoch (stage index, epoch, validation accuracy).
+    Each stage runs through ``common.train.run_stage`` on the default mesh (all devices), so
+    ``finetune.batch_size`` must be divisible by the device count."""
     if select not in SELECTIONS:
         raise ValueError(f"select must be one of {SELECTIONS}; got {select!r}")
     ft = cfg.finetune
@@ -440,38 +452,46 @@ def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, s
     if spe < 1:
         raise ValueError(f"n_train={data.train.batch_size} gives no full batch of "
                          f"{ft.batch_size * ft.accumulation_steps}")
-    lr = ft.prompt_tuning_lr if arm.lr == "prompt_tuning" else ft.learning_rate
+    arm_optim = getattr(ft, arm.optim)
     calls_per_epoch = spe * ft.accumulation_steps
     best = {"val": -1.0, "epoch": -1, "params": None}
     curve: list[float] = []
     epoch0, steps_done, t0 = 0, 0, time.time()
+    # Only the per-epoch validation accuracy is logged: phase F keeps no checkpoints (a run
+    # is cheap and its result is cached whole by lir.reproduce), so run_stage gets no
+    # directory and writes no train-step metrics.
     writer = MetricsWriter(pathlib.Path(metrics_dir) / "metrics.jsonl") if metrics_dir else None
     try:
         for si, (variant, epochs) in enumerate(arm.stages):
             if epochs == 0:
                 continue
-            opt = stage_optimizer(ft, epochs * spe, learning_rate=lr)
-            gd, state = create_train_state(model, _STEPS.tx(opt), seed * 1000 + SEED_ORDER + si,
+            opt = stage_optimizer(ft, epochs * spe, arm_optim)
+            gd, state = create_train_state(model, STEPS.optimizer(opt),
+                                           stream_seed(seed, "finetune", "steps", si),
                                            trainable=FILTERS[arm.trainable])
-            step_fn = _STEPS.get(gd, arm.trainable, variant, opt)
             it = ArrayIterator(_as_arrays(data.train), ft.batch_size,
-                               seed=seed * 1000 + SEED_ORDER)
+                               seed=stream_seed(seed, "finetune", "order"))
             # same epoch order as a one-stage run: stage 2 continues at epoch `epoch0`
             it.set_state({"epoch": epoch0, "position": 0})
             eligible = si == arm.eligible_stage()
 
-            def on_epoch(st, _gd=gd, _eligible=eligible):
+            def on_epoch(st, _gd=gd, _eligible=eligible, _si=si, _done=steps_done):
                 acc = ev.accuracy(merge_model(_gd, st), data.val, ft.eval_batch_size)
                 curve.append(acc)
                 # ties -> later epoch (docs/lir.md D6); "final" keeps every epoch, so the last wins
                 if _eligible and (acc >= best["val"] or select == "final"):
                     best.update(val=acc, epoch=len(curve), params=jax.tree.map(jnp.copy,
                                                                              st.params))
+                if writer is not None:
+                    writer.write(_done + int(st.step), {
+                        "epoch": len(curve), "stage": _si, "eval/val_accuracy": acc})
                 return {"val_accuracy": acc}
 
-            state = train(state, step_fn, it, epochs * calls_per_epoch, eval_fn=on_epoch,
-                          eval_every=calls_per_epoch, metrics_writer=writer,
-                          log_every=calls_per_epoch, check_finite_every=calls_per_epoch)
+            state = run_stage(f"{arm.name}:{variant}", state,
+                              finetune_step(gd, arm.trainable, variant, opt), it,
+                              epochs * calls_per_epoch, eval_fn=on_epoch,
+                              eval_every=calls_per_epoch, log_every=calls_per_epoch,
+                              check_finite_every=calls_per_epoch, verbose=False).state
             nnx.update(model, state.params, state.frozen)
             if eligible:
                 nnx.update(model, best["params"])

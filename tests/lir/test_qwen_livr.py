@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from common.nn import LoRALinear
+from common.train import OptimizerConfig
 from lir.backbones.qwen2_5_vl import processor as proc
 from lir.backbones.qwen2_5_vl.config import QwenVLConfig, TextConfig, VisionConfig
 from lir.backbones.qwen2_5_vl.livr import (
@@ -179,7 +180,8 @@ def test_two_stage_schedule_trains_only_lora_and_latents():
                                                                 nnx.Not(nnx.LoRAParam))))
     latents0 = np.asarray(model.latents[...])
     batches = [_batch(0, k, answer="B")]
-    ft = FinetuneConfig(learning_rate=3e-2, sft_epochs=4, stage1_epochs=2, stage2_epochs=2,
+    ft = FinetuneConfig(optim=OptimizerConfig(learning_rate=3e-2, weight_decay=0.01),
+                        sft_epochs=4, stage1_epochs=2, stage2_epochs=2,
                         batch_size=1, warmup_fraction=0.0)
     seen = []
     hist = finetune(model, method, ft, batches, seed=0,
