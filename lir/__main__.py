@@ -75,6 +75,9 @@ def plan(argv: list[str]) -> int:
                                      description="plan every training stage of a preset")
     add_config_args(parser, default_preset="paper")
     cp.add_plan_args(parser)
+    parser.add_argument("--models", default="lmm,qwen2_5_vl",
+                        help="comma-separated planners: lmm (this suite's LMM, phases P and F) "
+                             "and qwen2_5_vl (the pretrained 3B/7B fine-tuning, --devices 1)")
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(PRESETS, args)

@@ -17,6 +17,7 @@ separate stage whose rows come from :func:`qwen_plan_rows`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -132,21 +133,30 @@ def lmm_plan_rows(cfg: LIRConfig, mesh, *, accelerator, n_train: int | None = No
     return rows
 
 
-def qwen_plan_rows(args, mesh) -> list[PlanRow]:
-    """Hook for the rows of the Qwen2.5-VL fine-tuning stage (``python -m lir finetune``:
-    LIVR stage 1 / 2 and SFT of the pretrained backbone at the paper's recipe).
+def qwen_plan_rows(cfg: LIRConfig, args, mesh, accelerator) -> list[PlanRow]:
+    """The rows of the Qwen2.5-VL fine-tuning stage (``python -m lir finetune``): LIVR stage 1
+    and 2 and direct SFT of the pretrained 3B and 7B backbones at the paper's recipe
+    (``lir.backbones.qwen2_5_vl.plan``). The paper runs each of these jobs on one GPU at
+    batch 1 × accumulation 8, so they are planned on a one-device mesh only; on more devices
+    this raises NotImplementedError, which the plan verb reports and skips."""
+    if mesh.size != 1:
+        raise NotImplementedError(
+            "the Qwen2.5-VL fine-tuning runs on one GPU per job (LIVR App. B): plan it with "
+            "--devices 1")
+    from lir.backbones.qwen2_5_vl import plan as qwen_plan
 
-    Not planned yet: its step (segment-id vision attention, feature cache, batch 1 ×
-    accumulation 8) is being reworked. Raises NotImplementedError, which the plan verb
-    reports and skips."""
-    raise NotImplementedError("the Qwen2.5-VL fine-tuning stage (python -m lir finetune) is "
-                              "not planned yet: rows from lir.plan.qwen_plan_rows")
+    shapes = qwen_plan.Shapes()
+    ft = dataclasses.replace(cfg.finetune, batch_size=shapes.batch,
+                             accumulation_steps=shapes.accumulation)
+    opt = stage_optimizer(ft, shapes.train_examples // shapes.accumulation)
+    return qwen_plan.plan_rows(mesh, accelerator, opt, cfg.finetune.lora,
+                               num_latents=cfg.finetune.num_latents, shapes=shapes)
 
 
 #: The row builders of ``python -m lir plan``: ``(name, fn(cfg, args, mesh, accelerator))``.
 PLANNERS: tuple[tuple[str, Callable], ...] = (
     ("lmm", lambda cfg, args, mesh, acc: lmm_plan_rows(cfg, mesh, accelerator=acc)),
-    ("qwen2_5_vl", lambda cfg, args, mesh, acc: qwen_plan_rows(args, mesh)),
+    ("qwen2_5_vl", qwen_plan_rows),
 )
 
 
@@ -154,7 +164,15 @@ def run_plan(cfg: LIRConfig, args, mesh, accelerator, log=print) -> list[PlanRow
     """The rows of every planner in :data:`PLANNERS`; a planner that raises
     NotImplementedError is skipped with a logged note."""
     rows: list[PlanRow] = []
+    wanted = getattr(args, "models", None)
+    wanted = None if wanted is None else {m.strip() for m in wanted.split(",") if m.strip()}
+    unknown = (wanted or set()) - {name for name, _ in PLANNERS}
+    if unknown:
+        raise ValueError(f"--models: unknown {sorted(unknown)}; expected some of "
+                         f"{[name for name, _ in PLANNERS]}")
     for name, planner in PLANNERS:
+        if wanted is not None and name not in wanted:
+            continue
         try:
             rows += planner(cfg, args, mesh, accelerator)
         except NotImplementedError as err:

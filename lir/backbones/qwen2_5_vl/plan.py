@@ -123,16 +123,22 @@ def _stage_row(full, lora, opt, shapes, stage, variant, trainable, k, mesh, acc,
 
 
 def plan_rows(mesh, acc: P.Accelerator, opt: OptimizerConfig, lora: LoRAConfig, *,
-              num_latents: int = 16, sizes=("3b", "7b"), shapes: Shapes = Shapes(),
-              attention_chunk: int | None = 512) -> list:
-    """One `PlanRow` per (model size, stage) of the single-task recipe, extrapolated to
-    full depth from compiles at 1 and 2 decoder layers (see the module docstring)."""
+              num_latents: int = 16, configs: dict[str, QwenVLConfig] | None = None,
+              shapes: Shapes = Shapes(), attention_chunk: int | None = 512) -> list:
+    """One `PlanRow` per (model, stage) of the single-task recipe, extrapolated to full depth
+    from compiles at 1 and 2 decoder layers (see the module docstring).
+
+    Args:
+      configs: `{name: QwenVLConfig}` to plan; default the released 3B and 7B shapes.
+    """
     rows = []
     calls_per_epoch = shapes.train_examples // shapes.batch
-    for size in sizes:
-        full = dataclasses.replace(SIZES[size](), remat=True, attention_chunk=attention_chunk)
+    if configs is None:
+        configs = {f"Qwen2.5-VL-{k.upper()}": make() for k, make in SIZES.items()}
+    for name, qcfg in configs.items():
+        full = dataclasses.replace(qcfg, remat=True, attention_chunk=attention_chunk)
         for stage, variant, trainable, latents, epochs in STAGES:
-            row = _stage_row(full, lora, opt, shapes, f"Qwen2.5-VL-{size.upper()} {stage}",
+            row = _stage_row(full, lora, opt, shapes, f"{name} {stage}",
                              variant, trainable, num_latents if latents else 0, mesh, acc,
                              epochs * calls_per_epoch, attention_chunk)
             rows.append(row)
