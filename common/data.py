@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["ArrayIterator", "DataIterator"]
+__all__ = ["ArrayIterator", "DataIterator", "SequenceIterator"]
 
 
 class DataIterator(Protocol):
@@ -92,5 +92,57 @@ class ArrayIterator:
             raise ValueError(
                 f"ArrayIterator.set_state: out of range: {state!r} (num_rows={self.num_rows})"
             )
+        self._epoch, self._position = epoch, position
+        self._order = self._epoch_order(epoch)
+
+
+class SequenceIterator:
+    """Endless iteration over a sequence of ready-made batches, one seeded order per epoch.
+
+    For data that comes as whole batches (e.g. built on access from a feature cache) rather
+    than as rows: `next()` returns `items[order[position]]`. Epoch e's order is
+    `np.random.default_rng([seed, e]).permutation(len(items))` (identity with
+    `shuffle=False`), so any (epoch, position) resumes without replaying earlier epochs.
+
+    State: {"epoch": int, "position": int} (position = items of this epoch consumed).
+    """
+
+    def __init__(self, items, seed: int = 0, shuffle: bool = True):
+        if len(items) < 1:
+            raise ValueError("SequenceIterator: `items` is empty")
+        self._items, self.seed, self.shuffle = items, seed, shuffle
+        self._epoch, self._position = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        n = len(self._items)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle \
+            else np.arange(n)
+
+    def next(self) -> Any:
+        if self._position >= len(self._items):
+            self._epoch, self._position = self._epoch + 1, 0
+            self._order = self._epoch_order(self._epoch)
+        item = self._items[int(self._order[self._position])]
+        self._position += 1
+        return item
+
+    __next__ = next
+
+    def __iter__(self):
+        return self
+
+    def get_state(self) -> dict:
+        return {"epoch": self._epoch, "position": self._position}
+
+    def set_state(self, state: dict) -> None:
+        try:
+            epoch, position = int(state["epoch"]), int(state["position"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"SequenceIterator.set_state: expected {{'epoch': int, "
+                             f"'position': int}}, got {state!r}") from None
+        if epoch < 0 or not 0 <= position <= len(self._items):
+            raise ValueError(f"SequenceIterator.set_state: out of range: {state!r} "
+                             f"({len(self._items)} items)")
         self._epoch, self._position = epoch, position
         self._order = self._epoch_order(epoch)

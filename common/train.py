@@ -633,6 +633,8 @@ def run_stage(
     verbose: bool = True,
     mesh: Any = None,
     process_local: bool = False,
+    placement: str = "data_parallel",
+    metrics_writer: Any = None,
 ) -> StageResult:
     """One training stage: checkpoints, metrics, progress/ETA, the loop and the mesh.
 
@@ -653,16 +655,27 @@ def run_stage(
         check_finite_every: as for `train`.
       process_local: force the multi-process batch path (each process feeds its share)
         even with one process; tests use it to exercise that path.
+      placement: "data_parallel" (the default above) or "as_given": the state and batches
+        keep the shardings the caller gave them (a model whose weights are sharded over the
+        devices, FSDP-style, with batches too small to split) and `mesh` is unused.
+      metrics_writer: an object with `.write(step, metrics)` receiving the logged metrics
+        when there is no `directory` (e.g. a caller's own log).
 
     Returns:
       a `StageResult`.
     """
+    if placement not in ("data_parallel", "as_given"):
+        raise ValueError(f"run_stage: placement must be 'data_parallel' or 'as_given', got "
+                         f"{placement!r}")
     t0 = time.perf_counter()
-    mesh = dist.make_mesh() if mesh is None else mesh
-    state = dist.replicate(state, mesh) if jax.process_count() > 1 else jax.device_put(
-        state, dist.replicated(mesh)
-    )
-    ckpt = writer = None
+    place = None
+    if placement == "data_parallel":
+        mesh = dist.make_mesh() if mesh is None else mesh
+        state = dist.replicate(state, mesh) if jax.process_count() > 1 else jax.device_put(
+            state, dist.replicated(mesh)
+        )
+        place = _batch_placer(mesh, process_local)
+    ckpt, writer = None, metrics_writer
     if directory is not None:
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -699,10 +712,10 @@ def run_stage(
             log_every=log_every,
             progress=on_step,
             check_finite_every=check_finite_every,
-            place_batch=_batch_placer(mesh, process_local),
+            place_batch=place,
         )
     finally:
-        if writer is not None:
+        if writer is not None and writer is not metrics_writer:
             writer.close()
         if ckpt is not None:
             ckpt.close()

@@ -107,11 +107,13 @@ def plan_stages(
         step = T.stage_step(stage_cfg, name, graphdef)
         main, control = _tokens(cfg, name)
         m = cfg.model
-        scores = (per_call // n) * m.num_heads * main * main * 4
+        chunk = m.attention_chunk or main
+        scores = (per_call // n) * m.num_heads * min(chunk, main) * main * 4
         notes.append(
             f"{main} main + {control} control tokens per clip; float32 weights and compute "
-            f"(as implemented); the XLA attention path materialises {m.num_heads} x {main}² "
-            f"float32 scores per block and clip ({scores / _GIB:.1f} GiB per device)"
+            f"(as implemented); self-attention in {min(chunk, main)}-query chunks: "
+            f"{m.num_heads} x {min(chunk, main)} x {main} float32 scores live per block and "
+            f"clip ({scores / _GIB:.2f} GiB per device)"
         )
         if m.remat:
             notes.append(

@@ -391,7 +391,7 @@ def test_qwen_paper_preset_is_batch_1_times_accumulation_8():
 
     ft = backbone_config("qwen2_5_vl", "paper", []).finetune
     assert (ft.batch_size, ft.accumulation_steps) == (1, 8)
-    assert ft.learning_rate == 1e-4 and ft.num_latents == 16
+    assert ft.optim.learning_rate == 1e-4 and ft.num_latents == 16
     # the tiny-model paper preset keeps its 8 x 1 split
     base = get_preset(PRESETS, "paper").finetune
     assert (base.batch_size, base.accumulation_steps) == (8, 1)

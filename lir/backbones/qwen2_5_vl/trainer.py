@@ -2,7 +2,8 @@
 docs/lir.md D5-D6).
 
 Each stage gets a fresh AdamW and a fresh 5%-warmup cosine schedule
-(``lir.config.stage_optimizer``), through ``common.train``'s functional train step. Only the
+(``lir.config.stage_optimizer``) and runs through ``common.train.run_stage`` (the weights keep
+the sharding they were loaded with, FSDP-style on several devices). Only the
 method's parameters train: LoRA for SFT, LoRA + latent rows for LIVR; everything else
 (vision tower, merger, LM weights, embedding table, head) is frozen.
 """
@@ -16,7 +17,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from common.train import create_train_state, make_optimizer, make_train_step, merge_model
+from common.data import SequenceIterator
+from common.rng import stream_seed
+from common.train import STEPS, create_train_state, merge_model, run_stage
 from lir.backbones.qwen2_5_vl.livr import QwenBatch, QwenLIVR, loss_fn
 from lir.config import FinetuneConfig, stage_optimizer
 from lir.model import LIVR_FILTER, LORA_FILTER
@@ -70,30 +73,67 @@ def finetune(model: QwenLIVR, method: str, ft: FinetuneConfig, batches: Sequence
     if spe < 1:
         raise ValueError(f"{len(batches)} batches give no optimizer step with "
                          f"accumulation_steps={ft.accumulation_steps}")
+    calls = spe * ft.accumulation_steps  # train-step calls per epoch
     history: dict = {"losses": [], "val": [], "best_epoch": None}
-    best_acc, best_params = -1.0, None
-    rng = np.random.default_rng(seed)
+    best: dict = {"acc": -1.0, "params": None}
+    epoch0 = 0
     for si, stage in enumerate(stages):
-        tx = make_optimizer(stage_optimizer(ft, stage.epochs * spe))
-        graphdef, state = create_train_state(model, tx, seed + si, trainable=trainable)
-        step = make_train_step(graphdef, loss_fn(stage.mask_variant, max_answer_tokens), tx)
-        for epoch in range(stage.epochs):
-            for i in rng.permutation(spe * ft.accumulation_steps):
-                state, metrics = step(state, batches[int(i)])
-                row = {"stage": si, "epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
-                history["losses"].append(row["loss"])
-                if log:
-                    log(row)
-                if not np.isfinite(row["loss"]):
-                    raise FloatingPointError(f"non-finite loss at stage {si} epoch {epoch}")
-            model = merge_model(graphdef, state)
-            acc = on_epoch(model, si, epoch) if on_epoch else None
-            if acc is not None:
-                history["val"].append((si, epoch, acc))
-                if si == len(stages) - 1 and acc >= best_acc:
-                    best_acc, history["best_epoch"] = acc, epoch
-                    best_params = jax.tree.map(np.asarray, state.params)
-        model = merge_model(graphdef, state)
-    if best_params is not None:
-        nnx.update(model, best_params)
+        opt = stage_optimizer(ft, stage.epochs * spe)
+        graphdef, state = create_train_state(model, STEPS.optimizer(opt),
+                                             stream_seed(seed, "qwen_finetune", si),
+                                             trainable=trainable)
+        step = STEPS.train_step(graphdef, opt, loss_fn(stage.mask_variant, max_answer_tokens),
+                                loss_key=("qwen_livr", stage.mask_variant, max_answer_tokens))
+        # One order per epoch over the whole run: stage 2 continues at epoch `epoch0`.
+        data = SequenceIterator(_Prefix(batches, calls), seed=stream_seed(seed, "batch_order"))
+        data.set_state({"epoch": epoch0, "position": 0})
+        last = si == len(stages) - 1
+
+        def on_eval(st, si=si, graphdef=graphdef, last=last):
+            epoch = int(st.step) // calls - 1
+            acc = on_epoch(merge_model(graphdef, st), si, epoch) if on_epoch else None
+            if acc is None:
+                return {}
+            history["val"].append((si, epoch, acc))
+            if last and acc >= best["acc"]:  # ties: the later epoch (docs/lir.md D6)
+                best.update(acc=acc, params=jax.tree.map(np.asarray, st.params))
+                history["best_epoch"] = epoch
+            return {"val_accuracy": acc}
+
+        result = run_stage(
+            f"qwen {method} stage {si + 1}", state, step, data, stage.epochs * calls,
+            eval_fn=on_eval, eval_every=calls, log_every=1, verbose=False,
+            placement="as_given", metrics_writer=_Log(history, log, si, calls))
+        model = merge_model(graphdef, result.state)
+        epoch0 += stage.epochs
+    if best["params"] is not None:
+        nnx.update(model, best["params"])
     return history | {"model": model}
+
+
+class _Prefix:
+    """The first `n` items of a sequence (whole accumulation groups of an epoch)."""
+
+    def __init__(self, items: Sequence, n: int):
+        self.items, self.n = items, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+class _Log:
+    """`run_stage`'s metrics writer: losses into the history, each step's row to `log`."""
+
+    def __init__(self, history: dict, log, stage: int, calls: int):
+        self.history, self.log, self.stage, self.calls = history, log, stage, calls
+
+    def write(self, step: int, metrics: dict) -> None:
+        if "loss" not in metrics:  # an evaluation record
+            return
+        row = {"stage": self.stage, "epoch": (step - 1) // self.calls, **metrics}
+        self.history["losses"].append(row["loss"])
+        if self.log:
+            self.log(row)
