@@ -159,3 +159,19 @@ def test_plan_step_counts_flops_and_bytes_of_the_partitioned_step():
     assert row.argument_bytes >= 4 * (3 * n_params + 256 * 5)
     assert row.fits and row.est_stage_hours == pytest.approx(row.est_step_seconds * 100 / 3600)
     assert "| toy | 1 |" in plan.render_plan([row])
+
+
+def test_sequence_iterator_orders_each_epoch_and_resumes():
+    from common.data import SequenceIterator
+
+    items = [f"b{i}" for i in range(5)]
+    it = SequenceIterator(items, seed=3)
+    seen = [it.next() for _ in range(12)]
+    assert sorted(seen[:5]) == items and sorted(seen[5:10]) == items  # each epoch a permutation
+    assert seen[:5] != seen[5:10]  # reshuffled (seed 3 gives two different orders)
+    again = SequenceIterator(items, seed=3)
+    again.set_state({"epoch": 1, "position": 2})
+    assert [again.next() for _ in range(5)] == seen[7:12]
+    assert [SequenceIterator(items, shuffle=False).next() for _ in range(1)] == ["b0"]
+    with pytest.raises(ValueError, match="out of range"):
+        again.set_state({"epoch": 0, "position": 6})
