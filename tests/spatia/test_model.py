@@ -16,7 +16,7 @@ from flax import nnx
 from common import train as ctrain
 from spatia import flow
 from spatia import model as M
-from spatia.model_config import VIDEO_MODEL_PRESETS, VideoModelConfig, paper, tiny
+from spatia.model_config import VideoModelConfig, paper, small, tiny
 
 B, N, MP, K, HW = 2, 4, 1, 2, 16
 
@@ -106,9 +106,9 @@ def _run(model, inp, control="same"):
 
 
 def test_presets_and_config_errors():
-    for name, make in VIDEO_MODEL_PRESETS.items():
+    for make in (tiny, small, paper):
         c = make()
-        assert sum(c.rope_sections) == c.head_dim // 2, name
+        assert sum(c.rope_sections) == c.head_dim // 2, make.__name__
     p = paper()
     assert (p.depth, p.dim, p.num_heads, p.mlp_hidden) == (30, 3072, 24, 14336)
     assert p.control_layers == (0, 4, 8, 12, 16, 20, 24, 28)
@@ -146,7 +146,7 @@ def test_patchify_roundtrip_and_positions():
 
 
 def test_tokenize_temporal_patch_tiles_refs_and_pools_validity():
-    cfg = dataclasses.replace(VIDEO_MODEL_PRESETS["small"](), patch_size=(2, 8, 8))
+    cfg = dataclasses.replace(small(), patch_size=(2, 8, 8))
     r = np.random.default_rng(0)
     Bs, H = 1, 16
     b = dict(

@@ -17,7 +17,7 @@ from spatia import geometry as geo
 from spatia import memory as mem_lib
 from spatia import model as M
 from spatia import pipeline as pl
-from spatia.model_config import VIDEO_MODEL_PRESETS, tiny
+from spatia.model_config import tiny
 
 HW = 16
 CFG = pl.PipelineConfig(
@@ -250,22 +250,6 @@ def test_config_and_input_errors(world):
         pl.generate_video(memory, world["traj"], no_depth, rgb_only, jax.random.key(0))
     with pytest.raises(ValueError, match="no depth"):
         pl.generate_video(memory, world["traj"], no_depth, rgb_only, jax.random.key(0), start=start)
-
-
-def test_presets_match_the_model_presets():
-    for name in ("tiny", "small"):
-        mcfg = VIDEO_MODEL_PRESETS[name]()
-        assert pl.PIPELINE_PRESETS[name]() == pl.pipeline_config_for_model(
-            mcfg, pl.PIPELINE_PRESETS[name]()
-        )
-        assert pl.PIPELINE_PRESETS[name]().clip_frames == mcfg.num_target_frames
-    paper = pl.PIPELINE_PRESETS["paper"]()
-    assert (paper.clip_frames, paper.history_frames, paper.max_refs, paper.voxel) == (
-        72,
-        9,
-        7,
-        0.01,
-    )
 
 
 def test_depth_encoding_round_trip():
