@@ -71,7 +71,9 @@ def assert_resume_bit_exact(
     have the same tree structure and bitwise-equal leaves.
 
     When the interrupted leg returns a result (not None), its `compare` must differ from the
-    final one, so the equality is not inherited from a run that had already finished.
+    final one, so the equality is not inherited from a run that had already finished. A
+    "resume" that silently starts over would also end equal: callers check that the second
+    leg did resume (its log line, `resumed_from`, the checkpoint it found).
 
     Args:
       run: (directory, steps) -> result of a stage trained (or resumed) to `steps` there.
