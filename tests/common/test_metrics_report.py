@@ -22,15 +22,21 @@ def test_metrics_writer_appends_and_survives_torn_line(tmp_path):
     assert steps.tolist() == [1] and values.tolist() == [0.5]
 
 
-def test_progress_excludes_first_step_from_rate():
+def test_progress_excludes_first_step_from_rate(monkeypatch):
+    clock = {"now": 100.0}  # a fake perf_counter, moved by hand
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock["now"])
     stream = io.StringIO()
     progress = metrics.Progress(100, every_seconds=0.0, stream=stream, name="toy")
+    clock["now"] = 107.0  # the first step (compiles) takes 7 s
     progress.update(1, {"loss": 0.25})
+    assert progress.compile_seconds == 7.0
     assert "steps/s" not in stream.getvalue()  # no rate before steady state is measurable
+    clock["now"] = 111.0  # 10 more steps in 4 s
     progress.update(11, force=True)
     line = stream.getvalue().strip().splitlines()[-1]
-    assert line.startswith("[toy] step 11/100") and "steps/s" in line and "ETA" in line
-    assert progress.compile_seconds is not None
+    # 2.5 steps/s from the first update on (11 / 11 s if the compile counted); ETA 89 / 2.5 s
+    assert line == "[toy] step 11/100 | 2.50 steps/s | ETA 0m36s"
+    assert progress.compile_seconds == 7.0  # measured once
 
 
 def test_plot_and_report(tmp_path):

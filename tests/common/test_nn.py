@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import common.nn as cn
+from tests.contracts import assert_decode_matches_forward
 
 B, T, D, H = 2, 8, 32, 4
 
@@ -387,8 +388,8 @@ def test_kv_cache_decode_matches_full_forward(nn_stacks, variant):
         for t in range(n_prefill, T):
             y, caches = step(x[:, t : t + 1], caches)
             outs.append(y)
-        dec = jnp.concatenate(outs, axis=1)
-        np.testing.assert_allclose(np.asarray(dec), np.asarray(full), rtol=1e-5, atol=1e-5)
+        assert_decode_matches_forward(full, jnp.concatenate(outs, axis=1), atol=1e-5,
+                                      rtol=1e-5, decode_time_axis=1)
         assert np.asarray(caches[0].length).tolist() == ([T] * B if per_seq else T)
         assert caches[0].k.shape == (B, max_len, stack.num_kv_heads, D // H)
 

@@ -21,6 +21,7 @@ from flax import nnx
 
 from common import train as T
 from common.checkpoint import Checkpointer
+from tests.contracts import assert_resume_bit_exact, assert_trees_equal
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 WIDTH = 16
@@ -94,19 +95,28 @@ def eval_step():
     return T.make_eval_step(graphdef, eval_fn)
 
 
+def _outcome(state, data):
+    """What a resumed run must reproduce bit for bit: (step, params, frozen, opt_state) on
+    the host and the data iterator's position."""
+    return host((state.step, state.params, state.frozen, state.opt_state)), data.get_state()
+
+
+def _resume(step_fn, ckpt: Checkpointer, seed: int, save_every: int):
+    """Continues the checkpointed run in `ckpt` to RESUME_STEPS with everything new: model
+    (init `seed`, overwritten by the restore), iterator and checkpointer."""
+    _, state = fresh(seed=seed)
+    data = T.ArrayIterator(toy_arrays(), BATCH, seed=3)
+    state = T.train(state, step_fn, data, RESUME_STEPS, checkpointer=ckpt, save_every=save_every)
+    return _outcome(state, data)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(step_fn):
-    """RESUME_STEPS straight steps: (params, frozen, opt_state) on the host and the data state."""
+    """RESUME_STEPS straight steps (`_outcome`)."""
     _, state = fresh()
     data = T.ArrayIterator(toy_arrays(), BATCH, seed=3)
     state = T.train(state, step_fn, data, RESUME_STEPS)
-    return host((state.params, state.frozen, state.opt_state)), data.get_state()
-
-
-def assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+    return _outcome(state, data)
 
 
 # ------------------------------------------------------------------ optimizer and schedule
@@ -286,40 +296,28 @@ def test_toy_regression_trains_to_low_loss(step_fn, eval_step):
 
 
 def test_resume_equals_uninterrupted(step_fn, uninterrupted, tmp_path):
-    (ref_params, ref_frozen, ref_opt), ref_data = uninterrupted
-
     class Crash(Exception):
         pass
 
-    def crash_at_6(step, metrics):
-        if step == 6:
-            raise Crash
+    def crash(directory, kill_after):
+        def stop(step, metrics):
+            if step == kill_after:
+                raise Crash
 
-    _, state = fresh()
-    with pytest.raises(Crash):
-        T.train(
-            state,
-            step_fn,
-            T.ArrayIterator(toy_arrays(), BATCH, seed=3),
-            RESUME_STEPS,
-            checkpointer=Checkpointer(tmp_path),
-            save_every=4,
-            progress=crash_at_6,
-        )
-    del state
+        _, state = fresh()
+        with pytest.raises(Crash):
+            T.train(state, step_fn, T.ArrayIterator(toy_arrays(), BATCH, seed=3), RESUME_STEPS,
+                    checkpointer=Checkpointer(directory), save_every=4, progress=stop)
 
-    # Everything new: model (different init), iterator, checkpointer. Steps 5-6 are redone.
-    _, state = fresh(seed=99)
-    data = T.ArrayIterator(toy_arrays(), BATCH, seed=3)
-    ckpt = Checkpointer(tmp_path)
-    assert ckpt.latest_step() == 4
-    state = T.train(state, step_fn, data, RESUME_STEPS, checkpointer=ckpt, save_every=4)
-    assert int(state.step) == RESUME_STEPS
-    assert_trees_equal(host(state.params), ref_params)
-    assert_trees_equal(host(state.frozen), ref_frozen)
-    assert_trees_equal(host(state.opt_state), ref_opt)
-    assert data.get_state() == ref_data
-    assert ckpt.all_steps() == [4, 8, 12]
+    def resume(directory, total):
+        ckpt = Checkpointer(directory)
+        assert ckpt.latest_step() == 4  # the crash at step 6: steps 5-6 are redone
+        outcome = _resume(step_fn, ckpt, seed=99, save_every=4)
+        assert ckpt.all_steps() == [4, 8, 12]
+        return outcome
+
+    assert_resume_bit_exact(resume, tmp_path, kill_after=6, total=RESUME_STEPS,
+                            uninterrupted=uninterrupted, interrupt=crash)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(step_fn, tmp_path):
@@ -392,33 +390,34 @@ def _worker(directory: str, seconds_per_step: float) -> None:
 
 
 def test_sigkill_then_resume_is_bit_identical(step_fn, uninterrupted, tmp_path):
-    (ref_params, ref_frozen, ref_opt), ref_data = uninterrupted
-    code = f"from tests.common.test_train import _worker; _worker({str(tmp_path)!r}, 0.25)"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            steps = [int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()]
-            if steps and max(steps) >= 4:
-                break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, out.decode()[-3000:]
+    def kill(directory, kill_after):
+        """Runs `_worker` in a subprocess and SIGKILLs it once step `kill_after` is saved."""
+        directory.mkdir(parents=True)
+        code = f"from tests.common.test_train import _worker; _worker({str(directory)!r}, 0.25)"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+                if steps and max(steps) >= kill_after:
+                    break
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == -signal.SIGKILL, out.decode()[-3000:]
 
-    _, state = fresh(seed=7)
-    data = T.ArrayIterator(toy_arrays(), BATCH, seed=3)
-    ckpt = Checkpointer(tmp_path)
-    resumed_from = ckpt.latest_step()
-    assert resumed_from is not None and 4 <= resumed_from < RESUME_STEPS
-    state = T.train(state, step_fn, data, RESUME_STEPS, checkpointer=ckpt, save_every=2)
-    assert_trees_equal(host(state.params), ref_params)
-    assert_trees_equal(host(state.frozen), ref_frozen)
-    assert_trees_equal(host(state.opt_state), ref_opt)
-    assert data.get_state() == ref_data
-    assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
+    def resume(directory, total):
+        ckpt = Checkpointer(directory)
+        resumed_from = ckpt.latest_step()
+        assert resumed_from is not None and 4 <= resumed_from < total
+        return _resume(step_fn, ckpt, seed=7, save_every=2)
+
+    assert_resume_bit_exact(resume, tmp_path, kill_after=4, total=RESUME_STEPS,
+                            uninterrupted=uninterrupted, interrupt=kill)
+    assert not [p for p in os.listdir(tmp_path / "interrupted") if "tmp" in p]

@@ -16,6 +16,7 @@ from internal_rl.models.hawk import (
     linear_recurrence,
     pretrain_loss,
 )
+from tests.contracts import assert_decode_matches_forward
 
 CFG = HawkConfig(dim=32, depth=2, num_heads=4, mlp_hidden=48, obs_dim=6, action_dim=3)
 B, T = 2, 9
@@ -83,11 +84,12 @@ def test_shapes(forward, obs):
 
 
 def test_step_path_equals_sequence_path(forward, stepped, obs):
-    caches, (act, ob, res) = stepped(obs)
+    caches, (act, ob, res) = stepped(obs)  # time-major
     full = forward(obs)
-    np.testing.assert_allclose(np.swapaxes(act, 0, 1), full.action_mean, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.swapaxes(ob, 0, 1), full.obs_mean, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.moveaxis(res, 0, 2), full.residuals, atol=1e-5, rtol=1e-5)
+    # residuals compared as [B, T, L+1, D]: forward [L+1, B, T, D], stepped [T, L+1, B, D]
+    assert_decode_matches_forward(
+        (full.action_mean, full.obs_mean, jnp.moveaxis(full.residuals, 0, 2)),
+        (act, ob, jnp.swapaxes(res, 1, 2)), atol=1e-5, rtol=1e-5)
     for c_step, c_seq in zip(caches, full.caches, strict=True):
         np.testing.assert_allclose(c_step.conv, c_seq.conv, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(c_step.h, c_seq.h, atol=1e-5, rtol=1e-5)

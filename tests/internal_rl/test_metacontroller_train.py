@@ -20,6 +20,7 @@ from internal_rl.metacontroller_train import (
     train_metacontroller,
 )
 from internal_rl.pretrain import build_model, make_dataset
+from tests.contracts import assert_resume_bit_exact
 
 OVERRIDES = [
     "env.layout_pool=1", "data.batch_size=4", "data.max_len=32",
@@ -46,10 +47,6 @@ def base(cfg):
     return build_model(cfg)
 
 
-def _params(state):
-    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
-
-
 def test_short_training_lowers_the_loss(cfg, base, tmp_path):
     variant = Variant(alpha=0.1)
     graphdef, state0, _ = init_variant(cfg, variant, nnx.clone(base))
@@ -67,14 +64,16 @@ def test_short_training_lowers_the_loss(cfg, base, tmp_path):
 
 def test_resume_equals_uninterrupted(cfg, base, tmp_path):
     variant = Variant(alpha=0.1)
-    _, full = train_metacontroller(cfg, tmp_path / "full", variant, base=base, verbose=False)
-    train_metacontroller(cfg, tmp_path / "split", variant, base=base, steps=2, verbose=False)
-    _, resumed = train_metacontroller(cfg, tmp_path / "split", variant, base=base,
-                                      verbose=False)
+
+    def run(run_dir, steps):
+        return train_metacontroller(cfg, run_dir, variant, base=base, steps=steps,
+                                    verbose=False)[1]
+
+    full, resumed = assert_resume_bit_exact(run, tmp_path, kill_after=2,
+                                            total=cfg.mctrain.steps, compare=lambda st: st.params)
     assert int(resumed.step) == int(full.step) == cfg.mctrain.steps
-    for a, b in zip(_params(full), _params(resumed), strict=True):
-        np.testing.assert_array_equal(a, b)
-    loaded = load_variant(cfg, tmp_path / "split", variant, base=base)
+    # the saved variant loads back as the resumed run's φ
+    loaded = load_variant(cfg, tmp_path / "interrupted", variant, base=base)
     _, loaded_params, _ = nnx.split(loaded, nnx.Param, ...)
     ref = nnx.to_flat_state(resumed.params)
     got = dict(nnx.to_flat_state(loaded_params))

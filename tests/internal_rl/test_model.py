@@ -15,6 +15,7 @@ from internal_rl.controllers import (
     controller_loss,
 )
 from internal_rl.models import BaseModel, ModelConfig, pretrain_loss
+from tests.contracts import assert_decode_matches_forward
 
 CFG = ModelConfig(dim=32, depth=2, num_heads=2, mlp_hidden=64)
 B, T = 2, 7
@@ -69,11 +70,12 @@ def test_decode_step_equals_full_sequence(model, forward, obs):
         _, outs = jax.lax.scan(body, m.init_caches(B, 10), jnp.swapaxes(o, 0, 1))
         return outs
 
-    act, ob, res = decode_all(obs)
+    act, ob, res = decode_all(obs)  # time-major
     full = forward(obs)
-    np.testing.assert_allclose(np.swapaxes(act, 0, 1), full.action_logits, atol=1e-5)
-    np.testing.assert_allclose(np.swapaxes(ob, 0, 1), full.obs_logits, atol=1e-5)
-    np.testing.assert_allclose(np.moveaxis(res, 0, 2), full.residuals, atol=1e-5)
+    # residuals compared as [B, T, L+1, D]: forward [L+1, B, T, D], decoded [T, L+1, B, D]
+    assert_decode_matches_forward(
+        (full.action_logits, full.obs_logits, jnp.moveaxis(full.residuals, 0, 2)),
+        (act, ob, jnp.swapaxes(res, 1, 2)), atol=1e-5, rtol=1e-7)
 
 
 def test_loss_ignores_padding(model, obs):

@@ -113,11 +113,16 @@ def test_finetune_and_evaluate_cli(folder, tmp_path):
     assert main(["finetune", "--backbone", "qwen2_5_vl", "--method", "livr"] + common) == 0
     res = json.loads((run / "results.json").read_text())
     assert res["steps"] == 2 and res["num_latents"] == 2
-    assert 0.0 <= res["test_accuracy"] <= 1.0
     assert (run / "adapter.npz").is_file()
     assert main(["evaluate", "--adapter", str(run / "adapter.npz")] + common) == 0
     ev = json.loads((run / "eval_test.json").read_text())
     assert ev["n"] == 3 and ev["accuracy"] == res["test_accuracy"]
+    # the accuracy is the fraction of generations whose parsed answer is the gold one
+    records = db.load_split(folder, "test")
+    assert [p["id"] for p in ev["predictions"]] == [r.id for r in records]
+    hits = [db.parse_prediction(p["text"], r.kind, len(r.choices)) == r.answer
+            for p, r in zip(ev["predictions"], records, strict=True)]
+    assert ev["accuracy"] == sum(hits) / len(hits)
     with pytest.raises(SystemExit):
         main(["finetune", "--checkpoint", str(tmp_path / "none"), "--task-data", str(folder),
               "--run-dir", str(run)])

@@ -201,11 +201,28 @@ def test_two_stage_schedule_trains_only_lora_and_latents():
     assert base.language.layers[0].mlp.up_proj.base.kernel[...].dtype == jnp.bfloat16
 
 
-def test_generate_with_latents_runs_greedy(base):
+def test_generate_with_latents_is_greedy_on_the_full_forward(base, forward):
+    """Cached greedy decoding with the latents spliced in picks, at each step, a maximiser of
+    the full causal forward's logits over the prompt plus the tokens generated so far."""
     model = QwenLIVR(base, 4, key=jax.random.key(0))
     batch = _batch(0, 4, answer=None)
-    out = generate(model, batch, 3, CFG.eos_token_id)
-    assert out.shape == (1, 3) and int(out.max()) < CFG.text.vocab_size
+    steps = 3
+    out = np.asarray(generate(model, batch, steps, CFG.eos_token_id))
+    assert out.shape == (1, steps)
+    # teacher-force the generated tokens as the answer: text positions continue after the
+    # prompt (ids n + j + rope_delta, as in decoding)
+    n = int(np.sum(np.asarray(batch.roles[0]) != Role.PAD))
+    ids, roles = np.array(batch.input_ids), np.array(batch.roles)
+    positions = np.array(batch.positions)
+    ids[0, n:n + steps], roles[0, n:n + steps] = out[0], int(Role.ANSWER)
+    positions[:, 0, n:n + steps] = n + np.arange(steps) + int(batch.rope_delta[0])
+    forced = dataclasses.replace(batch, input_ids=ids, roles=roles, positions=positions)
+    logits = np.asarray(forward(model, forced, "causal"))[0]
+    for j, tok in enumerate(out[0]):
+        row = logits[n - 1 + j]
+        assert row[tok] >= row.max() - 1e-4, (j, tok, int(row.argmax()))
+        if tok == CFG.eos_token_id:  # after EOS a row repeats it without a forward
+            break
 
 
 def test_fsdp_spec_splits_the_largest_divisible_axis():

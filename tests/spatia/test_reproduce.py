@@ -109,21 +109,6 @@ def test_oracle_rollout_scores_perfectly(cfg, loops):
     assert row["memory_points"] > 0
 
 
-def test_pipeline_config_matches_the_training_data(cfg):
-    pcfg = R.pipeline_config(cfg, projection=True, references=True)
-    m, d = cfg.model, cfg.data
-    assert (pcfg.clip_frames, pcfg.history_frames, pcfg.max_refs) == (
-        m.num_target_frames,
-        m.num_prev_frames,
-        m.max_refs,
-    )
-    assert (pcfg.render_mode, pcfg.render_radius) == (d.render_mode, d.splat_radius)
-    off = R.pipeline_config(cfg, projection=False, references=False)
-    assert not off.use_projection and not off.use_references and off.max_refs == 0
-    coarse = R.pipeline_config(cfg, projection=True, references=True, voxel_s0=3.0)
-    assert coarse.voxel == pytest.approx(3.0 / d.voxel_s0 * pcfg.voxel)
-
-
 @pytest.mark.slow  # five training stages and four samplers to compile: minutes on 2 cores
 def test_reproduce_command_writes_report_and_tables(tmp_path, capsys):
     run_dir = tmp_path / "run"

@@ -17,6 +17,7 @@ from spatia import config as C
 from spatia import datasets as D
 from spatia import model as M
 from spatia import train as T
+from tests.contracts import assert_resume_bit_exact
 from tests.multidevice import assert_params_close, run_with_devices
 
 _OVERRIDES = [
@@ -272,18 +273,16 @@ def test_resume_equals_uninterrupted(cfg, data, tmp_path):
     # A stage stopped after 2 steps (as if killed after its checkpoint) and resumed to 4
     # ends bit-identical to a run of 4 steps in one go; both share the compiled step.
     short = override(cfg, ["train.base.steps=4"])
-    T.train_stage(short, tmp_path / "a", "base", data, num_steps=2, verbose=False)
-    gd, resumed = T.train_stage(short, tmp_path / "a", "base", data, verbose=False)
-    _, straight = T.train_stage(short, tmp_path / "b", "base", data, verbose=False)
+
+    def run(run_dir, steps):
+        return T.train_stage(short, run_dir, "base", data, num_steps=steps, verbose=False)
+
+    (_, straight), (gd, resumed) = assert_resume_bit_exact(
+        run, tmp_path, kill_after=2, total=4,
+        compare=lambda out: (out[1].params, out[1].opt_state))
     assert int(resumed.step) == int(straight.step) == 4
     # fresh, resumed and restored-parent states share one sharding: one compiled program
     assert T.stage_step(short, "base", gd)._cache_size() == 1
-    for a, b in zip(
-        jax.tree.leaves((resumed.params, resumed.opt_state)),
-        jax.tree.leaves((straight.params, straight.opt_state)),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_first_stage_on_8_devices_matches_one_device(cfg, data, cache_dir, tmp_path):
