@@ -30,6 +30,7 @@ import numpy as np
 
 from common.metrics import plot_curves
 from common.report import Report, write_json
+from common.rng import stream_seed
 from internal_rl.pipeline import PipelineConfig, is_continuous, presets_for, stages, task_table
 
 CONTINUOUS_PAPER = {
@@ -151,10 +152,10 @@ def stage_rl(cfg: PipelineConfig, run_dir: pathlib.Path, mc: dict, verbose: bool
 
                 def compute(method=method, seed=seed, task=task):
                     base, model = _rl_subject(cfg, run_dir, method, mc)
-                    rl_seed = cfg.seed * 1000 + seed
+                    rl_seed = stream_seed(cfg.seed, "rl", seed)
                     if method == "raw_action_rl":
-                        rl_cfg = dataclasses.replace(
-                            cfg.rl, learning_rate=cfg.reproduce.raw_learning_rate)
+                        rl_cfg = dataclasses.replace(cfg.rl, optim=dataclasses.replace(
+                            cfg.rl.optim, learning_rate=cfg.reproduce.raw_learning_rate))
                         res = run_raw_action_rl(rl_cfg, base, env, task, rl_seed, log=log)
                     else:
                         res = run_internal_rl(cfg.rl, base, model, env, task, rl_seed, log=log)
@@ -461,7 +462,7 @@ def write_report(cfg: PipelineConfig, run_dir: pathlib.Path, parts: dict, *, pre
             f"Final success = mean on-policy success of the last "
             f"{cfg.reproduce.final_fraction:.0%} of updates, median over "
             f"{cfg.reproduce.rl_seeds} seed(s). Batch {cfg.rl.batch_episodes} episodes per "
-            f"update, lr {cfg.rl.learning_rate:g} (raw-action RL "
+            f"update, lr {cfg.rl.optim.learning_rate:g} (raw-action RL "
             f"{cfg.reproduce.raw_learning_rate:g})." + (
                 " Paper: internal RL reaches a high success rate; raw-action RL, β ≡ 1 and "
                 "co-trained stay ≈0 within 1e6 episodes." if task == "heldout" else ""))
