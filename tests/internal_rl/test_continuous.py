@@ -293,11 +293,13 @@ def test_the_whole_chain_runs_on_the_hawk_model(full_run):
     """Controllers, the metacontroller α sweep, internal and raw-action RL and the report
     on the pretrained point-pinpad model (the grid world's stages, through
     `internal_rl.pipeline`); shapes and finiteness, not quality."""
-    from internal_rl.reproduce import run_reproduce
+    from common.report import StageClock
+    from internal_rl.reproduce import reproduce, run_stages
 
     run_dir, _ = full_run
     chain_cfg = make_config("tiny", OVERRIDES + CHAIN)
-    parts = run_reproduce(chain_cfg, run_dir, preset="tiny", verbose=False)
+    reproduce(chain_cfg, run_dir, preset="tiny", verbose=False)
+    parts = run_stages(chain_cfg, run_dir, StageClock(), verbose=False)  # read back
     control = parts["control"]
     assert control["layers"] == [1]
     assert len(control["seen_transition_task_success"]) == 1  # the 0-3-2-1 diagnostic task
