@@ -112,12 +112,17 @@ def make_base_eval(cfg: Config, graphdef, tasks, num_episodes: int, horizon: int
                             greedy=cfg.control.greedy)
 
 
+def make_loss_fn(obs_coef: float):
+    """(model, batch, key) -> (loss, metrics): Eq. 5 with λ = obs_coef."""
+    return functools.partial(pretrain_loss, obs_coef=obs_coef)
+
+
 def run_pretrain(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = True) -> dict:
     """Pretrains (or resumes) the base model to cfg.pretrain.steps; returns a summary dict
     (also written to run_dir/pretrain/summary.json)."""
     graphdef, state, _ = init_train_state(cfg)
     obs_coef = cfg.pretrain.obs_coef
-    loss_fn = functools.partial(pretrain_loss, obs_coef=obs_coef)
+    loss_fn = make_loss_fn(obs_coef)
     # host copy: the eval program places it next to the (possibly mesh-replicated) params
     heldout_batch = jax.tree.map(np.asarray, make_dataset(cfg, "heldout").batch_at(0))
     batch_eval = STEPS.get(
