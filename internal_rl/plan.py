@@ -158,9 +158,9 @@ def plan_rows(cfg, mesh, acc) -> list:
             cfg, metacontrolled, trainable_filter(mc_cfg),
             m.cotrain_optim if cotrain else m.optim, metacontroller_loss, None, m.batch_size,
             m.cotrain_steps if cotrain else m.steps, mesh, acc,
-            note=f"layer {mc_cfg.insertion_layer(depth)}; {runs}; FLOPs count one step of its "
-                 "recurrent units (XLA counts a scan body once), small next to the base "
-                 "model's forward"))
+            note=f"layer {mc_cfg.insertion_layer(depth)}; {runs}; a lower bound on FLOPs: "
+                 "the recurrences over time of its encoder and switching unit are scans, "
+                 "whose body XLA's cost analysis counts once"))
 
     rows.append(_rl_row(cfg, pipe, env, pre, mesh, acc))
     return rows
