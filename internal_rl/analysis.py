@@ -4,38 +4,32 @@
 `run_control(cfg, run_dir)` -> run_dir/control/results.json + plot (Fig. 4 analogue)
 
 Both read the base model from run_dir's pretraining checkpoints, for either environment
-family (`internal_rl.pipeline`: grid world or continuous pinpad). Controller training uses
-`common.train` with one checkpoint directory per insertion layer; a layer whose results
-file exists is skipped, so an interrupted sweep resumes where it stopped.
+family (`internal_rl.pipeline`: grid world or continuous pinpad). Controller training is a
+`common.train.run_stage` with one checkpoint directory per insertion layer; a layer whose
+results file exists is skipped, so an interrupted sweep resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 
-import jax
 import numpy as np
 from flax import nnx
 
-from common.checkpoint import Checkpointer
 from common.config import to_dict
-from common.metrics import MetricsWriter, Progress
-from common.train import OptimizerConfig, create_train_state, make_optimizer, make_train_step, train
+from common.report import StageClock, figure, savefig, write_json
+from common.rng import stream_key, stream_seed
+from common.train import STEPS, create_train_state, run_stage
 from internal_rl.controllers import CONTROLLER_PARAMS, ControlledModel, controller_loss
 from internal_rl.pipeline import PipelineConfig, stages, task_table
 from internal_rl.probes import probe_checkpoints, probe_layers
 from internal_rl.rollouts import make_policy_eval, summarize
+from internal_rl.stage import PRETRAIN_IGNORE
 
 
 def _plot_lines(path, xs, series: dict, title: str, xlabel: str, ylabel: str, hline=None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    fig, ax = figure()
     for label, ys in series.items():
         ax.plot(xs, ys, marker="o", label=label, linewidth=1.5, markersize=3)
     if hline is not None:
@@ -45,9 +39,7 @@ def _plot_lines(path, xs, series: dict, title: str, xlabel: str, ylabel: str, hl
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    savefig(fig, path)
 
 
 def probe_checkpoint(cfg: PipelineConfig, run_dir: pathlib.Path, step: int | None = None
@@ -58,10 +50,10 @@ def probe_checkpoint(cfg: PipelineConfig, run_dir: pathlib.Path, step: int | Non
     segment, chance and majority baselines (`probes.probe_layers`)."""
     pipe = stages(cfg)
     model = pipe.load_base_model(cfg, run_dir, step)
-    return probe_layers(model, pipe.make_dataset(cfg, pipe.SEED_PROBE),
-                        pipe.make_dataset(cfg, pipe.SEED_PROBE + 10),
+    return probe_layers(model, pipe.make_dataset(cfg, ("probe", "train")),
+                        pipe.make_dataset(cfg, ("probe", "eval")),
                         pipe.make_env(cfg).num_subgoals, cfg.probe,
-                        jax.random.key(cfg.seed * 100 + pipe.SEED_PROBE), cfg.model.depth + 1)
+                        stream_key(cfg.seed, "probe", "fit"), cfg.model.depth + 1)
 
 
 def run_probe(cfg: PipelineConfig, run_dir: str | pathlib.Path) -> dict:
@@ -95,16 +87,25 @@ def run_probe(cfg: PipelineConfig, run_dir: str | pathlib.Path) -> dict:
     return results
 
 
-def _control_optimizer(cfg: PipelineConfig) -> OptimizerConfig:
-    c = cfg.control
-    return OptimizerConfig(name="adamw", learning_rate=c.learning_rate, schedule="constant",
-                           weight_decay=c.weight_decay, total_steps=c.steps, grad_clip_norm=1.0)
-
-
 def make_controlled_eval(cfg: PipelineConfig, graphdef, tasks, num_episodes: int):
     """Jitted (params, frozen, key) -> episodes of the label-switched controlled model."""
     return make_policy_eval(stages(cfg).make_env(cfg), graphdef, tasks, num_episodes,
                             greedy=cfg.control.greedy, labelled=True)
+
+
+# Settings that do not change a controller's training:
+CONTROL_IGNORE = PRETRAIN_IGNORE + ("control.layers", "control.eval_episodes",
+                                    "control.save_every", "control.greedy")
+
+
+def init_controller(cfg: PipelineConfig, base, layer: int):
+    """(graphdef, TrainState) of a fresh layer-`layer` controller over the frozen `base`."""
+    num_codes = stages(cfg).make_env(cfg).num_subgoals
+    model = ControlledModel(base, layer, num_codes, cfg.control.rank, cfg.control.hidden,
+                            rngs=nnx.Rngs(stream_seed(cfg.seed, "control", "init", layer)))
+    return create_train_state(model, STEPS.optimizer(cfg.control.optim),
+                              stream_key(cfg.seed, "control", "train", layer),
+                              trainable=CONTROLLER_PARAMS)
 
 
 def train_controller(cfg: PipelineConfig, run_dir: pathlib.Path, layer: int, *,
@@ -112,83 +113,67 @@ def train_controller(cfg: PipelineConfig, run_dir: pathlib.Path, layer: int, *,
     """Trains (or resumes) the layer-`layer` controller on D*; returns (graphdef,
     TrainState)."""
     pipe = stages(cfg)
-    base = pipe.load_base_model(cfg, run_dir)
-    num_codes = pipe.make_env(cfg).num_subgoals
-    model = ControlledModel(base, layer, num_codes, cfg.control.rank, cfg.control.hidden,
-                            rngs=nnx.Rngs(cfg.seed * 100 + pipe.SEED_CONTROL + layer))
-    tx = make_optimizer(_control_optimizer(cfg))
-    graphdef, state = create_train_state(model, tx, jax.random.key(cfg.seed * 100 + layer),
-                                         trainable=CONTROLLER_PARAMS)
-    step_fn = make_train_step(graphdef, controller_loss, tx)
-    data = pipe.make_dataset(cfg, pipe.SEED_CONTROL, cfg.control.batch_size, star=True)
-    layer_dir = run_dir / "control" / f"layer_{layer}"
+    graphdef, state = init_controller(cfg, pipe.load_base_model(cfg, run_dir), layer)
+    step_fn = STEPS.train_step(graphdef, cfg.control.optim, controller_loss)
+    data = pipe.make_dataset(cfg, ("control", "data"), cfg.control.batch_size, star=True)
     ckpt_cfg = dict(pipe.pretrain_checkpoint_config(cfg), control=to_dict(cfg.control),
                     layer=layer)
-    ckpt = Checkpointer(layer_dir / "checkpoints", max_to_keep=1, config=ckpt_cfg,
-                        ignore_config_keys=["control.layers", "control.eval_episodes",
-                                            "control.save_every", "control.greedy",
-                                            "pretrain.eval_every", "pretrain.eval_episodes",
-                                            "pretrain.log_every", "pretrain.save_every"])
-    progress = Progress(cfg.control.steps, name=f"control l={layer}",
-                        start_step=ckpt.latest_step() or 0)
-    with MetricsWriter(layer_dir / "metrics.jsonl") as writer:
-        state = train(state, step_fn, data, cfg.control.steps, checkpointer=ckpt,
-                      save_every=cfg.control.save_every, metrics_writer=writer, log_every=25,
-                      progress=(lambda s, m=None: progress.update(s, m)) if verbose else None)
-    ckpt.close()
-    return graphdef, state
+    res = run_stage(f"control l={layer}", state, step_fn, data, cfg.control.steps,
+                    directory=run_dir / "control" / f"layer_{layer}", checkpoint_config=ckpt_cfg,
+                    ignore_config_keys=CONTROL_IGNORE, max_to_keep=1,
+                    save_every=cfg.control.save_every, log_every=25, verbose=verbose)
+    return graphdef, res.state
 
 
-def run_control(cfg: PipelineConfig, run_dir: str | pathlib.Path, *, verbose: bool = True
-                ) -> dict:
+def run_control(cfg: PipelineConfig, run_dir: str | pathlib.Path, *, verbose: bool = True,
+                clock: StageClock | None = None) -> dict:
     """Sweeps the insertion layer; per layer: train, then evaluate on the held-out task,
-    the pretraining tasks and (where the environment has it) the seen-transition task."""
+    the pretraining tasks and (where the environment has it) the seen-transition task.
+
+    The uncontrolled base model's and each layer's results are cached through `clock` (a
+    `common.report.StageClock`, stage "control"): a finished layer is read back with the
+    compute seconds it took."""
     run_dir = pathlib.Path(run_dir)
     out = run_dir / "control"
     out.mkdir(parents=True, exist_ok=True)
+    clock = StageClock() if clock is None else clock
     pipe = stages(cfg)
     post_task = task_table(cfg, "heldout")[None]
     has_seen = "seen_transitions" in pipe.TASKS
     n_eval = cfg.control.eval_episodes
-    key = jax.random.key(cfg.seed * 100 + pipe.SEED_EVAL + 7)
-    base_file = out / "uncontrolled.json"
-    if not base_file.exists():
+    key = stream_key(cfg.seed, "control", "eval")
+
+    def uncontrolled():
         base = pipe.load_base_model(cfg, run_dir)
         graphdef, params, frozen = nnx.split(base, nnx.Param, ...)
         base_eval = make_policy_eval(pipe.make_env(cfg), graphdef, post_task, n_eval,
                                      greedy=cfg.control.greedy)
-        base_res = summarize(base_eval(params, frozen, key))
-        base_file.write_text(json.dumps(base_res, indent=2))
-    base_res = json.loads(base_file.read_text())
+        return summarize(base_eval(params, frozen, key))
 
-    per_layer = {}
-    for layer in cfg.control_layers:
-        f = out / f"layer_{layer}" / "results.json"
-        if not f.exists():
-            t0 = time.time()
-            graphdef, state = train_controller(cfg, run_dir, layer, verbose=verbose)
-            t_train = time.time() - t0
-            post = make_controlled_eval(cfg, graphdef, post_task, n_eval)
-            pre = make_controlled_eval(cfg, graphdef, task_table(cfg, "pretrain"), n_eval)
-            res = dict(layer=layer, train_seconds=t_train,
-                       post_task=summarize(post(state.params, state.frozen, key)),
-                       pretrain_tasks=summarize(pre(state.params, state.frozen, key)),
-                       wall_seconds=time.time() - t0)
-            f.write_text(json.dumps(res, indent=2))
-            if verbose:
-                print(f"[control] layer {layer}: post-task success "
-                      f"{res['post_task']['success_rate']:.3f}", flush=True)
-        res = json.loads(f.read_text())
-        if has_seen and "seen_transition_task" not in res:
-            # the diagnostic task's evaluation, added to results of earlier runs without
-            # retraining (train_controller restores the finished controller)
-            graphdef, state = train_controller(cfg, run_dir, layer, verbose=False)
-            seen = make_controlled_eval(cfg, graphdef, task_table(cfg, "seen_transitions")[None],
-                                        n_eval)
-            res["seen_transition_task"] = summarize(seen(state.params, state.frozen, key))
-            f.write_text(json.dumps(res, indent=2))
-        per_layer[layer] = res
+    base_res = clock.cached("control", out / "uncontrolled.json", uncontrolled)
 
+    def controlled(layer):
+        t0 = time.time()
+        graphdef, state = train_controller(cfg, run_dir, layer, verbose=verbose)
+        t_train = time.time() - t0
+
+        def episodes(table):
+            ev = make_controlled_eval(cfg, graphdef, table, n_eval)
+            return summarize(ev(state.params, state.frozen, key))
+
+        res = dict(layer=layer, train_seconds=t_train, post_task=episodes(post_task),
+                   pretrain_tasks=episodes(task_table(cfg, "pretrain")))
+        if has_seen:
+            res["seen_transition_task"] = episodes(task_table(cfg, "seen_transitions")[None])
+        res["wall_seconds"] = time.time() - t0
+        if verbose:
+            print(f"[control] layer {layer}: post-task success "
+                  f"{res['post_task']['success_rate']:.3f}", flush=True)
+        return res
+
+    per_layer = {layer: clock.cached("control", out / f"layer_{layer}" / "results.json",
+                                     lambda layer=layer: controlled(layer))
+                 for layer in cfg.control_layers}
     layers = sorted(per_layer)
     results = dict(
         layers=layers,
@@ -199,7 +184,7 @@ def run_control(cfg: PipelineConfig, run_dir: str | pathlib.Path, *, verbose: bo
     if has_seen:
         results["seen_transition_task_success"] = [
             per_layer[layer]["seen_transition_task"]["success_rate"] for layer in layers]
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results)
     _plot_lines(out / "controller_success_by_layer.png", layers,
                 {"held-out task, GT-switched controllers": results["post_task_success"],
                  "held-out task, fraction of colours reached": results["post_task_progress"]},

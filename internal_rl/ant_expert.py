@@ -71,10 +71,11 @@ import optax
 from flax import nnx
 
 from common.checkpoint import Checkpointer
-from common.config import add_config_args, config_from_args, from_json
+from common.config import add_config_args, config_from_args, from_json, require
 from common.metrics import MetricsWriter
 from common.nn import dense
-from common.train import OptimizerConfig, make_optimizer
+from common.rng import stream_key
+from common.train import STEPS, OptimizerConfig
 from internal_rl.envs.ant_pinpad import AntPinpad
 from internal_rl.envs.base import PolicyFn, batch_rollout
 from internal_rl.envs.gridworld import INF, GridState, neighbour_table
@@ -114,9 +115,11 @@ class AntExpertConfig:
     clip_eps: float = 0.2
     vf_coef: float = 0.5
     entropy_coef: float = 3e-4  # Table A3
-    learning_rate: float = 3e-4  # Table A3 (AdamW, β = (0.9, 0.999), constant LR)
-    weight_decay: float = 0.0  # Table A3 prints 0.03, likely copied from the model table
-    grad_clip_norm: float = 0.5
+    # Table A3: AdamW (0.9, 0.999) at a constant 3e-4; weight decay 0 (Table A3 prints 0.03,
+    # likely copied from the model table); total_steps counts PPO updates
+    optim: OptimizerConfig = OptimizerConfig(
+        name="adamw", learning_rate=3e-4, schedule="constant", weight_decay=0.0,
+        total_steps=100_000_000 // (2048 * 32), grad_clip_norm=0.5)
     hidden: tuple[int, ...] = (256, 256)
     log_std_init: float = -1.0  # std 0.37: wider random torques flip the ant at once
     obs_clip: float = 10.0
@@ -124,38 +127,24 @@ class AntExpertConfig:
     eval_episodes: int = 8  # per task in evaluate_expert
 
     def __post_init__(self):
-        def bad(name, expected):
-            raise ValueError(f"AntExpertConfig.{name}={getattr(self, name)!r}: expected {expected}")
-
+        req = functools.partial(require, self)
         for name in ("horizon", "num_envs", "rollout_len", "epochs", "minibatches",
                      "updates_per_call", "eval_episodes"):
-            if getattr(self, name) < 1:
-                bad(name, ">= 1")
-        if self.train_tasks not in TRAIN_TASKS:
-            bad("train_tasks", f"one of {TRAIN_TASKS}")
-        if self.plan_obs not in PLAN_OBS:
-            bad("plan_obs", f"one of {PLAN_OBS}")
-        if (self.num_envs * self.rollout_len) % self.minibatches:
-            bad("minibatches", f"a divisor of num_envs * rollout_len "
-                               f"({self.num_envs * self.rollout_len})")
-        if self.total_env_steps < self.num_envs * self.rollout_len:
-            bad("total_env_steps", f">= num_envs * rollout_len ({self.num_envs * self.rollout_len})")
-        if not 0.0 < self.gamma <= 1.0:
-            bad("gamma", "in (0, 1]")
-        if not 0.0 <= self.gae_lambda <= 1.0:
-            bad("gae_lambda", "in [0, 1]")
-        if not 0.0 < self.clip_eps < 1.0:
-            bad("clip_eps", "in (0, 1)")
-        if not self.learning_rate > 0:
-            bad("learning_rate", "> 0")
-        for name in ("vf_coef", "entropy_coef", "weight_decay", "grad_clip_norm", "ctrl_cost",
-                     "failure_penalty"):
-            if getattr(self, name) < 0:
-                bad(name, ">= 0")
-        if not self.hidden or min(self.hidden) < 1:
-            bad("hidden", "a non-empty tuple of widths >= 1")
-        if not self.obs_clip > 0:
-            bad("obs_clip", "> 0")
+            req(name, getattr(self, name) >= 1, ">= 1")
+        req("train_tasks", self.train_tasks in TRAIN_TASKS, f"one of {TRAIN_TASKS}")
+        req("plan_obs", self.plan_obs in PLAN_OBS, f"one of {PLAN_OBS}")
+        req("minibatches", (self.num_envs * self.rollout_len) % self.minibatches == 0,
+            f"a divisor of num_envs * rollout_len ({self.num_envs * self.rollout_len})")
+        req("total_env_steps", self.total_env_steps >= self.num_envs * self.rollout_len,
+            f">= num_envs * rollout_len ({self.num_envs * self.rollout_len})")
+        req("gamma", 0.0 < self.gamma <= 1.0, "in (0, 1]")
+        req("gae_lambda", 0.0 <= self.gae_lambda <= 1.0, "in [0, 1]")
+        req("clip_eps", 0.0 < self.clip_eps < 1.0, "in (0, 1)")
+        for name in ("vf_coef", "entropy_coef", "ctrl_cost", "failure_penalty"):
+            req(name, getattr(self, name) >= 0, ">= 0")
+        req("hidden", bool(self.hidden) and min(self.hidden) >= 1,
+            "a non-empty tuple of widths >= 1")
+        req("obs_clip", self.obs_clip > 0, "> 0")
 
     @property
     def steps_per_update(self) -> int:
@@ -166,20 +155,21 @@ class AntExpertConfig:
         return self.total_env_steps // self.steps_per_update
 
     def optimizer(self) -> optax.GradientTransformation:
-        return make_optimizer(OptimizerConfig(
-            name="adamw", learning_rate=self.learning_rate, schedule="constant",
-            weight_decay=self.weight_decay, total_steps=max(self.num_updates, 1),
-            grad_clip_norm=self.grad_clip_norm or None))
+        """The optax optimizer of `optim`, one object per config (`common.train.STEPS`)."""
+        return STEPS.optimizer(self.optim)
 
 
+_OPTIM = AntExpertConfig().optim
 ANT_EXPERT_PRESETS = {
     # test scale: 4 envs x 16 steps per update, 2 x 2 minibatch steps, small nets
     "tiny": lambda: AntExpertConfig(num_envs=4, rollout_len=16, total_env_steps=4 * 16 * 8,
                                     epochs=2, minibatches=2, hidden=(32, 32),
+                                    optim=dataclasses.replace(_OPTIM, total_steps=8),
                                     updates_per_call=1, eval_episodes=1),
     # a CPU run of hours: 64 envs x 32 steps per update, 10M env steps
     "small": lambda: AntExpertConfig(num_envs=64, rollout_len=32, total_env_steps=10_000_000,
                                      epochs=4, minibatches=4, hidden=(64, 64),
+                                     optim=dataclasses.replace(_OPTIM, total_steps=4882),
                                      updates_per_call=10),
     # GPU: 2048 envs x 32 steps per update, 1e8 env steps (~1500 updates)
     "paper": AntExpertConfig,
@@ -549,10 +539,13 @@ def _update_fn(cfg: AntExpertConfig, env: AntPinpad, graphdef, tx):
     return update
 
 
-@functools.lru_cache(maxsize=8)
 def build_program(cfg: AntExpertConfig) -> Program:
     """Env, model graph, optimizer and the jitted init / train-chunk / evaluation functions
-    for `cfg` (cached: one compile of each per config and process)."""
+    for `cfg` (cached in `common.train.STEPS`: one compile of each per config and process)."""
+    return STEPS.get(("internal_rl.ant_expert", cfg), lambda: _build_program(cfg))
+
+
+def _build_program(cfg: AntExpertConfig) -> Program:
     env = AntPinpad(horizon=cfg.horizon)
     obs_dim = expert_obs_dim(cfg, env)
     graphdef, _ = nnx.split(make_model(cfg, obs_dim, env.action_shape[0], 0))
@@ -633,7 +626,7 @@ def evaluate_expert(cfg: AntExpertConfig, params: ExpertParams, key: jax.Array |
     if tasks.ndim != 2 or tasks.shape[1] != TASK_LEN:
         raise ValueError(f"tasks: expected int32 [N, {TASK_LEN}], got shape {tasks.shape}")
     e = int(episodes_per_task or cfg.eval_episodes)
-    key = jax.random.key(cfg.seed + 1) if key is None else key
+    key = stream_key(cfg.seed, "ant_expert", "eval") if key is None else key
     program = build_program(cfg)
     batch = jnp.asarray(np.repeat(tasks, e, axis=0))
     success, length = program.evaluate(params.net, params.norm, key, batch)
@@ -776,14 +769,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="train up to this many updates in total (default: the preset's)")
     parser.add_argument("--no-eval", action="store_true")
     args = parser.parse_args(argv)
-    from common.runtime import enable_compilation_cache, start_run_dir
+    from common.runtime import start_process, start_run_dir
 
+    start_process()
     try:
         cfg = config_from_args(ANT_EXPERT_PRESETS, args)
     except ValueError as err:  # ConfigError included
         parser.error(str(err))
     run_dir = start_run_dir(args.run_dir, cfg)
-    enable_compilation_cache()
     run = train_ant_expert(cfg, run_dir, args.updates)
     print(f"ant expert: {run.updates} updates, {run.env_steps} env steps, "
           f"{run.steps_per_second:.0f} env steps/s after the first chunk, "

@@ -11,8 +11,9 @@ run one step). Each CPU preset's docstring lists its deviations from the paper a
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-from common.config import get_preset, override
+from common.config import get_preset, override, require
 from common.train import OptimizerConfig
 from internal_rl.metacontroller import MetacontrollerConfig
 from internal_rl.models.transformer import ModelConfig
@@ -36,8 +37,7 @@ class EnvConfig:
     layout_seed: int = 0
 
     def __post_init__(self):
-        if self.layout_pool < 0:
-            raise ValueError(f"env.layout_pool: expected >= 0, got {self.layout_pool}")
+        require(self, "layout_pool", self.layout_pool >= 0, ">= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,17 +47,22 @@ class DataConfig:
     epsilon: float = 0.0  # expert suboptimality (Fig. A2 varies 0..0.2)
 
 
+def adamw(steps: int, lr: float, wd: float = 0.03, clip: float | None = 1.0) -> OptimizerConfig:
+    """AdamW (0.9, 0.999) at a constant learning rate, the optimizer of every trained stage
+    (Tables A4, A7, A9, A13)."""
+    return OptimizerConfig(name="adamw", learning_rate=lr, schedule="constant",
+                           weight_decay=wd, total_steps=max(steps, 1), grad_clip_norm=clip)
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     steps: int = 6000
     obs_coef: float = 0.01  # λ of Eq. 5 (paper searched {0, 0.01})
-    optim: OptimizerConfig = OptimizerConfig(
-        name="adamw", learning_rate=3e-4, schedule="constant", weight_decay=0.03,
-        total_steps=6000, grad_clip_norm=1.0)
+    optim: OptimizerConfig = adamw(6000, 3e-4)
     log_every: int = 50
     save_every: int = 500
-    eval_every: int = 1000
-    eval_episodes: int = 256  # closed-loop success of the base model on pretraining tasks
+    eval_every: int = 1000  # 0: only at the end
+    eval_episodes: int = 256  # closed-loop episodes of the base model per task set; 0: none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +71,7 @@ class ProbeConfig:
     eval_trajectories: int = 512
     steps: int = 2000
     batch_size: int = 512
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
+    optim: OptimizerConfig = adamw(2000, 1e-3, wd=0.0, clip=None)
     max_position: int = 16  # accuracy-by-position bins 0..max_position-1 (larger clipped)
     checkpoints: tuple[int, ...] = ()  # earlier pretraining steps also probed (Fig. A1 view)
 
@@ -79,8 +83,7 @@ class ControlConfig:
     hidden: int = 32
     steps: int = 1500
     batch_size: int = 64
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.03
+    optim: OptimizerConfig = adamw(1500, 1e-3)
     save_every: int = 500
     eval_episodes: int = 1000
     greedy: bool = False  # sample actions from the controlled policy (docs/internal_rl.md D15)
@@ -93,12 +96,11 @@ class MetaTrainConfig:
 
     steps: int = 3000
     batch_size: int = 64
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.03
+    optim: OptimizerConfig = adamw(3000, 1e-3)
     alphas: tuple[float, ...] = (0.05, 0.1, 0.3)  # the α sweep (paper: 0..1, Table A9)
     seeds: int = 1  # metacontroller seeds per α (the paper: 3; the RD plot: 10)
     cotrain_steps: int = 6000  # co-training from scratch needs the pretraining budget
-    cotrain_learning_rate: float = 3e-4
+    cotrain_optim: OptimizerConfig = adamw(6000, 3e-4)
     cotrain_from_scratch: bool = True  # grid: θ from scratch (App. C.6); False: from pretrained θ
     save_every: int = 500
     log_every: int = 25
@@ -106,10 +108,9 @@ class MetaTrainConfig:
     trace_examples: int = 3  # β traces drawn in the Fig. 6 / A3 analogue
 
     def __post_init__(self):
-        if not self.alphas or min(self.alphas) < 0:
-            raise ValueError(f"mctrain.alphas: expected non-negative values, got {self.alphas}")
-        if self.seeds < 1:
-            raise ValueError(f"mctrain.seeds: expected >= 1, got {self.seeds}")
+        require(self, "alphas", bool(self.alphas) and min(self.alphas) >= 0,
+                "a non-empty tuple of values >= 0")
+        require(self, "seeds", self.seeds >= 1, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,22 +128,14 @@ class ReproduceConfig:
     diagnostic_methods: tuple[str, ...] = ("internal_rl", "raw_action_rl")
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in RL_METHODS]
-        if unknown:
-            raise ValueError(f"reproduce.methods: unknown {unknown}; expected a subset of "
-                             f"{RL_METHODS}")
-        unknown = [m for m in self.diagnostic_methods if m not in RL_METHODS]
-        if unknown:
-            raise ValueError(f"reproduce.diagnostic_methods: unknown {unknown}; expected a "
-                             f"subset of {RL_METHODS}")
-        unknown = [t for t in self.rl_tasks if t not in RL_TASKS]
-        if unknown or not self.rl_tasks:
-            raise ValueError(f"reproduce.rl_tasks: got {self.rl_tasks}; expected a non-empty "
-                             f"subset of {RL_TASKS}")
-        if self.rl_seeds < 1:
-            raise ValueError(f"reproduce.rl_seeds: expected >= 1, got {self.rl_seeds}")
-        if not 0.0 < self.final_fraction <= 1.0:
-            raise ValueError(f"reproduce.final_fraction: expected in (0, 1], got {self.final_fraction}")
+        req = functools.partial(require, self)
+        req("methods", set(self.methods) <= set(RL_METHODS), f"a subset of {RL_METHODS}")
+        req("diagnostic_methods", set(self.diagnostic_methods) <= set(RL_METHODS),
+            f"a subset of {RL_METHODS}")
+        req("rl_tasks", bool(self.rl_tasks) and set(self.rl_tasks) <= set(RL_TASKS),
+            f"a non-empty subset of {RL_TASKS}")
+        req("rl_seeds", self.rl_seeds >= 1, ">= 1")
+        req("final_fraction", 0.0 < self.final_fraction <= 1.0, "in (0, 1]")
 
 
 class ChainConfig:
@@ -151,12 +144,11 @@ class ChainConfig:
     not in these fields: data.max_len, env.horizon, control, model.depth)."""
 
     def __post_init__(self):
-        if self.data.max_len > self.env.horizon:
-            raise ValueError(f"data.max_len={self.data.max_len} exceeds "
-                             f"env.horizon={self.env.horizon}")
-        bad = [layer for layer in self.control.layers if not 0 <= layer <= self.model.depth]
-        if bad:
-            raise ValueError(f"control.layers {bad} outside 0..model.depth={self.model.depth}")
+        require(self.data, "max_len", self.data.max_len <= self.env.horizon,
+                f"<= env.horizon ({self.env.horizon})")
+        require(self.control, "layers",
+                all(0 <= layer <= self.model.depth for layer in self.control.layers),
+                f"layers in 0..model.depth ({self.model.depth})")
 
     @property
     def control_layers(self) -> tuple[int, ...]:
@@ -183,11 +175,6 @@ class Config(ChainConfig):
 
 
 
-def _optim(steps: int, lr: float, wd: float, clip: float | None = 1.0) -> OptimizerConfig:
-    return OptimizerConfig(name="adamw", learning_rate=lr, schedule="constant",
-                           weight_decay=wd, total_steps=steps, grad_clip_norm=clip)
-
-
 def tiny() -> Config:
     """Demo scale: `reproduce` end to end in about 10 minutes on 2 CPU cores (`make demo`).
 
@@ -209,16 +196,17 @@ def tiny() -> Config:
         env=EnvConfig(layout_pool=1),
         data=DataConfig(batch_size=32, max_len=40),
         model=ModelConfig(dim=64, depth=2, num_heads=2, mlp_hidden=128),
-        pretrain=PretrainConfig(steps=1000, optim=_optim(1000, 1e-3, 0.03), log_every=50,
+        pretrain=PretrainConfig(steps=1000, optim=adamw(1000, 1e-3), log_every=50,
                                 save_every=250, eval_every=500, eval_episodes=64),
-        probe=ProbeConfig(train_trajectories=256, eval_trajectories=128, steps=300, batch_size=256),
-        control=ControlConfig(layers=(1,), steps=300, batch_size=32, save_every=150,
-                              eval_episodes=128),
+        probe=ProbeConfig(train_trajectories=256, eval_trajectories=128, steps=300, batch_size=256,
+                          optim=adamw(300, 1e-3, wd=0.0, clip=None)),
+        control=ControlConfig(layers=(1,), steps=300, batch_size=32, optim=adamw(300, 1e-3),
+                              save_every=150, eval_episodes=128),
         metacontroller=MetacontrollerConfig(rank=8, embed_width=32),
-        mctrain=MetaTrainConfig(steps=400, batch_size=32, alphas=(0.03, 0.1, 0.3),
-                                cotrain_steps=500, cotrain_learning_rate=1e-3,
-                                save_every=200, eval_batches=2),
-        rl=RLConfig(episodes=2560, batch_episodes=64, learning_rate=1e-3,
+        mctrain=MetaTrainConfig(steps=400, batch_size=32, optim=adamw(400, 1e-3),
+                                alphas=(0.03, 0.1, 0.3), cotrain_steps=500,
+                                cotrain_optim=adamw(500, 1e-3), save_every=200, eval_batches=2),
+        rl=RLConfig(episodes=2560, batch_episodes=64, optim=adamw(40, 1e-3, wd=0.0),
                     updates_per_call=10),
         reproduce=ReproduceConfig(rl_seeds=2, cotrain_alphas=(0.1,)),
     )
@@ -247,13 +235,14 @@ def small() -> Config:
     return Config(
         env=EnvConfig(layout_pool=4),
         data=DataConfig(batch_size=32, max_len=40),
-        pretrain=PretrainConfig(steps=2000, optim=_optim(2000, 1e-3, 0.03), eval_every=500,
+        pretrain=PretrainConfig(steps=2000, optim=adamw(2000, 1e-3), eval_every=500,
                                 save_every=500, eval_episodes=256),
         probe=ProbeConfig(checkpoints=(500, 1000)),
-        control=ControlConfig(layers=(1, 2, 3), steps=800, save_every=400, eval_episodes=512),
-        mctrain=MetaTrainConfig(steps=1500, alphas=(0.03, 0.1, 0.3), cotrain_steps=2000,
-                                cotrain_learning_rate=1e-3),
-        rl=RLConfig(episodes=12800, batch_episodes=128, learning_rate=1e-3),
+        control=ControlConfig(layers=(1, 2, 3), steps=800, optim=adamw(800, 1e-3),
+                              save_every=400, eval_episodes=512),
+        mctrain=MetaTrainConfig(steps=1500, optim=adamw(1500, 1e-3), alphas=(0.03, 0.1, 0.3),
+                                cotrain_steps=2000, cotrain_optim=adamw(2000, 1e-3)),
+        rl=RLConfig(episodes=12800, batch_episodes=128, optim=adamw(100, 1e-3, wd=0.0)),
         reproduce=ReproduceConfig(rl_seeds=3, cotrain_alphas=(0.1, 0.3),
                                   rl_tasks=("heldout", "seen_transitions")),
     )
@@ -265,21 +254,21 @@ def paper() -> Config:
     return Config(
         data=DataConfig(batch_size=1024, max_len=100),
         model=ModelConfig(dim=256, depth=6, num_heads=4, mlp_hidden=512),
-        pretrain=PretrainConfig(steps=256_000, optim=_optim(256_000, 3e-4, 0.03, None),
+        pretrain=PretrainConfig(steps=256_000, optim=adamw(256_000, 3e-4, 0.03, None),
                                 log_every=100, save_every=4000, eval_every=16_000,
                                 eval_episodes=1024),
         probe=ProbeConfig(train_trajectories=16_384, eval_trajectories=2048, steps=8000,
-                          batch_size=512, learning_rate=1e-3, weight_decay=0.0,
+                          batch_size=512, optim=adamw(8000, 1e-3, wd=0.0, clip=None),
                           checkpoints=(16_000, 32_000, 64_000, 128_000)),
         control=ControlConfig(rank=16, hidden=32, steps=3200, batch_size=512,
-                              learning_rate=1e-3, weight_decay=0.03, save_every=800,
+                              optim=adamw(3200, 1e-3, 0.03), save_every=800,
                               eval_episodes=1024),
-        mctrain=MetaTrainConfig(steps=64_000, batch_size=512, learning_rate=1e-3,
-                                weight_decay=0.03, alphas=(0.0, 0.05, 0.1, 0.17, 0.3, 0.5, 1.0),
-                                seeds=3, cotrain_steps=256_000, cotrain_learning_rate=3e-4,
+        mctrain=MetaTrainConfig(steps=64_000, batch_size=512, optim=adamw(64_000, 1e-3, 0.03),
+                                alphas=(0.0, 0.05, 0.1, 0.17, 0.3, 0.5, 1.0), seeds=3,
+                                cotrain_steps=256_000, cotrain_optim=adamw(256_000, 3e-4),
                                 save_every=4000, log_every=100, eval_batches=8),
-        rl=RLConfig(episodes=100_000 * 1024, batch_episodes=1024, learning_rate=3e-5,
-                    policy_width=256, updates_per_call=100),
+        rl=RLConfig(episodes=100_000 * 1024, batch_episodes=1024,
+                    optim=adamw(100_000, 3e-5, wd=0.0), policy_width=256, updates_per_call=100),
         reproduce=ReproduceConfig(rl_seeds=3, raw_learning_rate=3e-5),
     )
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common.train import STEPS
 from internal_rl.envs.base import batch_rollout
 from internal_rl.envs.gridworld import GridPinpad
 from internal_rl.experts import expert_policy
@@ -111,11 +112,19 @@ class ExpertDataset:
         self.env, self.tasks = env, tasks
         self.batch_size, self.max_len, self.epsilon = batch_size, max_len, float(epsilon)
         self.seed, self.step = int(seed), 0
-        self._fn = jax.jit(lambda key: expert_batch(
-            env, key, tasks, batch_size, max_len, self.epsilon))
+        self._fn = None  # built on first use (subclasses set their own batch function)
+
+    def _grid_program(self):
+        """One compiled batch program per (env, tasks, shapes), shared by every dataset."""
+        env, tasks, b, t, eps = self.env, self.tasks, self.batch_size, self.max_len, self.epsilon
+        return STEPS.get(
+            ("internal_rl.expert_batch", env, tasks.tobytes(), tasks.shape, b, t, eps),
+            lambda: jax.jit(lambda key: expert_batch(env, key, tasks, b, t, eps)))
 
     def batch_at(self, step: int) -> dict[str, jax.Array]:
         """The batch with index `step` (independent of the iterator position)."""
+        if self._fn is None:
+            self._fn = self._grid_program()
         return self._fn(jax.random.fold_in(jax.random.key(self.seed), step))
 
     def __iter__(self):

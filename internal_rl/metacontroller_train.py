@@ -1,9 +1,10 @@
 """Training the metacontroller on expert data (internal RL App. C.4, C.6;
 docs/internal_rl.md D22).
 
-Three variants share one trainer (`train_metacontroller`), each in its own directory
-`run_dir/metacontroller/<name>/` with orbax checkpoints (model, optimizer, step, RNG, data
-position), so an interrupted run resumes to the result it would have had:
+Three variants share one trainer (`train_metacontroller`, a `common.train.run_stage`), each
+in its own directory `run_dir/metacontroller/<name>/` with orbax checkpoints (model,
+optimizer, step, RNG, data position), so an interrupted run resumes to the result it would
+have had:
 
 * frozen (the paper's setting): θ is the pretrained base model and stays fixed; φ is
   trained on action NLL + α·KL (KL charged at every valid step, `metacontroller_loss`);
@@ -24,7 +25,6 @@ checkpoint keys come from the config's family.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 
@@ -35,15 +35,15 @@ from flax import nnx
 
 from common.checkpoint import Checkpointer
 from common.config import to_dict
-from common.metrics import MetricsWriter, Progress
+from common.report import StageClock
+from common.rng import stream_key, stream_seed
 from common.train import (
+    STEPS,
     OptimizerConfig,
     TrainState,
     create_train_state,
-    make_optimizer,
-    make_train_step,
     merge_model,
-    train,
+    run_stage,
 )
 from internal_rl.metacontroller import (
     MetacontrolledModel,
@@ -54,9 +54,11 @@ from internal_rl.metacontroller import (
 from internal_rl.models.hawk import HawkModel
 from internal_rl.models.transformer import BaseModel
 from internal_rl.pipeline import PipelineConfig, stages
+from internal_rl.rollouts import host_array
+from internal_rl.stage import PRETRAIN_IGNORE
 
-# Seed offsets of the metacontroller stage (pretrain.py uses 0..4).
-SEED_MC_DATA, SEED_MC_EVAL, SEED_MC_INIT = 5, 6, 7
+# The named random streams of this stage (`common.rng.stream_seed(cfg.seed, *name)`).
+EVAL_STREAM = ("metacontroller", "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +87,9 @@ def variant_dir(run_dir: str | pathlib.Path, variant: Variant) -> pathlib.Path:
     return pathlib.Path(run_dir) / "metacontroller" / variant.name
 
 
-def _optimizer_config(cfg: PipelineConfig, variant: Variant) -> OptimizerConfig:
-    m = cfg.mctrain
-    steps = m.cotrain_steps if variant.cotrain else m.steps
-    lr = m.cotrain_learning_rate if variant.cotrain else m.learning_rate
-    return OptimizerConfig(name="adamw", learning_rate=lr, schedule="constant",
-                           weight_decay=m.weight_decay, total_steps=steps, grad_clip_norm=1.0)
+def optimizer_config(cfg: PipelineConfig, variant: Variant) -> OptimizerConfig:
+    """mctrain.cotrain_optim for co-trained variants, mctrain.optim otherwise."""
+    return cfg.mctrain.cotrain_optim if variant.cotrain else cfg.mctrain.optim
 
 
 def num_steps(cfg: PipelineConfig, variant: Variant) -> int:
@@ -113,27 +112,27 @@ def _initial_base(cfg: PipelineConfig, run_dir: pathlib.Path, variant: Variant,
 def init_variant(cfg: PipelineConfig, variant: Variant, base: BaseModel | HawkModel):
     """(graphdef, TrainState, tx) of a metacontroller (φ freshly initialised) over `base`."""
     mc_cfg = variant.mc_config(cfg.metacontroller)
-    model = MetacontrolledModel(base, mc_cfg,
-                                rngs=nnx.Rngs(cfg.seed * 100 + SEED_MC_INIT + 1000 * variant.seed))
-    tx = make_optimizer(_optimizer_config(cfg, variant))
+    model = MetacontrolledModel(base, mc_cfg, rngs=nnx.Rngs(
+        stream_seed(cfg.seed, "metacontroller", "init", variant.seed)))
+    tx = STEPS.optimizer(optimizer_config(cfg, variant))
     graphdef, state = create_train_state(
-        model, tx, jax.random.key(cfg.seed * 100 + SEED_MC_INIT + 1000 * variant.seed),
+        model, tx, stream_key(cfg.seed, "metacontroller", "train", variant.seed),
         trainable=trainable_filter(mc_cfg))
     return graphdef, state, tx
 
 
-def _checkpointer(cfg: PipelineConfig, run_dir: pathlib.Path, variant: Variant) -> Checkpointer:
-    ckpt_cfg = dict(stages(cfg).pretrain_checkpoint_config(cfg), metacontroller=to_dict(
+# Settings that do not change the trajectory of a variant's training:
+IGNORE = PRETRAIN_IGNORE + (
+    "mctrain.alphas", "mctrain.seeds", "mctrain.save_every", "mctrain.log_every",
+    "mctrain.eval_batches", "mctrain.trace_examples", "mctrain.steps", "mctrain.cotrain_steps",
+    "mctrain.optim.total_steps", "mctrain.cotrain_optim.total_steps")
+
+
+def checkpoint_config(cfg: PipelineConfig, variant: Variant) -> dict:
+    """The config a variant's checkpoints are checked against on restore."""
+    return dict(stages(cfg).pretrain_checkpoint_config(cfg), metacontroller=to_dict(
         variant.mc_config(cfg.metacontroller)), mctrain=to_dict(cfg.mctrain),
         variant=dataclasses.asdict(variant))
-    # Settings that do not change the trajectory of this run's training:
-    ignore = ["pretrain.steps", "pretrain.optim.total_steps", "pretrain.log_every",
-              "pretrain.save_every", "pretrain.eval_every", "pretrain.eval_episodes",
-              "mctrain.alphas", "mctrain.seeds", "mctrain.save_every", "mctrain.log_every",
-              "mctrain.eval_batches", "mctrain.trace_examples", "mctrain.steps",
-              "mctrain.cotrain_steps"]
-    return Checkpointer(variant_dir(run_dir, variant) / "checkpoints", max_to_keep=1,
-                        config=ckpt_cfg, ignore_config_keys=ignore)
 
 
 def train_metacontroller(cfg: PipelineConfig, run_dir: str | pathlib.Path, variant: Variant, *,
@@ -142,23 +141,17 @@ def train_metacontroller(cfg: PipelineConfig, run_dir: str | pathlib.Path, varia
     """Trains (or resumes) `variant` to `steps` (default from cfg.mctrain); returns
     (graphdef, TrainState). Metrics go to run_dir/metacontroller/<name>/metrics.jsonl."""
     run_dir = pathlib.Path(run_dir)
-    out = variant_dir(run_dir, variant)
-    out.mkdir(parents=True, exist_ok=True)
-    graphdef, state, tx = init_variant(cfg, variant, _initial_base(cfg, run_dir, variant, base))
-    step_fn = make_train_step(graphdef, metacontroller_loss, tx)
-    data = stages(cfg).make_dataset(cfg, SEED_MC_DATA + 1000 * variant.seed,
+    graphdef, state, _ = init_variant(cfg, variant, _initial_base(cfg, run_dir, variant, base))
+    step_fn = STEPS.train_step(graphdef, optimizer_config(cfg, variant), metacontroller_loss)
+    data = stages(cfg).make_dataset(cfg, ("metacontroller", "data", variant.seed),
                                     cfg.mctrain.batch_size, star=True)
     total = num_steps(cfg, variant) if steps is None else steps
-    ckpt = _checkpointer(cfg, run_dir, variant)
-    progress = Progress(total, name=f"metacontroller {variant.name}",
-                        start_step=ckpt.latest_step() or 0)
-    with MetricsWriter(out / "metrics.jsonl") as writer:
-        state = train(state, step_fn, data, total, checkpointer=ckpt,
-                      save_every=cfg.mctrain.save_every, metrics_writer=writer,
-                      log_every=cfg.mctrain.log_every,
-                      progress=(lambda s, m=None: progress.update(s, m)) if verbose else None)
-    ckpt.close()
-    return graphdef, state
+    res = run_stage(f"metacontroller {variant.name}", state, step_fn, data, total,
+                    directory=variant_dir(run_dir, variant),
+                    checkpoint_config=checkpoint_config(cfg, variant), ignore_config_keys=IGNORE,
+                    max_to_keep=1, save_every=cfg.mctrain.save_every,
+                    log_every=cfg.mctrain.log_every, verbose=verbose)
+    return graphdef, res.state
 
 
 def load_variant(cfg: PipelineConfig, run_dir: str | pathlib.Path, variant: Variant, *,
@@ -167,19 +160,20 @@ def load_variant(cfg: PipelineConfig, run_dir: str | pathlib.Path, variant: Vari
     one for co-trained variants) and `.metacontroller` is φ."""
     run_dir = pathlib.Path(run_dir)
     graphdef, state, _ = init_variant(cfg, variant, _initial_base(cfg, run_dir, variant, base))
-    ckpt = _checkpointer(cfg, run_dir, variant)
-    if ckpt.latest_step() is None:
-        ckpt.close()
-        raise FileNotFoundError(f"no checkpoint for metacontroller variant {variant.name} "
-                                f"under {variant_dir(run_dir, variant)}")
-    state, _ = ckpt.restore(state)
-    ckpt.close()
+    with Checkpointer(variant_dir(run_dir, variant) / "checkpoints", max_to_keep=1,
+                      config=checkpoint_config(cfg, variant),
+                      ignore_config_keys=list(IGNORE)) as ckpt:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint for metacontroller variant {variant.name} "
+                                    f"under {variant_dir(run_dir, variant)}")
+        state, _ = ckpt.restore(state)
     return merge_model(graphdef, state)
 
 
 def make_eval_fn(graphdef: nnx.GraphDef):
     """Jitted (params, frozen, batch, key) -> dict of scalar metrics (`metacontroller_loss`
-    with the loss added) and the per-step β f32 [B, T] of the posterior pass."""
+    with the loss added) and the per-step β f32 [B, T] of the posterior pass; one program
+    per graphdef (`common.train.STEPS`)."""
 
     def run(params, frozen, batch, key):
         model = nnx.merge(graphdef, params, frozen)
@@ -187,25 +181,26 @@ def make_eval_fn(graphdef: nnx.GraphDef):
         _, mc = model(batch["obs"], batch["mask"].astype(bool), key)
         return dict(metrics, loss=loss), mc.beta
 
-    return jax.jit(run)
+    return STEPS.get(("internal_rl.metacontroller_eval", graphdef), lambda: jax.jit(run))
 
 
 def evaluate_variant(cfg: PipelineConfig, graphdef: nnx.GraphDef, state: TrainState) -> dict:
     """Metrics on cfg.mctrain.eval_batches held-out expert batches (means over batches)
     plus β traces of the first batch: {"metrics": {...}, "traces": {beta, subgoal, mask}}."""
     eval_fn = make_eval_fn(graphdef)
-    data = stages(cfg).make_dataset(cfg, SEED_MC_EVAL, cfg.mctrain.batch_size, star=True)
+    data = stages(cfg).make_dataset(cfg, EVAL_STREAM, cfg.mctrain.batch_size, star=True)
     totals: dict[str, float] = {}
     traces = None
     for i in range(cfg.mctrain.eval_batches):
-        batch = data.batch_at(i)
-        key = jax.random.fold_in(jax.random.key(cfg.seed * 100 + stages(cfg).SEED_EVAL), i)
+        # host copy: the program places it next to the (possibly mesh-replicated) params
+        batch = jax.tree.map(np.asarray, data.batch_at(i))
+        key = jax.random.fold_in(stream_key(cfg.seed, *EVAL_STREAM, "key"), i)
         metrics, beta = eval_fn(state.params, state.frozen, batch, key)
-        for k, v in jax.device_get(metrics).items():
-            totals[k] = totals.get(k, 0.0) + float(v) / cfg.mctrain.eval_batches
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(host_array(v)) / cfg.mctrain.eval_batches
         if traces is None:
             n = cfg.mctrain.trace_examples
-            traces = dict(beta=np.asarray(beta[:n]).tolist(),
+            traces = dict(beta=host_array(beta)[:n].tolist(),
                           subgoal=np.asarray(batch["subgoal"][:n]).tolist(),
                           mask=np.asarray(batch["mask"][:n]).tolist())
     totals["subgoals_per_trajectory"] = totals.pop("boundaries", float("nan"))
@@ -213,19 +208,26 @@ def evaluate_variant(cfg: PipelineConfig, graphdef: nnx.GraphDef, state: TrainSt
 
 
 def run_variant(cfg: PipelineConfig, run_dir: str | pathlib.Path, variant: Variant, *,
-                base: BaseModel | HawkModel | None = None, verbose: bool = True) -> dict:
-    """Train + evaluate `variant`; results cached in <variant dir>/results.json."""
+                base: BaseModel | HawkModel | None = None, verbose: bool = True,
+                clock: StageClock | None = None) -> dict:
+    """Train + evaluate `variant`; results cached in <variant dir>/results.json through
+    `clock` (a `common.report.StageClock`, stage "metacontroller"), which keeps the compute
+    seconds of cached results."""
     out = variant_dir(run_dir, variant) / "results.json"
-    if out.exists():
-        return json.loads(out.read_text())
-    t0 = time.time()
-    graphdef, state = train_metacontroller(cfg, run_dir, variant, base=base, verbose=verbose)
-    res = dict(variant=dataclasses.asdict(variant), name=variant.name, step=int(state.step),
-               **evaluate_variant(cfg, graphdef, state), wall_seconds=time.time() - t0)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res))
-    tmp.replace(out)
-    if verbose:
+    clock = StageClock() if clock is None else clock
+    computed = []
+
+    def compute():
+        t0 = time.time()
+        graphdef, state = train_metacontroller(cfg, run_dir, variant, base=base,
+                                               verbose=verbose)
+        computed.append(True)
+        return dict(variant=dataclasses.asdict(variant), name=variant.name,
+                    step=int(host_array(state.step)), **evaluate_variant(cfg, graphdef, state),
+                    wall_seconds=time.time() - t0)
+
+    res = clock.cached("metacontroller", out, compute)
+    if verbose and computed:
         m = res["metrics"]
         print(f"[metacontroller] {variant.name}: nll {m['action_nll']:.3f} kl {m['kl']:.3f} "
               f"switches {m['switches']:.2f} (subgoals {m['subgoals_per_trajectory']:.2f}) "
@@ -237,12 +239,12 @@ def run_variant(cfg: PipelineConfig, run_dir: str | pathlib.Path, variant: Varia
 def run_alpha_sweep(cfg: PipelineConfig, run_dir: str | pathlib.Path, alphas=None, *,
                     cotrain: bool = False, temporal_abstraction: bool = True,
                     seeds: int | None = None, base: BaseModel | HawkModel | None = None,
-                    verbose: bool = True) -> list[dict]:
+                    verbose: bool = True, clock: StageClock | None = None) -> list[dict]:
     """`run_variant` for every α in `alphas` (default cfg.mctrain.alphas) × seed."""
     alphas = cfg.mctrain.alphas if alphas is None else tuple(alphas)
     seeds = cfg.mctrain.seeds if seeds is None else seeds
     return [run_variant(cfg, run_dir, Variant(float(a), temporal_abstraction, cotrain, s),
-                        base=base, verbose=verbose)
+                        base=base, verbose=verbose, clock=clock)
             for a in alphas for s in range(seeds)]
 
 

@@ -10,8 +10,9 @@ and raw-action RL, `reproduce`) is shared by two families:
 
 The two pretraining modules have the same surface, which is what the shared stages use:
 `make_env`, `build_model`, `load_base_model`, `make_dataset(cfg, stream, batch_size=None,
-*, star=False)` (D, or the noise-free D* for controllers and the metacontroller),
-`pretrain_checkpoint_config`, `run_pretrain`, the `SEED_*` stream offsets, and `TASKS`
+*, star=False)` (D, or the noise-free D* for controllers and the metacontroller; `stream`
+names its seed, `common.rng.stream_seed(cfg.seed, *stream)`),
+`pretrain_checkpoint_config`, `run_pretrain`, `make_loss_fn(obs_coef)`, and `TASKS`
 (task-table functions by name: "pretrain", "heldout", and any diagnostic tasks). The base
 models share the policy interface (`policy_head`, `sample_action`, `action_log_prob`,
 `action_log_probs`, `lower_step`, `upper_step`, `sequence_losses`).

@@ -1,9 +1,10 @@
 """Behavioural pretraining of the base model on on-the-fly expert data (internal RL App. C.1,
 D.1, Eq. 5).
 
-`run_pretrain(cfg, run_dir)` trains with `common.train` (jitted functional step, orbax
-checkpoints of model + optimizer + RNG + data position, resume, non-finite-loss stop) and
-logs to `run_dir/pretrain/metrics.jsonl`. `load_base_model(cfg, run_dir)` restores the
+`run_pretrain(cfg, run_dir)` trains through `internal_rl.stage.run_pretrain_stage`
+(`common.train.run_stage`: jitted step on the device mesh, orbax checkpoints of model +
+optimizer + RNG + data position, resume, non-finite-loss stop) and logs to
+`run_dir/pretrain/metrics.jsonl`. `load_base_model(cfg, run_dir)` restores the
 latest (or a given) checkpoint as a frozen module for probes and controllers.
 """
 
@@ -11,18 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
-import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from common.checkpoint import Checkpointer
 from common.config import to_dict
-from common.metrics import MetricsWriter, Progress
-from common.train import create_train_state, make_optimizer, make_train_step, merge_model, train
+from common.rng import stream_key, stream_seed
+from common.train import STEPS
 from internal_rl.config import Config, EnvConfig
 from internal_rl.data import ExpertDataset
 from internal_rl.envs.gridworld import (
@@ -35,9 +33,14 @@ from internal_rl.envs.gridworld import (
 )
 from internal_rl.models.transformer import BaseModel, pretrain_loss
 from internal_rl.rollouts import make_policy_eval, summarize
+from internal_rl.stage import (
+    PRETRAIN_IGNORE,
+    pretrain_checkpointer,
+    restore_pretrained,
+    run_pretrain_stage,
+)
+from internal_rl.stage import init_train_state as _init_train_state
 
-# Seed offsets keep the streams of the stages independent but derived from cfg.seed.
-SEED_MODEL, SEED_DATA, SEED_EVAL, SEED_PROBE, SEED_CONTROL = 0, 1, 2, 3, 4
 # The task tables the later stages evaluate on, by name (`internal_rl.pipeline`).
 TASKS = {"pretrain": pretrain_tasks, "heldout": post_task,
          "seen_transitions": seen_transition_task}
@@ -45,6 +48,7 @@ TASKS = {"pretrain": pretrain_tasks, "heldout": post_task,
 
 @functools.lru_cache(maxsize=16)
 def _make_env(env_cfg: EnvConfig) -> GridPinpad:
+    # Builds the env (and samples its layout pool) once per config; not a compiled program.
     e = env_cfg
     env = GridPinpad(size=e.size, num_colours=e.num_colours, num_walls=e.num_walls,
                      horizon=e.horizon)
@@ -66,16 +70,23 @@ def build_model(cfg: Config) -> BaseModel:
     if cfg.model.obs_dim != env.obs_dim:
         raise ValueError(f"model.obs_dim={cfg.model.obs_dim} but the env's observation has "
                          f"{env.obs_dim} dims")
-    return BaseModel(cfg.model, rngs=nnx.Rngs(cfg.seed * 100 + SEED_MODEL))
+    return BaseModel(cfg.model, rngs=nnx.Rngs(stream_seed(cfg.seed, "model")))
 
 
-def make_dataset(cfg: Config, stream: int, batch_size: int | None = None, *,
+def stream_names(stream: str | tuple) -> tuple:
+    """A data stream's name path: "data" or ("metacontroller", "data", 2)."""
+    return stream if isinstance(stream, tuple) else (stream,)
+
+
+def make_dataset(cfg: Config, stream: str | tuple, batch_size: int | None = None, *,
                  star: bool = False) -> ExpertDataset:
-    """Expert data on the pretraining tasks. D and D* are generated the same way (App. C.1.1),
-    so `star` (the continuous pipeline's noise-free D*) changes nothing here."""
+    """Expert data on the pretraining tasks, seeded by the named `stream` of cfg.seed
+    (`common.rng.stream_seed`). D and D* are generated the same way (App. C.1.1), so `star`
+    (the continuous pipeline's noise-free D*) changes nothing here."""
     del star
     return ExpertDataset(make_env(cfg), pretrain_tasks(), batch_size or cfg.data.batch_size,
-                         cfg.data.max_len, cfg.data.epsilon, seed=cfg.seed * 100 + stream)
+                         cfg.data.max_len, cfg.data.epsilon,
+                         seed=stream_seed(cfg.seed, *stream_names(stream)))
 
 
 def pretrain_checkpoint_config(cfg: Config) -> dict:
@@ -90,19 +101,9 @@ def pretrain_checkpoint_config(cfg: Config) -> dict:
     return out
 
 
-def _checkpointer(cfg: Config, run_dir: pathlib.Path) -> Checkpointer:
-    # Extending a run (more steps, other logging periods) must not invalidate its checkpoints.
-    ignore = ["pretrain.steps", "pretrain.optim.total_steps", "pretrain.log_every",
-              "pretrain.save_every", "pretrain.eval_every", "pretrain.eval_episodes"]
-    return Checkpointer(run_dir / "pretrain" / "checkpoints", max_to_keep=None,
-                        config=pretrain_checkpoint_config(cfg), ignore_config_keys=ignore)
-
-
 def init_train_state(cfg: Config):
     """(graphdef, TrainState, tx) of a fresh base model."""
-    tx = make_optimizer(cfg.pretrain.optim)
-    graphdef, state = create_train_state(build_model(cfg), tx, jax.random.key(cfg.seed))
-    return graphdef, state, tx
+    return _init_train_state(cfg, lambda: build_model(cfg), stream_key(cfg.seed, "pretrain"))
 
 
 def make_base_eval(cfg: Config, graphdef, tasks, num_episodes: int, horizon: int | None = None):
@@ -111,66 +112,51 @@ def make_base_eval(cfg: Config, graphdef, tasks, num_episodes: int, horizon: int
                             greedy=cfg.control.greedy)
 
 
-def run_pretrain(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = True) -> dict:
-    """Pretrains (or resumes) the base model to cfg.pretrain.steps; returns a summary dict."""
-    run_dir = pathlib.Path(run_dir)
-    out_dir = run_dir / "pretrain"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    graphdef, state, tx = init_train_state(cfg)
-    obs_coef = cfg.pretrain.obs_coef
-    step_fn = make_train_step(graphdef, lambda m, b, k: pretrain_loss(m, b, k, obs_coef), tx)
-    data = make_dataset(cfg, SEED_DATA)
-    eval_data = make_dataset(cfg, SEED_EVAL)
-    heldout_batch = eval_data.batch_at(0)
-    batch_eval = jax.jit(lambda p, f, b: pretrain_loss(nnx.merge(graphdef, p, f), b, None,
-                                                       obs_coef)[1])
-    rollout_eval = make_base_eval(cfg, graphdef, pretrain_tasks(), cfg.pretrain.eval_episodes)
+def make_loss_fn(obs_coef: float):
+    """(model, batch, key) -> (loss, metrics): Eq. 5 with λ = obs_coef."""
+    return functools.partial(pretrain_loss, obs_coef=obs_coef)
 
-    def eval_fn(st):
-        metrics = {f"heldout_{k}": v for k, v in batch_eval(st.params, st.frozen, heldout_batch).items()}
-        key = jax.random.fold_in(jax.random.key(cfg.seed * 100 + SEED_EVAL), st.step)
-        metrics.update({f"pretrain_task_{k}": v for k, v in
-                        summarize(rollout_eval(st.params, st.frozen, key)).items()})
+
+def run_pretrain(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = True) -> dict:
+    """Pretrains (or resumes) the base model to cfg.pretrain.steps; returns a summary dict
+    (also written to run_dir/pretrain/summary.json)."""
+    graphdef, state, _ = init_train_state(cfg)
+    obs_coef = cfg.pretrain.obs_coef
+    loss_fn = make_loss_fn(obs_coef)
+    # host copy: the eval program places it next to the (possibly mesh-replicated) params
+    heldout_batch = jax.tree.map(np.asarray, make_dataset(cfg, "heldout").batch_at(0))
+    batch_eval = STEPS.get(
+        ("internal_rl.grid_pretrain_eval", graphdef, obs_coef),
+        lambda: jax.jit(lambda p, f, b: loss_fn(nnx.merge(graphdef, p, f), b, None)[1]))
+    rollout_eval = make_base_eval(cfg, graphdef, pretrain_tasks(), cfg.pretrain.eval_episodes)
+    eval_key = stream_key(cfg.seed, "eval")
+
+    def evaluate(st):
+        metrics = {f"heldout_{k}": v
+                   for k, v in batch_eval(st.params, st.frozen, heldout_batch).items()}
+        if cfg.pretrain.eval_episodes:
+            key = jax.random.fold_in(eval_key, st.step)
+            metrics.update({f"pretrain_task_{k}": v for k, v in
+                            summarize(rollout_eval(st.params, st.frozen, key)).items()})
         return metrics
 
-    ckpt = _checkpointer(cfg, run_dir)
-    start = ckpt.latest_step() or 0
-    progress = Progress(cfg.pretrain.steps, name="pretrain", start_step=start)
-    t0 = time.time()
-    with MetricsWriter(out_dir / "metrics.jsonl") as writer:
-        state = train(state, step_fn, data, cfg.pretrain.steps, checkpointer=ckpt,
-                      save_every=cfg.pretrain.save_every, eval_fn=eval_fn,
-                      eval_every=cfg.pretrain.eval_every, metrics_writer=writer,
-                      log_every=cfg.pretrain.log_every,
-                      progress=(lambda s, m=None: progress.update(s, m)) if verbose else None)
-    final = {k: float(v) for k, v in jax.device_get(eval_fn(state)).items()}
-    post = make_base_eval(cfg, graphdef, post_task()[None], cfg.pretrain.eval_episodes)
-    key = jax.random.key(cfg.seed * 100 + SEED_EVAL)
-    final.update({f"post_task_{k}": v for k, v in
-                  summarize(post(state.params, state.frozen, key)).items()})
-    ckpt.close()
-    summary = dict(step=int(state.step), resumed_from=start, wall_seconds_this_session=time.time() - t0,
-                   compile_seconds=progress.compile_seconds, **final)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    def post_task_eval(st):
+        if not cfg.pretrain.eval_episodes:
+            return {}
+        post = make_base_eval(cfg, graphdef, post_task()[None], cfg.pretrain.eval_episodes)
+        return {f"post_task_{k}": v
+                for k, v in summarize(post(st.params, st.frozen, eval_key)).items()}
 
-
-def restore_pretrained(graphdef, state, ckpt: Checkpointer, step: int | None, command: str):
-    """The module of `state` restored from `ckpt` at `step` (latest by default); closes ckpt.
-    An empty checkpoint directory raises FileNotFoundError naming the `command` to run."""
-    try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(
-                f"no pretraining checkpoint under {ckpt.directory}; run `{command}` with the "
-                "same --run-dir first")
-        state, _ = ckpt.restore(state, step)
-    finally:
-        ckpt.close()
-    return merge_model(graphdef, state)
+    return run_pretrain_stage(
+        cfg, run_dir, graphdef=graphdef, state=state, loss_fn=loss_fn,
+        loss_key=("internal_rl.grid_pretrain", obs_coef), data=make_dataset(cfg, "data"),
+        checkpoint_config=pretrain_checkpoint_config(cfg), ignore=PRETRAIN_IGNORE,
+        evaluate=evaluate, final_extra=post_task_eval, verbose=verbose)
 
 
 def load_base_model(cfg: Config, run_dir: str | pathlib.Path, step: int | None = None) -> BaseModel:
     """The pretrained base model from run_dir's checkpoints (latest step by default)."""
     graphdef, state, _ = init_train_state(cfg)
-    return restore_pretrained(graphdef, state, _checkpointer(cfg, pathlib.Path(run_dir)), step,
-                              "python -m internal_rl pretrain")
+    ckpt = pretrain_checkpointer(pathlib.Path(run_dir), pretrain_checkpoint_config(cfg),
+                                 PRETRAIN_IGNORE)
+    return restore_pretrained(graphdef, state, ckpt, step, "python -m internal_rl pretrain")

@@ -21,7 +21,11 @@ import numpy as np
 import optax
 
 from common.checkpoint import Checkpointer
+from common.train import STEPS, OptimizerConfig
 from internal_rl.models.transformer import BaseModel
+
+# AdamW at a constant 1e-3, no clipping (Table A6)
+PROBE_OPTIM = OptimizerConfig(learning_rate=1e-3, schedule="constant", grad_clip_norm=None)
 
 
 class ProbeData(NamedTuple):
@@ -77,10 +81,10 @@ def fit_probes(
     key: jax.Array,
     steps: int,
     batch_size: int,
-    learning_rate: float = 1e-3,
-    weight_decay: float = 0.0,
+    optim: OptimizerConfig = PROBE_OPTIM,
 ) -> tuple[ProbeParams, np.ndarray]:
-    """Trains one linear probe per layer; returns (params, train loss curve f32 [steps])."""
+    """Trains one linear probe per layer with `optim` (AdamW, constant LR, no clipping by
+    default); returns (params, train loss curve f32 [steps])."""
     feats = jnp.asarray(data.feats)
     labels = jnp.asarray(data.labels)
     n_layers, n, dim = feats.shape
@@ -90,7 +94,7 @@ def fit_probes(
     std = feats.std(axis=1, keepdims=True) + 1e-6
     params = ProbeParams(jnp.zeros((n_layers, dim, num_classes)),
                          jnp.zeros((n_layers, num_classes)), mean, std)
-    tx = optax.adamw(learning_rate, weight_decay=weight_decay)
+    tx = STEPS.optimizer(optim)
     trainable = (params.w, params.b)
 
     def loss_fn(wb, idx):
@@ -143,15 +147,14 @@ def probe_layers(model, train_dataset, eval_dataset, num_classes: int, probe_cfg
                  num_layers: int) -> dict:
     """Fits one probe per residual layer on `train_dataset` trajectories and evaluates it on
     the independent `eval_dataset` (both expert datasets with `batch_at`). probe_cfg: a
-    `ProbeConfig` (train/eval_trajectories, steps, batch_size, learning_rate, weight_decay,
-    max_position); num_layers = L + 1. Returns JSON-ready lists: per-layer train/eval
+    `ProbeConfig` (train/eval_trajectories, steps, batch_size, optim, max_position); num_layers = L + 1. Returns JSON-ready lists: per-layer train/eval
     accuracy, eval accuracy and p(correct) by position within a subgoal segment, chance and
     majority baselines, token counts and the probes' first/final training loss."""
     pc = probe_cfg
     train_data = collect(model, train_dataset, pc.train_trajectories)
     eval_data = collect(model, eval_dataset, pc.eval_trajectories)
     params, losses = fit_probes(train_data, num_classes, key, pc.steps, pc.batch_size,
-                                pc.learning_rate, pc.weight_decay)
+                                pc.optim)
     ev = evaluate_probes(params, eval_data, pc.max_position)
     tr = evaluate_probes(params, train_data, pc.max_position)
     return dict(

@@ -2,12 +2,14 @@
 
     pretrain -> probes -> supervised controllers -> metacontroller α sweep (frozen base,
     β ≡ 1, co-trained) -> internal RL vs raw-action RL vs β ≡ 1 vs co-trained (seeds)
-    -> report.md + results.json + figures (Figs. 6, 7, 8 analogues)
+    -> report.md + results.json + figures (Figs. 6, 7, 8 analogues, `internal_rl.report`)
 
-`run_reproduce(cfg, run_dir)` skips every piece whose result is already on disk (and the
+`reproduce(cfg, run_dir)` skips every piece whose result is already on disk (and the
 trainers resume from their checkpoints), so re-running the same command after an
-interruption continues where it stopped. RL runs are cached one file per (method, seed)
-in run_dir/rl/. The report is rebuilt from those files each time.
+interruption continues where it stopped. Every cached result goes through a
+`common.report.StageClock`, which stores the seconds its computation took, so a report
+rebuilt from caches still states what each stage cost. RL runs are cached one file per
+(method, seed) in run_dir/rl/.
 
 RL methods: internal RL on the frozen-base metacontroller of the selected α; raw-action RL
 on the base model; internal RL on the β ≡ 1 metacontroller (no temporal abstraction) and
@@ -19,93 +21,52 @@ downstream RL success as in the paper (C.5.5), which would multiply the RL cost.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import pathlib
-import resource
-import time
-from collections.abc import Callable
 
-import numpy as np
-
-from common.metrics import plot_curves
-from common.report import Report, write_json
-from internal_rl.pipeline import PipelineConfig, is_continuous, presets_for, stages, task_table
-
-CONTINUOUS_PAPER = {
-    "probe accuracy, mid-depth (ant)": "high from mid-depth (Fig. 3b)",
-    "β_t (ant, Fig. 6)": "one switch per subgoal, aligned with entering each target cell",
-    "internal RL final success (ant, normalised by the expert's 0.7)": "high (plot only)",
-    "raw-action RL, β ≡ 1, co-trained (ant)": "≈0 within 1e6 episodes",
-}
-PAPER = {
-    "probe accuracy, mid-depth": "≈0.5 (chance 0.25)",
-    "switches per trajectory (frozen, good α)": "≈ number of subgoals, quasi-binary β",
-    "internal RL final success": "high (plot only)",
-    "baselines final success": "≈0 within 1e6 episodes",
-}
+from common.report import StageClock
+from common.rng import stream_seed
+from internal_rl.pipeline import PipelineConfig, stages, task_table
+from internal_rl.report import write_report
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU seconds of this process so far (on a shared machine a better
-    measure of the work done than wall time)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _stage_log(run_dir: pathlib.Path, stage: str, seconds: float, cpu_seconds: float) -> None:
-    with open(run_dir / "stage_times.jsonl", "a") as f:
-        f.write(json.dumps({"stage": f"reproduce/{stage}", "seconds": seconds,
-                            "cpu_seconds": cpu_seconds}) + "\n")
-
-
-def _cached(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
-    if path.exists():
-        return json.loads(path.read_text())
-    result = compute()
-    write_json(path, result)
-    return result
-
-
-# ---------------------------------------------------------------------------------------
-# Stages
-# ---------------------------------------------------------------------------------------
-
-
-def stage_pretrain(cfg: PipelineConfig, run_dir: pathlib.Path, verbose: bool) -> dict:
+def stage_pretrain(cfg: PipelineConfig, run_dir: pathlib.Path, clock: StageClock,
+                   verbose: bool) -> dict:
     summary = run_dir / "pretrain" / "summary.json"
-    if summary.exists():
-        done = json.loads(summary.read_text())
-        if done.get("step") == cfg.pretrain.steps:
-            return done
-    return stages(cfg).run_pretrain(cfg, run_dir, verbose=verbose)
+    if summary.exists() and json.loads(summary.read_text()).get("step") != cfg.pretrain.steps:
+        summary.unlink()  # the run was extended: train on from the checkpoint
+    return clock.cached("pretrain", summary,
+                        lambda: stages(cfg).run_pretrain(cfg, run_dir, verbose=verbose))
 
 
-def stage_probe(cfg: PipelineConfig, run_dir: pathlib.Path) -> dict:
+def stage_probe(cfg: PipelineConfig, run_dir: pathlib.Path, clock: StageClock) -> dict:
     from internal_rl.analysis import run_probe
 
-    path = run_dir / "probe" / "results.json"
-    return json.loads(path.read_text()) if path.exists() else run_probe(cfg, run_dir)
+    return clock.cached("probe", run_dir / "probe" / "results.json",
+                        lambda: run_probe(cfg, run_dir))
 
 
-def stage_control(cfg: PipelineConfig, run_dir: pathlib.Path, verbose: bool) -> dict:
+def stage_control(cfg: PipelineConfig, run_dir: pathlib.Path, clock: StageClock,
+                  verbose: bool) -> dict:
     from internal_rl.analysis import run_control
 
-    return run_control(cfg, run_dir, verbose=verbose)  # skips finished layers itself
+    return run_control(cfg, run_dir, verbose=verbose, clock=clock)  # caches per layer
 
 
-def stage_metacontroller(cfg: PipelineConfig, run_dir: pathlib.Path, verbose: bool) -> dict:
+def stage_metacontroller(cfg: PipelineConfig, run_dir: pathlib.Path, verbose: bool,
+                         clock: StageClock | None = None) -> dict:
     """Frozen α sweep, β ≡ 1 at the selected α, co-trained sweep."""
     from internal_rl.metacontroller_train import Variant, run_alpha_sweep, run_variant, select_alpha
 
-    frozen = run_alpha_sweep(cfg, run_dir, verbose=verbose)
+    clock = StageClock() if clock is None else clock
+    frozen = run_alpha_sweep(cfg, run_dir, verbose=verbose, clock=clock)
     alpha = select_alpha(frozen)
     beta1 = run_variant(cfg, run_dir, Variant(alpha, temporal_abstraction=False),
-                        verbose=verbose)
+                        verbose=verbose, clock=clock)
     cot_alphas = cfg.reproduce.cotrain_alphas or cfg.mctrain.alphas
     needs_cotrain = "cotrained" in cfg.reproduce.methods or cfg.reproduce.cotrain_alphas
     cotrained = (run_alpha_sweep(cfg, run_dir, cot_alphas, cotrain=True, seeds=1,
-                                 verbose=verbose) if needs_cotrain else [])
+                                 verbose=verbose, clock=clock) if needs_cotrain else [])
     cot_alpha = select_alpha(cotrained) if cotrained else None
     return dict(frozen=frozen, selected_alpha=alpha, beta1=beta1, cotrained=cotrained,
                 cotrained_alpha=cot_alpha)
@@ -133,7 +94,8 @@ def rl_cache_path(run_dir: pathlib.Path, task: str, method: str, seed: int) -> p
     return sub / f"{method}_seed{seed}.json"
 
 
-def stage_rl(cfg: PipelineConfig, run_dir: pathlib.Path, mc: dict, verbose: bool) -> dict:
+def stage_rl(cfg: PipelineConfig, run_dir: pathlib.Path, mc: dict, clock: StageClock,
+             verbose: bool) -> dict:
     """{task: {method: [per-seed curve dicts]}}; each (task, method, seed) cached."""
     from internal_rl.rl import run_internal_rl, run_raw_action_rl
 
@@ -151,10 +113,10 @@ def stage_rl(cfg: PipelineConfig, run_dir: pathlib.Path, mc: dict, verbose: bool
 
                 def compute(method=method, seed=seed, task=task):
                     base, model = _rl_subject(cfg, run_dir, method, mc)
-                    rl_seed = cfg.seed * 1000 + seed
+                    rl_seed = stream_seed(cfg.seed, "rl", seed)
                     if method == "raw_action_rl":
-                        rl_cfg = dataclasses.replace(
-                            cfg.rl, learning_rate=cfg.reproduce.raw_learning_rate)
+                        rl_cfg = dataclasses.replace(cfg.rl, optim=dataclasses.replace(
+                            cfg.rl.optim, learning_rate=cfg.reproduce.raw_learning_rate))
                         res = run_raw_action_rl(rl_cfg, base, env, task, rl_seed, log=log)
                     else:
                         res = run_internal_rl(cfg.rl, base, model, env, task, rl_seed, log=log)
@@ -164,358 +126,43 @@ def stage_rl(cfg: PipelineConfig, run_dir: pathlib.Path, mc: dict, verbose: bool
                                 wall_seconds=float(res.wall_seconds))
 
                 path = rl_cache_path(run_dir, task_name, method, seed)
-                by_method[method].append(_cached(path, compute))
+                by_method[method].append(clock.cached("rl", path, compute))
     return curves
 
 
-# ---------------------------------------------------------------------------------------
-# Summaries
-# ---------------------------------------------------------------------------------------
-
-
-def final_success(curve: dict, fraction: float) -> float:
-    """Mean on-policy success over the last `fraction` of a run's updates."""
-    s = np.asarray(curve["success_rate"], float)
-    k = max(1, int(round(fraction * len(s))))
-    return float(np.mean(s[-k:]))
-
-
-def quantile_curves(curves: list[dict], key: str = "success_rate"
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(episodes [n], 25%, median, 75% [n]) over seeds (runs truncated to the shortest)."""
-    n = min(len(c[key]) for c in curves)
-    y = np.asarray([c[key][:n] for c in curves], float)
-    q25, med, q75 = np.percentile(y, [25, 50, 75], axis=0)
-    return np.asarray(curves[0]["episodes"][:n]), q25, med, q75
-
-
-def summarize_rl(curves: dict[str, list[dict]], fraction: float) -> dict:
-    out = {}
-    for method, runs in curves.items():
-        finals = [final_success(r, fraction) for r in runs]
-        q25, med, q75 = np.percentile(finals, [25, 50, 75])
-        out[method] = dict(
-            median=float(med), q25=float(q25), q75=float(q75), per_seed=finals,
-            initial_success=float(np.median([r["success_rate"][0] for r in runs])),
-            max_success=float(np.max([np.max(r["success_rate"]) for r in runs])),
-            decisions_per_episode=float(np.median([np.mean(r["decisions_per_episode"][-5:])
-                                                    for r in runs])),
-            episodes=int(runs[0]["episodes"][-1]),
-            wall_seconds=float(np.sum([r["wall_seconds"] for r in runs])))
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_beta_traces(traces: dict, path: pathlib.Path, title: str) -> str:
-    """Fig. 6 / A3 analogue: β_t (line) over the ground-truth subgoal (shaded segments)."""
-    plt = _pyplot()
-    beta = np.asarray(traces["beta"], float)
-    subgoal = np.asarray(traces["subgoal"])
-    mask = np.asarray(traces["mask"], bool)
-    n = beta.shape[0]
-    fig, axes = plt.subplots(n, 1, figsize=(6.0, 1.5 * n + 0.4), dpi=120, squeeze=False)
-    colours = plt.get_cmap("tab10")
-    for i, ax in enumerate(axes[:, 0]):
-        t_end = max(int(mask[i].sum()), 1)
-        t = np.arange(t_end)
-        for s in range(t_end):
-            ax.axvspan(s - 0.5, s + 0.5, color=colours(int(subgoal[i, s]) % 10), alpha=0.18,
-                       linewidth=0)
-        ax.plot(t, beta[i, :t_end], color="black", marker="o", markersize=2.5, linewidth=1.2)
-        starts = [s for s in range(1, t_end) if subgoal[i, s] != subgoal[i, s - 1]]
-        for s in starts:
-            ax.axvline(s, color="red", linestyle="--", linewidth=0.8)
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_ylabel("β_t")
-    axes[0, 0].set_title(title, fontsize=9)
-    axes[-1, 0].set_xlabel("time step (shading: ground-truth subgoal; dashed: subgoal change)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path)
-
-
-def plot_rate_distortion(mc: dict, path: pathlib.Path) -> str:
-    """Fig. 7 analogue: rate (KL per step) vs distortion (action NLL) over α."""
-    series = {}
-    for label, results in (("frozen base", mc["frozen"]), ("co-trained", mc["cotrained"])):
-        if not results:
-            continue
-        rows = sorted((r["variant"]["alpha"], r["metrics"]["action_nll"], r["metrics"]["kl"])
-                      for r in results)
-        series[label] = ([r[1] for r in rows], [r[2] for r in rows])
-    return plot_curves(series, path, title="Rate–distortion over α (points: α ascending ←)",
-                       xlabel="distortion: action NLL per step", ylabel="rate: KL per step")
-
-
-RL_TASK_TITLES = {
-    "heldout": "the held-out task A-B-C-D-A-B",
-    "seen_transitions": "the seen-transition task A-C-B-D-C-A",
-}
-CONTINUOUS_RL_TASK_TITLES = {"heldout": "the held-out task 0-1-2-3",
-                             "seen_transitions": "the seen-transition task 0-3-2-1"}
-
-
-def plot_rl_curves(curves: dict[str, list[dict]], path: pathlib.Path,
-                   task: str = "heldout", titles: dict[str, str] | None = None) -> str:
-    """Fig. 8 analogue: success vs episodes, median over seeds with the 25–75% band."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.8, 3.8), dpi=120)
-    for method, runs in curves.items():
-        x, q25, med, q75 = quantile_curves(runs)
-        (line,) = ax.plot(x, med, label=f"{method} (n={len(runs)})", linewidth=1.5)
-        ax.fill_between(x, q25, q75, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xlabel("episodes")
-    ax.set_ylabel("success rate")
-    ax.set_title(f"RL on {(titles or RL_TASK_TITLES)[task]}: median, 25–75% over seeds",
-                 fontsize=9)
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path)
-
-
-# ---------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------
-
-
-def _preset_notes(cfg: PipelineConfig, preset: str | None) -> str:
-    fn = presets_for(cfg.env.kind if is_continuous(cfg) else "gridworld").get(preset or "")
-    return inspect.cleandoc(fn.__doc__ or "") if fn else ""
-
-
-def _setting(cfg: PipelineConfig) -> dict:
-    """The environment-specific sentences of the report."""
-    layer = cfg.metacontroller.insertion_layer(cfg.model.depth)
-    if not is_continuous(cfg):
-        return dict(
-            title="Internal RL reproduction",
-            intro=("Gridworld-pinpad, pretraining on the 16 Table A1 tasks, RL on the held-out "
-                   "12-colour task A-B-C-D-A-B (only unseen pair transitions). "
-                   f"Base model d={cfg.model.dim}, L={cfg.model.depth}; metacontroller at layer "
-                   f"{layer}."),
-            fit=("teacher-forced action accuracy", "heldout_action_acc"),
-            heldout_paper="≈1e-6", titles=RL_TASK_TITLES, paper=PAPER,
-            seen_task="A-C-B-D-C-A, 12 colours, only pair transitions of the pretraining tasks",
-            diagnostic=("A-C-B-D-C-A: as long and as sparse as the held-out task (6 subgoals, "
-                        "12 colours, reward only at the end) but made only of pair transitions "
-                        "the pretraining tasks contain. It isolates the long-horizon, "
-                        "sparse-reward part of the problem (what temporal abstraction "
-                        "addresses) from compositional generalisation to unseen transitions."))
-    e = cfg.env
-    return dict(
-        title=f"Internal RL reproduction, {e.kind.capitalize()}-pinpad",
-        intro=(f"{e.kind.capitalize()}-pinpad in MJX ({e.size}×{e.size} cells of size "
-               f"{e.cell_size:g}, {e.num_colours} colours, {e.num_walls} wall, T = {e.horizon}), "
-               "pretraining on the 16 Table A2 tasks of a scripted BFS + PD expert (action "
-               f"noise σ = {cfg.data.noise_std:g} for D, {cfg.data.star_noise_std:g} for D* "
-               "which trains the controllers and the metacontroller), RL on the held-out task "
-               "0-1-2-3. The scripted expert succeeds on every task, so RL success needs no "
-               "normalisation (the paper divides its ant numbers by the ant expert's 0.7). "
-               f"Hawk base model d={cfg.model.dim}, L={cfg.model.depth}; metacontroller at "
-               f"layer {layer}."),
-        fit=("teacher-forced action MSE", "heldout_action_mse"),
-        heldout_paper="≈0 (not stated for the ant)", titles=CONTINUOUS_RL_TASK_TITLES,
-        paper=CONTINUOUS_PAPER,
-        seen_task="0-3-2-1, only colour transitions of the pretraining tasks",
-        diagnostic=("0-3-2-1: as long and as sparse as the held-out task 0-1-2-3 (4 colours, "
-                    "reward only at the end) but every transition (0→3, 3→2, 2→1) occurs in "
-                    "the pretraining tasks, while 0→1, 1→2 and 2→3 never do. It separates "
-                    "the sparse-reward part of the problem from composing unseen "
-                    "transitions."))
-
-
-def _mc_rows(results: list[dict], kind: str) -> list[list]:
-    rows = []
-    for r in sorted(results, key=lambda r: (r["variant"]["alpha"], r["variant"]["seed"])):
-        m = r["metrics"]
-        rows.append([kind, r["variant"]["alpha"], r["variant"]["seed"], m["action_nll"],
-                     m["kl"], m["switches"], m["subgoals_per_trajectory"],
-                     m["switch_precision"], m["switch_recall"]])
-    return rows
-
-
-def write_report(cfg: PipelineConfig, run_dir: pathlib.Path, parts: dict, *, preset: str | None,
-                 command: str | None, wall_seconds: float) -> tuple[str, str]:
-    """report.md + results.json (+ figures) into run_dir from the stage outputs."""
-    setting = _setting(cfg)
-    rep = Report(f"{setting['title']} ({preset or 'custom'} preset)", command=command)
-    notes = _preset_notes(cfg, preset)
-    rep.paragraph(
-        setting["intro"] + (
-            "\n\nPreset notes (deviations from the paper and why):\n\n> "
-            + notes.replace("\n", "\n> ") if notes else ""))
-    results: dict = {}
-
-    pre = parts.get("pretrain")
-    if pre:
-        rep.heading("Base model")
-        base = {
-            setting["fit"][0]: pre.get(setting["fit"][1]),
-            "action NLL": pre.get("heldout_action_nll"),
-            "closed-loop success, pretraining tasks": pre.get("pretrain_task_success_rate"),
-            "fraction of colours reached, pretraining tasks": pre.get(
-                "pretrain_task_mean_progress"),
-            "closed-loop success, held-out task": pre.get("post_task_success_rate"),
-        }
-        rep.compare(None, base, {"closed-loop success, held-out task": setting["heldout_paper"]})
-        rep.paragraph("The task is not observed: a perfect imitator picks each next subgoal as "
-                      "the data do, so it matches one given pretraining task with probability 1/16 "
-                      "(success ≈ 0.0625 is the ceiling of the pretraining-task success).")
-        results["base"] = base
-    probe = parts.get("probe")
-    if probe:
-        rep.heading("Linear probes (Fig. 3 / A1 analogue)")
-        rep.table(["layer", "held-out accuracy", "train accuracy"],
-                  [[layer, a, b] for layer, a, b in zip(probe["layers"], probe["eval_accuracy"],
-                                                        probe["train_accuracy"], strict=True)])
-        rep.paragraph(f"Chance {probe['chance']:.3f}, majority class "
-                      f"{probe.get('majority_baseline', float('nan')):.3f}. Paper: ≈0.3 at the "
-                      "input, ≈0.5 from mid-depth on.")
-        results["probe_accuracy_by_layer"] = probe["eval_accuracy"]
-    control = parts.get("control")
-    if control:
-        rep.heading("Supervised controllers (Fig. 4 analogue)")
-        seen = control.get("seen_transition_task_success") or [None] * len(control["layers"])
-        rep.table(["insertion layer", "held-out success", "colours reached",
-                   "seen-transition task success"],
-                  [[layer, s, p, q] for layer, s, p, q in zip(control["layers"],
-                                                              control["post_task_success"],
-                                                              control["post_task_progress"],
-                                                              seen, strict=True)]
-                  + [["none (base)", control["uncontrolled_post_task"]["success_rate"],
-                      control["uncontrolled_post_task"]["mean_progress"], None]])
-        rep.paragraph("Controllers switched by the ground-truth subgoal labels, evaluated "
-                      "closed loop." + (
-                          f" The seen-transition task ({setting['seen_task']}) separates "
-                          "executing a sequence of known abstract actions from composing "
-                          "unseen transitions." if control.get("seen_transition_task_success")
-                          else ""))
-        if control.get("seen_transition_task_success"):
-            results["controller_seen_transition_success_by_layer"] = dict(zip(
-                map(str, control["layers"]), control["seen_transition_task_success"],
-                strict=True))
-        results["controller_success_by_layer"] = dict(zip(
-            map(str, control["layers"]), control["post_task_success"], strict=True))
-
-    mc = parts.get("metacontroller")
-    if mc:
-        rep.heading("Metacontroller (Figs. 6, 7, A3 analogues)")
-        rep.table(["variant", "α", "seed", "NLL", "KL", "switches/traj", "subgoals/traj",
-                   "precision ±1", "recall ±1"],
-                  _mc_rows(mc["frozen"], "frozen") + _mc_rows([mc["beta1"]], "β ≡ 1")
-                  + _mc_rows(mc["cotrained"], "co-trained"))
-        rep.paragraph(f"Selected α = {mc['selected_alpha']:g} (best switch F1 against the "
-                      "ground-truth subgoal boundaries, ±1 step; the first step counts as a "
-                      "boundary). Paper: β quasi-binary, one switch per subgoal, aligned with "
-                      "the subgoal changes; co-training collapses to one switch at t = 1.")
-        selected = next(r for r in mc["frozen"] if r["variant"]["alpha"] == mc["selected_alpha"])
-        plot_beta_traces(selected["traces"], run_dir / "fig6_beta_traces.png",
-                         f"β_t, frozen base, α = {mc['selected_alpha']:g}")
-        rep.image("fig6_beta_traces.png", "switching gate β_t vs ground-truth subgoals")
-        if mc["cotrained"]:
-            cot = next(r for r in mc["cotrained"]
-                       if r["variant"]["alpha"] == mc["cotrained_alpha"])
-            plot_beta_traces(cot["traces"], run_dir / "fig6_beta_traces_cotrained.png",
-                             f"β_t, co-trained, α = {mc['cotrained_alpha']:g}")
-            rep.image("fig6_beta_traces_cotrained.png", "β_t of the co-trained metacontroller")
-        plot_rate_distortion(mc, run_dir / "fig7_rate_distortion.png")
-        rep.image("fig7_rate_distortion.png", "rate–distortion, frozen vs co-trained")
-        results["metacontroller"] = dict(
-            selected_alpha=mc["selected_alpha"],
-            frozen={f"{r['variant']['alpha']:g}/{r['variant']['seed']}": r["metrics"]
-                    for r in mc["frozen"]},
-            beta1=mc["beta1"]["metrics"],
-            cotrained={f"{r['variant']['alpha']:g}": r["metrics"] for r in mc["cotrained"]})
-
-    for task, curves in (parts.get("rl") or {}).items():
-        summary = summarize_rl(curves, cfg.reproduce.final_fraction)
-        if task == "heldout":
-            rep.heading("RL on the held-out task (Fig. 8 / A5 analogue)")
-        else:
-            rep.heading("RL on the diagnostic seen-transition task (not in the paper)")
-            rep.paragraph(setting["diagnostic"])
-        rep.table(["method", "final success (median)", "25%", "75%", "first-update success",
-                   "best update", "decisions/episode", "episodes", "wall s"],
-                  [[m, s["median"], s["q25"], s["q75"], s["initial_success"], s["max_success"],
-                    s["decisions_per_episode"], s["episodes"], s["wall_seconds"]]
-                   for m, s in summary.items()])
-        rep.paragraph(
-            f"Final success = mean on-policy success of the last "
-            f"{cfg.reproduce.final_fraction:.0%} of updates, median over "
-            f"{cfg.reproduce.rl_seeds} seed(s). Batch {cfg.rl.batch_episodes} episodes per "
-            f"update, lr {cfg.rl.learning_rate:g} (raw-action RL "
-            f"{cfg.reproduce.raw_learning_rate:g})." + (
-                " Paper: internal RL reaches a high success rate; raw-action RL, β ≡ 1 and "
-                "co-trained stay ≈0 within 1e6 episodes." if task == "heldout" else ""))
-        fig = "fig8_rl_success.png" if task == "heldout" else f"fig8_rl_success_{task}.png"
-        plot_rl_curves(curves, run_dir / fig, task, setting["titles"])
-        rep.image(fig, f"success vs episodes per method, {setting['titles'][task]}")
-        finals = {m: s["median"] for m, s in summary.items()}
-        if task == "heldout":
-            results["rl_final_success"] = finals
-        results.setdefault("rl_final_success_by_task", {})[task] = finals
-        results.setdefault("rl_summary", {})[task] = summary
-    rep.heading("Paper reference points")
-    rep.table(["quantity", "paper"], [[k, v] for k, v in setting["paper"].items()])
-    results["stage_seconds"] = parts.get("stage_seconds", {})
-    results["stage_cpu_seconds"] = parts.get("stage_cpu_seconds", {})
-    if results["stage_seconds"]:
-        rep.heading("Cost of this invocation")
-        rep.table(["stage", "wall s", "CPU s"],
-                  [[k, v, results["stage_cpu_seconds"].get(k)]
-                   for k, v in results["stage_seconds"].items()], fmt="{:.0f}")
-        rep.paragraph("Stages already done in an earlier invocation were read back (≈0 s). CPU "
-                      "seconds are summed over threads; on a shared machine they measure the "
-                      "work better than wall time.")
-    return rep.write(run_dir, results, wall_seconds=wall_seconds)
-
-
-def run_reproduce(cfg: PipelineConfig, run_dir: str | pathlib.Path, *, preset: str | None = None,
-                  command: str | None = None, rl: bool = True, verbose: bool = True) -> dict:
-    """Runs (or resumes) every stage and writes the report; returns the stage outputs.
-
-    rl=False stops after the metacontroller stage (the report then has no Fig. 8).
-    """
+def run_stages(cfg: PipelineConfig, run_dir: str | pathlib.Path, clock: StageClock, *,
+               rl: bool = True, verbose: bool = True) -> dict:
+    """Runs (or reads back) every stage; returns their outputs by stage name (what
+    `internal_rl.report.write_report` reads). rl=False stops after the metacontroller."""
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    parts: dict = {"stage_seconds": {}, "stage_cpu_seconds": {}}
+    parts: dict = {}
 
     def stage(name, fn):
-        t0, c0 = time.time(), _cpu_seconds()
+        before = clock.seconds.get(name, 0.0)
         parts[name] = fn()
-        wall, cpu = time.time() - t0, _cpu_seconds() - c0
-        parts["stage_seconds"][name], parts["stage_cpu_seconds"][name] = wall, cpu
-        _stage_log(run_dir, name, wall, cpu)
         if verbose:
-            print(f"== reproduce: {name} ({wall:.0f} s wall, {cpu:.0f} s CPU)", flush=True)
+            print(f"== reproduce: {name} ({clock.seconds.get(name, 0.0) - before:.0f} s of "
+                  "compute)", flush=True)
 
-    stage("pretrain", lambda: stage_pretrain(cfg, run_dir, verbose))
-    stage("probe", lambda: stage_probe(cfg, run_dir))
-    stage("control", lambda: stage_control(cfg, run_dir, verbose))
-    stage("metacontroller", lambda: stage_metacontroller(cfg, run_dir, verbose))
+    stage("pretrain", lambda: stage_pretrain(cfg, run_dir, clock, verbose))
+    stage("probe", lambda: stage_probe(cfg, run_dir, clock))
+    stage("control", lambda: stage_control(cfg, run_dir, clock, verbose))
+    stage("metacontroller", lambda: stage_metacontroller(cfg, run_dir, verbose, clock))
     if rl and cfg.reproduce.methods:
-        stage("rl", lambda: stage_rl(cfg, run_dir, parts["metacontroller"], verbose))
-    md, js = write_report(cfg, run_dir, parts, preset=preset, command=command,
-                          wall_seconds=time.time() - t_start)
+        stage("rl", lambda: stage_rl(cfg, run_dir, parts["metacontroller"], clock, verbose))
+    return parts
+
+
+def reproduce(cfg: PipelineConfig, run_dir: str | pathlib.Path, *, preset: str | None = None,
+              verbose: bool = True, rl: bool = True, command: str | None = None) -> dict:
+    """Runs (or resumes) every stage and writes report.md + results.json into run_dir;
+    returns the results dict (the "results" of results.json). rl=False stops after the
+    metacontroller stage (the report then has no Fig. 8)."""
+    clock = StageClock()
+    parts = run_stages(cfg, run_dir, clock, rl=rl, verbose=verbose)
+    md, js = write_report(cfg, pathlib.Path(run_dir), parts, preset=preset, command=command,
+                          clock=clock)
     if verbose:
         print(f"wrote {md} and {js}", flush=True)
-    return parts
+    return json.loads(pathlib.Path(js).read_text())["results"]

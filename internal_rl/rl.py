@@ -26,8 +26,9 @@ batch-normalised return `(R − mean_B R) / (std_B R + δ)`; the clipped ratio o
 summed over the decisions of each trajectory and averaged over trajectories. A whole
 update (rollout + PPO epochs) and `updates_per_call` consecutive updates run inside one
 jitted `lax.scan` (purejaxrl style); metrics come back per update. With a
-`checkpoint_dir` a run saves after every such chunk and resumes bit for bit.
-Presets: `RL_PRESETS` (tiny | small = docs/internal_rl.md D22 | paper = Table A13).
+`checkpoint_dir` a run saves after every such chunk and resumes bit for bit. The compiled
+chunk is cached in `common.train.STEPS` under the program's key, so runs of one shape
+(seeds, methods on the same model) compile once.
 
 Variants (β ≡ 1 metacontroller, co-trained metacontroller) run through the same code:
 `run_internal_rl` takes whichever `Metacontroller` (or `MetacontrolledModel`) it is given.
@@ -39,6 +40,7 @@ supplies its lower/upper halves, its action sampler and its log-probabilities.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -52,8 +54,9 @@ import optax
 from flax import nnx
 
 from common.checkpoint import Checkpointer
+from common.config import require
 from common.nn import RMSNorm, dense
-from common.train import OptimizerConfig, make_optimizer
+from common.train import STEPS, OptimizerConfig
 from internal_rl.metacontroller import MetacontrolledModel, Metacontroller
 from internal_rl.models.hawk import HawkModel
 from internal_rl.models.transformer import BaseModel
@@ -76,9 +79,11 @@ class RLConfig:
     epochs: int = 2  # PPO epochs over each batch
     minibatches: int = 1  # per epoch; minibatches split episodes (the policy is recurrent)
     clip_eps: float = 0.2
-    learning_rate: float = 3e-4
-    weight_decay: float = 0.0
-    grad_clip_norm: float | None = 1.0
+    # AdamW (0.9, 0.999), constant LR, global-norm clipping (Table A13, docs/internal_rl.md
+    # D16); total_steps counts PPO updates (episodes // batch_episodes)
+    optim: OptimizerConfig = OptimizerConfig(
+        name="adamw", learning_rate=3e-4, schedule="constant", weight_decay=0.0,
+        total_steps=100_000 // 128, grad_clip_norm=1.0)
     entropy_coef: float = 0.0  # the paper uses none
     adv_eps: float = 1e-3  # δ in (R − mean) / (std + δ)
     policy_width: int = 64  # GRU width of the abstract policy
@@ -88,58 +93,28 @@ class RLConfig:
     raw_trainable: str = "all"  # raw-action RL: "all" parameters or only the "action_head"
 
     def __post_init__(self):
-        def bad(name, expected):
-            raise ValueError(f"RLConfig.{name}={getattr(self, name)!r}: expected {expected}")
-
+        req = functools.partial(require, self)
         for name in ("batch_episodes", "epochs", "minibatches", "policy_width",
                      "updates_per_call"):
-            if getattr(self, name) < 1:
-                bad(name, ">= 1")
-        if self.episodes < self.batch_episodes:
-            bad("episodes", f">= batch_episodes ({self.batch_episodes})")
-        if self.batch_episodes % self.minibatches:
-            bad("minibatches", f"a divisor of batch_episodes ({self.batch_episodes})")
-        if not 0.0 < self.clip_eps < 1.0:
-            bad("clip_eps", "in (0, 1)")
-        if not self.learning_rate > 0:
-            bad("learning_rate", "> 0")
-        if self.weight_decay < 0:
-            bad("weight_decay", ">= 0")
-        if self.grad_clip_norm is not None and self.grad_clip_norm < 0:
-            bad("grad_clip_norm", "None or >= 0")
-        if self.entropy_coef < 0:
-            bad("entropy_coef", ">= 0")
-        if not self.adv_eps > 0:
-            bad("adv_eps", "> 0")
-        if not 0.0 < self.beta_threshold < 1.0:
-            bad("beta_threshold", "in (0, 1)")
-        if self.horizon is not None and self.horizon < 1:
-            bad("horizon", "None or >= 1")
-        if self.raw_trainable not in RAW_TRAINABLE:
-            bad("raw_trainable", f"one of {RAW_TRAINABLE}")
+            req(name, getattr(self, name) >= 1, ">= 1")
+        req("episodes", self.episodes >= self.batch_episodes,
+            f">= batch_episodes ({self.batch_episodes})")
+        req("minibatches", self.batch_episodes % self.minibatches == 0,
+            f"a divisor of batch_episodes ({self.batch_episodes})")
+        req("clip_eps", 0.0 < self.clip_eps < 1.0, "in (0, 1)")
+        req("entropy_coef", self.entropy_coef >= 0, ">= 0")
+        req("adv_eps", self.adv_eps > 0, "> 0")
+        req("beta_threshold", 0.0 < self.beta_threshold < 1.0, "in (0, 1)")
+        req("horizon", self.horizon is None or self.horizon >= 1, "None or >= 1")
+        req("raw_trainable", self.raw_trainable in RAW_TRAINABLE, f"one of {RAW_TRAINABLE}")
 
     @property
     def num_updates(self) -> int:
         return self.episodes // self.batch_episodes
 
     def optimizer(self) -> optax.GradientTransformation:
-        """AdamW (0.9, 0.999), constant LR, global-norm clipping (Table A13,
-        docs/internal_rl.md D16)."""
-        return make_optimizer(OptimizerConfig(
-            name="adamw", learning_rate=self.learning_rate, schedule="constant",
-            weight_decay=self.weight_decay, total_steps=max(self.num_updates, 1),
-            grad_clip_norm=self.grad_clip_norm))
-
-
-RL_PRESETS = {
-    # smoke scale: 100 updates of 32 episodes
-    "tiny": lambda: RLConfig(episodes=3200, batch_episodes=32, learning_rate=1e-3),
-    # docs/internal_rl.md D22: B 128, 2 epochs, ε 0.2, lr 3e-4, ~10^5 episodes (~780 updates)
-    "small": RLConfig,
-    # Table A13: batch 1024, 100k train steps, lr 3e-5, policy width 256
-    "paper": lambda: RLConfig(episodes=1024 * 100_000, batch_episodes=1024, learning_rate=3e-5,
-                              policy_width=256, updates_per_call=100),
-}
+        """The optax optimizer of `optim`, one object per config (`common.train.STEPS`)."""
+        return STEPS.optimizer(self.optim)
 
 
 class RLResult(NamedTuple):
@@ -481,6 +456,11 @@ def _tasks(task, batch: int) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(task), (batch, task.shape[0]))
 
 
+def _task_key(tasks: jax.Array) -> tuple:
+    host = np.asarray(tasks)
+    return host.shape, host.tobytes()
+
+
 def _horizon(cfg: RLConfig, env) -> int:
     return int(cfg.horizon or env.horizon)
 
@@ -503,7 +483,9 @@ class RLProgram(NamedTuple):
     rollout_fn(params, static, key) -> (batch, episode); logp_fn(params, static, batch) ->
     (logp, entropy); params: the trained nnx.State; static: the frozen rest (an argument of
     the compiled call, not a constant); graphdef: to rebuild the trained module with
-    `nnx.merge(graphdef, params, ...)`; tx: the optimizer.
+    `nnx.merge(graphdef, params, ...)`; tx: the optimizer; key: hashable identity of
+    what rollout_fn and logp_fn close over (graphs, env, task, layer, horizon), under which
+    the compiled chunk is cached in `common.train.STEPS` (None: not cached).
     """
 
     rollout_fn: RolloutFn
@@ -512,13 +494,15 @@ class RLProgram(NamedTuple):
     static: Any
     graphdef: Any
     tx: optax.GradientTransformation
+    key: Any = None
 
 
 def _checkpointer(directory, name: str, cfg: RLConfig, seed: int) -> Checkpointer:
     # the budget and the logging period may change between invocations of one run
     config = dict(algorithm=name, seed=seed, rl=dataclasses.asdict(cfg))
     return Checkpointer(directory, max_to_keep=2, config=config,
-                        ignore_config_keys=["rl.episodes", "rl.updates_per_call"])
+                        ignore_config_keys=["rl.episodes", "rl.updates_per_call",
+                                            "rl.optim.total_steps"])
 
 
 def run_program(name: str, cfg: RLConfig, program: RLProgram, seed: int, log=print,
@@ -532,7 +516,13 @@ def run_program(name: str, cfg: RLConfig, program: RLProgram, seed: int, log=pri
     resumed run gives the same curve as an uninterrupted one.
     """
     t0 = time.perf_counter()
-    chunk = make_train_chunk(cfg, program.tx, program.rollout_fn, program.logp_fn)
+    def build():
+        return make_train_chunk(cfg, program.tx, program.rollout_fn, program.logp_fn)
+
+    # the episode budget and the chunk length do not change the compiled update
+    shape = dataclasses.replace(cfg, episodes=cfg.batch_episodes, updates_per_call=1)
+    chunk = (build() if program.key is None
+             else STEPS.get(("internal_rl.rl_chunk", program.key, shape), build))
     # the chunk donates its inputs: copy, so the program's (and a cloned base model's
     # shared) arrays stay valid for the caller
     params = jax.tree.map(jnp.copy, program.params)
@@ -614,7 +604,10 @@ def make_internal_rl(cfg: RLConfig, base: PolicyModel, metacontroller, env, task
         pol = nnx.merge(p_graph, params, static[1])
         return pol.log_probs(batch["e"], batch["z"], batch["decision"]), pol.entropy()
 
-    return RLProgram(rollout_fn, logp_fn, params, (e_state, p_rest), p_graph, cfg.optimizer())
+    key = ("internal", e_graph, p_graph, env, _task_key(tasks), layer, horizon,
+           cfg.beta_threshold)
+    return RLProgram(rollout_fn, logp_fn, params, (e_state, p_rest), p_graph, cfg.optimizer(),
+                     key)
 
 
 def run_internal_rl(cfg: RLConfig, base: PolicyModel, metacontroller, env, task: np.ndarray,
@@ -654,7 +647,8 @@ def make_raw_action_rl(cfg: RLConfig, base: PolicyModel, env, task) -> RLProgram
     def logp_fn(params, static, batch):
         return raw_log_probs(nnx.merge(graph, params, static), batch["obs"], batch["action"])
 
-    return RLProgram(rollout_fn, logp_fn, params, rest, graph, cfg.optimizer())
+    key = ("raw", graph, env, _task_key(tasks), horizon)
+    return RLProgram(rollout_fn, logp_fn, params, rest, graph, cfg.optimizer(), key)
 
 
 def run_raw_action_rl(cfg: RLConfig, base: PolicyModel, env, task: np.ndarray, seed: int, *,

@@ -15,8 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from common.train import STEPS
 from internal_rl.envs.base import PinpadEnv, task_length
 from internal_rl.models.transformer import categorical_action
 
@@ -78,9 +80,18 @@ def make_policy_eval(env: PinpadEnv, graphdef, tasks, num_episodes: int, *,
 
     The model (`nnx.merge(graphdef, params, frozen)`) is a base model (transformer or Hawk:
     `policy_head` and `sample_action` pick the action distribution), or with `labelled` a
-    label-switched `ControlledModel` fed `env.subgoal` at every step.
+    label-switched `ControlledModel` fed `env.subgoal` at every step. One compiled program
+    per (env, graphdef, tasks, sizes), shared through `common.train.STEPS`.
     """
     horizon = horizon or env.horizon
+    host_tasks = np.asarray(tasks, np.int32)
+    key = ("internal_rl.policy_eval", env, graphdef, host_tasks.tobytes(), host_tasks.shape,
+           num_episodes, horizon, greedy, labelled)
+    return STEPS.get(key, lambda: _build_policy_eval(env, graphdef, host_tasks, num_episodes,
+                                                     horizon, greedy, labelled))
+
+
+def _build_policy_eval(env, graphdef, tasks, num_episodes, horizon, greedy, labelled):
     tasks = jnp.asarray(tasks, jnp.int32)
 
     def run(params, frozen, key):
@@ -102,10 +113,18 @@ def make_policy_eval(env: PinpadEnv, graphdef, tasks, num_episodes: int, *,
     return jax.jit(run)
 
 
+def host_array(x) -> np.ndarray:
+    """A (possibly multi-process, replicated) array as host numpy: arrays replicated over
+    several processes are not fully addressable, but each process holds a full copy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.asarray(jax.device_get(x))
+
+
 def summarize(episodes: dict[str, jax.Array]) -> dict[str, float]:
     """Episode arrays -> {success_rate, mean_progress, mean_length} as floats."""
     return dict(
-        success_rate=float(jnp.mean(episodes["success"].astype(jnp.float32))),
-        mean_progress=float(jnp.mean(episodes["progress"])),
-        mean_length=float(jnp.mean(episodes["length"].astype(jnp.float32))),
+        success_rate=float(np.mean(host_array(episodes["success"]).astype(np.float32))),
+        mean_progress=float(np.mean(host_array(episodes["progress"]))),
+        mean_length=float(np.mean(host_array(episodes["length"]).astype(np.float32))),
     )

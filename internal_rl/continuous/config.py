@@ -11,8 +11,9 @@ CPU plan B of docs/internal_rl.md D23 (Hawk d=128, L=4, λ=10, AdamW 3e-4 wd 0.0
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-from common.config import get_preset, override
+from common.config import get_preset, override, require
 from common.train import OptimizerConfig
 from internal_rl.config import (
     ChainConfig,
@@ -20,6 +21,7 @@ from internal_rl.config import (
     MetaTrainConfig,
     ProbeConfig,
     ReproduceConfig,
+    adamw,
 )
 from internal_rl.metacontroller import MetacontrollerConfig
 from internal_rl.models.hawk import HawkConfig
@@ -43,10 +45,8 @@ class EnvConfig:
     frame_skip: int = 5
 
     def __post_init__(self):
-        if self.kind not in ENV_KINDS:
-            raise ValueError(f"env.kind: expected one of {ENV_KINDS}, got {self.kind!r}")
-        if self.horizon < 1:
-            raise ValueError(f"env.horizon: expected >= 1, got {self.horizon}")
+        require(self, "kind", self.kind in ENV_KINDS, f"one of {ENV_KINDS}")
+        require(self, "horizon", self.horizon >= 1, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,37 +65,28 @@ class DataConfig:
     expert_run_dir: str | None = None
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.max_len < 1:
-            raise ValueError(f"data: expected batch_size, max_len >= 1, got "
-                             f"{self.batch_size}, {self.max_len}")
-        if min(self.noise_std, self.star_noise_std) < 0:
-            raise ValueError(f"data: expected noise_std, star_noise_std >= 0, got "
-                             f"{self.noise_std}, {self.star_noise_std}")
-        if self.n_candidates is not None and self.n_candidates < self.batch_size:
-            raise ValueError(f"data.n_candidates: expected None or >= batch_size "
-                             f"({self.batch_size}), got {self.n_candidates}")
-
-
-def _optim(steps: int, lr: float = 3e-4, wd: float = 0.03,
-           clip: float | None = 1.0) -> OptimizerConfig:
-    return OptimizerConfig(name="adamw", learning_rate=lr, schedule="constant",
-                           weight_decay=wd, total_steps=steps, grad_clip_norm=clip)
+        req = functools.partial(require, self)
+        req("batch_size", self.batch_size >= 1, ">= 1")
+        req("max_len", self.max_len >= 1, ">= 1")
+        req("noise_std", self.noise_std >= 0, ">= 0")
+        req("star_noise_std", self.star_noise_std >= 0, ">= 0")
+        req("n_candidates", self.n_candidates is None or self.n_candidates >= self.batch_size,
+            f"None or >= batch_size ({self.batch_size})")
 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     steps: int = 4000
     obs_coef: float = 10.0  # λ of Eq. 5 (ant: 10, Table A5)
-    optim: OptimizerConfig = _optim(4000)
+    optim: OptimizerConfig = adamw(4000, 3e-4)
     log_every: int = 50
     save_every: int = 250
-    eval_every: int = 500
+    eval_every: int = 500  # 0: only at the end
     eval_episodes: int = 128  # closed-loop episodes per task set (pretraining, held-out); 0: none
 
     def __post_init__(self):
-        if self.steps < 0 or self.eval_episodes < 0:
-            raise ValueError(f"pretrain: expected steps, eval_episodes >= 0, got "
-                             f"{self.steps}, {self.eval_episodes}")
+        require(self, "steps", self.steps >= 0, ">= 0")
+        require(self, "eval_episodes", self.eval_episodes >= 0, ">= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,16 +112,18 @@ def tiny() -> Config:
         data=DataConfig(batch_size=8, max_len=128, n_candidates=12),
         model=HawkConfig(dim=32, depth=2, num_heads=4, mlp_hidden=64,
                          obs_dim=POINT_OBS_DIM, action_dim=POINT_ACTION_DIM),
-        pretrain=PretrainConfig(steps=40, optim=_optim(40, lr=3e-3), log_every=10,
+        pretrain=PretrainConfig(steps=40, optim=adamw(40, 3e-3), log_every=10,
                                 save_every=20, eval_every=20, eval_episodes=16),
         probe=ProbeConfig(train_trajectories=32, eval_trajectories=16, steps=100,
                           batch_size=128, max_position=8),
         metacontroller=MetacontrollerConfig(rank=32, embed_width=32),
-        mctrain=MetaTrainConfig(steps=100, batch_size=8, learning_rate=3e-4,
-                                alphas=(0.1,), cotrain_steps=100, save_every=50),
-        control=ControlConfig(layers=(1,), steps=20, batch_size=8, save_every=10,
-                              eval_episodes=16),
-        rl=RLConfig(episodes=64, batch_episodes=32, learning_rate=1e-3, updates_per_call=2),
+        mctrain=MetaTrainConfig(steps=100, batch_size=8, optim=adamw(100, 3e-4),
+                                alphas=(0.1,), cotrain_steps=100,
+                                cotrain_optim=adamw(100, 3e-4), save_every=50),
+        control=ControlConfig(layers=(1,), steps=20, batch_size=8, optim=adamw(20, 1e-3),
+                              save_every=10, eval_episodes=16),
+        rl=RLConfig(episodes=64, batch_episodes=32, optim=adamw(2, 1e-3, wd=0.0),
+                    updates_per_call=2),
         reproduce=ReproduceConfig(rl_seeds=1, methods=("internal_rl", "raw_action_rl"),
                                   diagnostic_methods=()),
     )
@@ -150,17 +143,17 @@ def small() -> Config:
     return Config(
         model=HawkConfig(dim=128, depth=4, num_heads=8, mlp_hidden=256,
                          obs_dim=POINT_OBS_DIM, action_dim=POINT_ACTION_DIM),
-        pretrain=PretrainConfig(steps=4000, optim=_optim(4000), log_every=50,
+        pretrain=PretrainConfig(steps=4000, optim=adamw(4000, 3e-4), log_every=50,
                                 save_every=250, eval_every=500, eval_episodes=128),
         probe=ProbeConfig(train_trajectories=512, eval_trajectories=256, steps=2000,
                           batch_size=512, max_position=24, checkpoints=(1000, 2000)),
-        control=ControlConfig(layers=(0, 2, 4), steps=500, batch_size=32, save_every=250,
-                              eval_episodes=256),
+        control=ControlConfig(layers=(0, 2, 4), steps=500, batch_size=32,
+                              optim=adamw(500, 1e-3), save_every=250, eval_episodes=256),
         metacontroller=MetacontrollerConfig(rank=128),
-        mctrain=MetaTrainConfig(steps=1000, batch_size=32, learning_rate=3e-4,
+        mctrain=MetaTrainConfig(steps=1000, batch_size=32, optim=adamw(1000, 3e-4),
                                 alphas=(0.01, 0.03, 0.1, 0.3), save_every=250, cotrain_steps=4000,
-                                cotrain_learning_rate=3e-4, cotrain_from_scratch=False),
-        rl=RLConfig(episodes=12_800, batch_episodes=128, learning_rate=1e-3),
+                                cotrain_optim=adamw(4000, 3e-4), cotrain_from_scratch=False),
+        rl=RLConfig(episodes=12_800, batch_episodes=128, optim=adamw(100, 1e-3, wd=0.0)),
         reproduce=ReproduceConfig(rl_seeds=2, rl_tasks=("heldout", "seen_transitions"),
                                   methods=("internal_rl", "raw_action_rl",
                                            "no_temporal_abstraction")),
@@ -182,20 +175,20 @@ def paper() -> Config:
                         expert_run_dir="runs/ant_expert"),
         model=HawkConfig(dim=256, depth=8, lru_width=256, num_heads=8, mlp_hidden=512,
                          init_scale=0.1, obs_dim=41, action_dim=8),
-        pretrain=PretrainConfig(steps=204_800, optim=_optim(204_800, clip=None),
+        pretrain=PretrainConfig(steps=204_800, optim=adamw(204_800, 3e-4, clip=None),
                                 log_every=100, save_every=4000, eval_every=16_000,
                                 eval_episodes=1024),
         probe=ProbeConfig(train_trajectories=16_384, eval_trajectories=2048, steps=8000,
-                          batch_size=512, learning_rate=1e-3, weight_decay=0.0,
+                          batch_size=512, optim=adamw(8000, 1e-3, wd=0.0, clip=None),
                           max_position=32, checkpoints=(16_000, 32_000, 64_000, 128_000)),
         metacontroller=MetacontrollerConfig(rank=256),
-        mctrain=MetaTrainConfig(steps=32_000, batch_size=128, learning_rate=3e-4,
-                                weight_decay=0.03, alphas=(0.0, 0.05, 0.1, 0.17, 0.3, 0.5, 1.0),
-                                seeds=3, cotrain_steps=204_800, cotrain_learning_rate=3e-4,
+        mctrain=MetaTrainConfig(steps=32_000, batch_size=128, optim=adamw(32_000, 3e-4, 0.03),
+                                alphas=(0.0, 0.05, 0.1, 0.17, 0.3, 0.5, 1.0), seeds=3,
+                                cotrain_steps=204_800, cotrain_optim=adamw(204_800, 3e-4),
                                 cotrain_from_scratch=False, save_every=4000, log_every=100,
                                 eval_batches=8),
-        rl=RLConfig(episodes=51_200 * 256, batch_episodes=256, learning_rate=3e-5,
-                    weight_decay=0.0, entropy_coef=0.0, policy_width=256,
+        rl=RLConfig(episodes=51_200 * 256, batch_episodes=256,
+                    optim=adamw(51_200, 3e-5, wd=0.0), entropy_coef=0.0, policy_width=256,
                     updates_per_call=100),
     )
 

@@ -19,13 +19,13 @@ cost one MJX compile."""
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from common.train import STEPS
 from internal_rl.data import ExpertDataset, segment_position
 from internal_rl.envs.base import PolicyFn, batch_rollout
 from internal_rl.envs.pinpad_layout import MJXPinpad
@@ -113,11 +113,13 @@ def point_expert_batch(
                         n_candidates)
 
 
-@functools.lru_cache(maxsize=16)
 def _batch_program(env: PointPinpad, batch_size: int, max_len: int, n_candidates: int | None):
-    """Jitted (key, tasks int32 [N, K], noise_std f32 []) -> `point_expert_batch` dict."""
-    return jax.jit(lambda key, tasks, noise_std: point_expert_batch(
-        env, key, tasks, batch_size, max_len, noise_std, n_candidates))
+    """Jitted (key, tasks int32 [N, K], noise_std f32 []) -> `point_expert_batch` dict, one
+    per env and shapes (`common.train.STEPS`)."""
+    return STEPS.get(
+        ("internal_rl.point_expert_batch", env, batch_size, max_len, n_candidates),
+        lambda: jax.jit(lambda key, tasks, noise_std: point_expert_batch(
+            env, key, tasks, batch_size, max_len, noise_std, n_candidates)))
 
 
 class PointExpertDataset(ExpertDataset):
@@ -156,10 +158,17 @@ class PointExpertDataset(ExpertDataset):
         return self.epsilon
 
 
-@functools.lru_cache(maxsize=8)
 def _ant_batch_program(expert_cfg, batch_size: int, max_len: int, n_candidates: int | None):
     """Jitted (key, tasks, noise f32 [], expert params) -> `expert_batch` of the trained Ant
-    expert (params are an argument: a new checkpoint does not recompile)."""
+    expert (params are an argument: a new checkpoint does not recompile), one per expert
+    config and shapes (`common.train.STEPS`)."""
+    return STEPS.get(("internal_rl.ant_expert_batch", expert_cfg, batch_size, max_len,
+                      n_candidates),
+                     lambda: _build_ant_batch_program(expert_cfg, batch_size, max_len,
+                                                      n_candidates))
+
+
+def _build_ant_batch_program(expert_cfg, batch_size, max_len, n_candidates):
     from internal_rl.ant_expert import build_program, expert_policy
 
     program = build_program(expert_cfg)

@@ -2,8 +2,9 @@
 (internal RL App. C.1.1, Eq. 5, Tables A5/A15; docs/internal_rl.md D23).
 
 `run_pretrain(cfg, run_dir)` trains `hawk.pretrain_loss` (action NLL + λ · observation NLL)
-with `common.train` (jitted functional step, orbax checkpoints of model + optimizer + RNG
-+ data position, resume, non-finite-loss stop) and logs to `run_dir/pretrain/metrics.jsonl`.
+through `internal_rl.stage.run_pretrain_stage` (the grid world's stage: jitted step on the
+device mesh, orbax checkpoints of model + optimizer + RNG + data position, resume,
+non-finite-loss stop) and logs to `run_dir/pretrain/metrics.jsonl`.
 Evaluation: losses on a held-out expert batch, and closed-loop episodes of the base model
 acting with its own Gaussian head (sampled, and greedy = the mean) on the pretraining tasks
 and on the held-out task 0-1-2-3. `load_base_model(cfg, run_dir)` restores a checkpoint as
@@ -13,19 +14,16 @@ a module for probes and controllers.
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from common.checkpoint import Checkpointer
 from common.config import to_dict
-from common.metrics import MetricsWriter, Progress
-from common.train import create_train_state, make_optimizer, make_train_step, train
+from common.rng import stream_key, stream_seed
+from common.train import STEPS
 from internal_rl.continuous.config import Config, EnvConfig
 from internal_rl.continuous.data import AntExpertDataset, PointExpertDataset
 from internal_rl.continuous.rollouts import gaussian_closed_loop
@@ -38,17 +36,15 @@ from internal_rl.envs.pinpad_layout import (
 )
 from internal_rl.envs.point_pinpad import PointPinpad
 from internal_rl.models.hawk import HawkModel, pretrain_loss
-
-# the grid world's seed offsets: the stages' streams are independent but derived from cfg.seed
-from internal_rl.pretrain import (  # noqa: F401  (SEED_* are part of the pipeline surface)
-    SEED_CONTROL,
-    SEED_DATA,
-    SEED_EVAL,
-    SEED_MODEL,
-    SEED_PROBE,
-    restore_pretrained,
-)
+from internal_rl.pretrain import stream_names
 from internal_rl.rollouts import summarize
+from internal_rl.stage import (
+    PRETRAIN_IGNORE,
+    pretrain_checkpointer,
+    restore_pretrained,
+    run_pretrain_stage,
+)
+from internal_rl.stage import init_train_state as _init_train_state
 
 # The task tables the later stages evaluate on, by name (`internal_rl.pipeline`).
 TASKS = {"pretrain": pretrain_tasks, "heldout": post_task,
@@ -58,6 +54,8 @@ TASK_WIDTH = len(POST_TASK)  # eval tasks padded to 4 colours: one program for b
 
 @functools.lru_cache(maxsize=8)
 def _make_env(env_cfg: EnvConfig) -> PointPinpad | AntPinpad:
+    # One env object per config (MJX model loading); not a compiled program. The compiled
+    # data and evaluation programs are keyed on this object in `common.train.STEPS`.
     e = env_cfg
     cls = PointPinpad if e.kind == "point" else AntPinpad
     return cls(size=e.size, cell_size=e.cell_size, num_colours=e.num_colours,
@@ -76,17 +74,18 @@ def build_model(cfg: Config) -> HawkModel:
         raise ValueError(f"model.obs_dim / model.action_dim = {cfg.model.obs_dim} / "
                          f"{cfg.model.action_dim}, but the {cfg.env.kind} env has "
                          f"{env.obs_dim} / {env.action_shape[0]}")
-    return HawkModel(cfg.model, rngs=nnx.Rngs(cfg.seed * 100 + SEED_MODEL))
+    return HawkModel(cfg.model, rngs=nnx.Rngs(stream_seed(cfg.seed, "model")))
 
 
-def make_dataset(cfg: Config, stream: int, batch_size: int | None = None, *,
+def make_dataset(cfg: Config, stream: str | tuple, batch_size: int | None = None, *,
                  star: bool = False) -> PointExpertDataset | AntExpertDataset:
     """Expert data on the pretraining tasks: D (noise cfg.data.noise_std) or, with `star`,
-    D* (cfg.data.star_noise_std). `stream` selects an independent seed. The point-mass
-    expert is scripted; the Ant's is the trained PPO expert of cfg.data.expert_run_dir."""
+    D* (cfg.data.star_noise_std). `stream` names an independent seed of cfg.seed
+    (`common.rng.stream_seed`). The point-mass expert is scripted; the Ant's is the trained
+    PPO expert of cfg.data.expert_run_dir."""
     d = cfg.data
     noise = d.star_noise_std if star else d.noise_std
-    seed = cfg.seed * 100 + stream
+    seed = stream_seed(cfg.seed, *stream_names(stream))
     if cfg.env.kind == "point":
         return PointExpertDataset(make_env(cfg), pretrain_tasks(), batch_size or d.batch_size,
                                   d.max_len, noise, seed=seed, n_candidates=d.n_candidates)
@@ -124,21 +123,14 @@ def pretrain_checkpoint_config(cfg: Config) -> dict:
     return {k: d[k] for k in ("seed", "env", "data", "model", "pretrain")}
 
 
-def _checkpointer(cfg: Config, run_dir: pathlib.Path) -> Checkpointer:
-    # Extending a run (more steps, other logging periods) must not invalidate its
-    # checkpoints, nor moving the Ant expert's run directory (a path, not the expert).
-    ignore = ["pretrain.steps", "pretrain.optim.total_steps", "pretrain.log_every",
-              "pretrain.save_every", "pretrain.eval_every", "pretrain.eval_episodes",
-              "data.star_noise_std", "data.expert_run_dir"]
-    return Checkpointer(run_dir / "pretrain" / "checkpoints", max_to_keep=None,
-                        config=pretrain_checkpoint_config(cfg), ignore_config_keys=ignore)
+# Moving the Ant expert's run directory (a path, not the expert) must not invalidate the
+# checkpoints either.
+IGNORE = PRETRAIN_IGNORE + ("data.star_noise_std", "data.expert_run_dir")
 
 
 def init_train_state(cfg: Config):
     """(graphdef, TrainState, tx) of a fresh base model."""
-    tx = make_optimizer(cfg.pretrain.optim)
-    graphdef, state = create_train_state(build_model(cfg), tx, jax.random.key(cfg.seed))
-    return graphdef, state, tx
+    return _init_train_state(cfg, lambda: build_model(cfg), stream_key(cfg.seed, "pretrain"))
 
 
 def make_loss_fn(obs_coef: float):
@@ -167,7 +159,11 @@ def make_base_eval(cfg: Config, graphdef, horizon: int | None = None):
     the uncontrolled base model acting with its Gaussian head (mean when greedy)."""
     env = make_env(cfg)
     horizon = horizon or env.horizon
+    return STEPS.get(("internal_rl.hawk_base_eval", env, graphdef, horizon),
+                     lambda: _build_base_eval(env, graphdef, horizon))
 
+
+def _build_base_eval(env, graphdef, horizon: int):
     def run(params, frozen, key, tasks, greedy):
         model = nnx.merge(graphdef, params, frozen)
 
@@ -197,56 +193,36 @@ def closed_loop_metrics(base_eval, params, frozen, key: jax.Array,
 def run_pretrain(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = True) -> dict:
     """Pretrains (or resumes) the base model to cfg.pretrain.steps; returns a summary dict
     (also written to run_dir/pretrain/summary.json)."""
-    run_dir = pathlib.Path(run_dir)
-    out_dir = run_dir / "pretrain"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    graphdef, state, tx = init_train_state(cfg)
-    loss_fn = make_loss_fn(cfg.pretrain.obs_coef)
-    step_fn = make_train_step(graphdef, loss_fn, tx)
-    data = make_dataset(cfg, SEED_DATA)
-    heldout_batch = make_dataset(cfg, SEED_EVAL).batch_at(0)
-    batch_eval = jax.jit(lambda p, f, b: loss_fn(nnx.merge(graphdef, p, f), b, None))
+    graphdef, state, _ = init_train_state(cfg)
+    obs_coef = cfg.pretrain.obs_coef
+    loss_fn = make_loss_fn(obs_coef)
+    # host copy: the eval program places it next to the (possibly mesh-replicated) params
+    heldout_batch = jax.tree.map(np.asarray, make_dataset(cfg, "heldout").batch_at(0))
+    batch_eval = STEPS.get(
+        ("internal_rl.hawk_pretrain_eval", graphdef, obs_coef),
+        lambda: jax.jit(lambda p, f, b: loss_fn(nnx.merge(graphdef, p, f), b, None)))
     base_eval = make_base_eval(cfg, graphdef)
     n_eval = cfg.pretrain.eval_episodes
+    eval_key = stream_key(cfg.seed, "eval")
 
-    done: dict[int, dict] = {}  # the last step is evaluated by `train` and for the summary
-
-    def eval_fn(st):
-        step = int(st.step)
-        if step not in done:
-            done.clear()
-            done[step] = _evaluate(st)
-        return done[step]
-
-    def _evaluate(st):
+    def evaluate(st):
         loss, parts = batch_eval(st.params, st.frozen, heldout_batch)
         metrics = {f"heldout_{k}": v for k, v in {"loss": loss, **parts}.items()}
         if n_eval:
-            key = jax.random.fold_in(jax.random.key(cfg.seed * 100 + SEED_EVAL), st.step)
+            key = jax.random.fold_in(eval_key, st.step)
             metrics.update(closed_loop_metrics(base_eval, st.params, st.frozen, key, n_eval))
         return metrics
 
-    ckpt = _checkpointer(cfg, run_dir)
-    start = ckpt.latest_step() or 0
-    progress = Progress(cfg.pretrain.steps, name="pretrain", start_step=start)
-    t0 = time.time()
-    with MetricsWriter(out_dir / "metrics.jsonl") as writer:
-        state = train(state, step_fn, data, cfg.pretrain.steps, checkpointer=ckpt,
-                      save_every=cfg.pretrain.save_every, eval_fn=eval_fn,
-                      eval_every=cfg.pretrain.eval_every, metrics_writer=writer,
-                      log_every=cfg.pretrain.log_every,
-                      progress=(lambda s, m=None: progress.update(s, m)) if verbose else None)
-    final = {k: float(v) for k, v in jax.device_get(eval_fn(state)).items()}
-    ckpt.close()
-    summary = dict(step=int(state.step), resumed_from=start,
-                   wall_seconds_this_session=time.time() - t0,
-                   compile_seconds=progress.compile_seconds, **final)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return run_pretrain_stage(
+        cfg, run_dir, graphdef=graphdef, state=state, loss_fn=loss_fn,
+        loss_key=("internal_rl.hawk_pretrain", obs_coef), data=make_dataset(cfg, "data"),
+        checkpoint_config=pretrain_checkpoint_config(cfg), ignore=IGNORE, evaluate=evaluate,
+        verbose=verbose)
 
 
 def load_base_model(cfg: Config, run_dir: str | pathlib.Path, step: int | None = None) -> HawkModel:
     """The pretrained base model from run_dir's checkpoints (latest step by default)."""
     graphdef, state, _ = init_train_state(cfg)
-    return restore_pretrained(graphdef, state, _checkpointer(cfg, pathlib.Path(run_dir)), step,
+    ckpt = pretrain_checkpointer(pathlib.Path(run_dir), pretrain_checkpoint_config(cfg), IGNORE)
+    return restore_pretrained(graphdef, state, ckpt, step,
                               "python -m internal_rl pretrain --env point")

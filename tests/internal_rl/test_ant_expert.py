@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from common.train import OptimizerConfig
 from internal_rl.ant_expert import (
     ANT_EXPERT_PRESETS,
     AntExpertConfig,
@@ -192,7 +193,9 @@ def test_obs_norm_merges_batches_exactly():
 
 def test_ppo_update_improves_the_surrogate_on_a_toy_batch():
     cfg = AntExpertConfig(num_envs=4, rollout_len=16, total_env_steps=64, epochs=4,
-                          minibatches=2, hidden=(16,), learning_rate=3e-3)
+                          minibatches=2, hidden=(16,),
+                          optim=OptimizerConfig(learning_rate=3e-3, schedule="constant",
+                                                grad_clip_norm=0.5))
     graphdef, params = nnx.split(make_model(cfg, 5, 2, seed=0))
     rng = jax.random.split(jax.random.key(0), 4)
     obs = jax.random.normal(rng[0], (64, 5))
@@ -310,14 +313,14 @@ def test_ant_expert_run_feeds_the_continuous_pipeline_data(runs):
     sequence model's shapes; an env that differs from the expert's is refused."""
     from common.config import to_json
     from internal_rl.continuous.config import make_config
-    from internal_rl.continuous.pretrain import SEED_DATA, make_dataset
+    from internal_rl.continuous.pretrain import make_dataset
 
     run_dir = runs["root"] / "full"
     (run_dir / "config.json").write_text(to_json(TINY))
     sets = [f"data.expert_run_dir={run_dir}", "data.batch_size=3", "data.n_candidates=4",
             "data.max_len=24", f"env.horizon={TINY.horizon}"]
     cfg = make_config("paper", sets)
-    d, d_star = make_dataset(cfg, SEED_DATA), make_dataset(cfg, SEED_DATA, star=True)
+    d, d_star = make_dataset(cfg, "data"), make_dataset(cfg, "data", star=True)
     batch, again, star = d.batch_at(0), d.batch_at(0), d_star.batch_at(0)
     assert batch["obs"].shape == (3, 24, cfg.model.obs_dim) == (3, 24, 41)
     assert batch["action"].shape == (3, 24, cfg.model.action_dim) == (3, 24, 8)
@@ -332,4 +335,4 @@ def test_ant_expert_run_feeds_the_continuous_pipeline_data(runs):
     assert not mask[~success].any()
     with pytest.raises(ValueError, match="horizon"):
         make_dataset(make_config("paper", sets[:-1] + [f"env.horizon={TINY.horizon - 100}",
-                                                       "data.max_len=24"]), SEED_DATA)
+                                                       "data.max_len=24"]), "data")

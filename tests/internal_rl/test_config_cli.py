@@ -36,9 +36,9 @@ def test_bad_overrides_are_clear_errors():
         make_config("tiny", ["model.detph=4"])
     with pytest.raises(ConfigError, match="expected an int"):
         make_config("tiny", ["model.depth=four"])
-    with pytest.raises(ValueError, match="control.layers"):
+    with pytest.raises(ValueError, match="ControlConfig.layers"):
         make_config("tiny", ["control.layers=(0,7)"])
-    with pytest.raises(ValueError, match="reproduce.rl_tasks"):
+    with pytest.raises(ValueError, match="ReproduceConfig.rl_tasks"):
         make_config("tiny", ["reproduce.rl_tasks=('heldout','other')"])
     with pytest.raises(SystemExit):
         main(["train", "--run-dir", "/nonexistent"])

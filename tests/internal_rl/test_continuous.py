@@ -15,11 +15,11 @@ import pytest
 
 from common.config import ConfigError
 from common.metrics import read_metrics
+from common.rng import stream_seed
 from internal_rl.analysis import probe_checkpoint
 from internal_rl.continuous.config import PRESETS, make_config
 from internal_rl.continuous.data import PointExpertDataset, point_expert_batch
 from internal_rl.continuous.pretrain import (
-    SEED_DATA,
     build_model,
     eval_tasks,
     load_base_model,
@@ -50,7 +50,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def batch(cfg):
-    return jax.tree.map(np.asarray, make_dataset(cfg, SEED_DATA).batch_at(0))
+    return jax.tree.map(np.asarray, make_dataset(cfg, "data").batch_at(0))
 
 
 # ------------------------------------------------------------------------ configs
@@ -69,9 +69,9 @@ def test_presets_build_and_match_the_spec():
     assert paper.env.kind == "ant" and paper.env.horizon == 500
     assert (paper.model.dim, paper.model.depth, paper.model.mlp_hidden) == (256, 8, 512)
     assert (paper.pretrain.steps, paper.data.batch_size) == (204_800, 512)
-    assert (paper.mctrain.steps, paper.mctrain.batch_size, paper.mctrain.learning_rate) == \
+    assert (paper.mctrain.steps, paper.mctrain.batch_size, paper.mctrain.optim.learning_rate) == \
         (32_000, 128, 3e-4)
-    assert (paper.rl.batch_episodes, paper.rl.learning_rate) == (256, 3e-5)
+    assert (paper.rl.batch_episodes, paper.rl.optim.learning_rate) == (256, 3e-5)
     assert paper.rl.episodes == 51_200 * 256
 
 
@@ -88,7 +88,7 @@ def test_seen_transition_task_uses_only_pretraining_transitions():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="env.kind"):
+    with pytest.raises(ConfigError, match="EnvConfig.kind"):
         make_config("tiny", ["env.kind=cheetah"])
     with pytest.raises(ConfigError, match="model.widht"):
         make_config("tiny", ["model.widht=3"])
@@ -97,13 +97,13 @@ def test_config_errors():
     with pytest.raises(ValueError, match="obs_dim"):
         build_model(make_config("tiny", ["model.obs_dim=15"]))
     with pytest.raises(ValueError, match="data.expert_run_dir"):
-        make_dataset(make_config("paper", ["data.expert_run_dir=None"]), SEED_DATA)
+        make_dataset(make_config("paper", ["data.expert_run_dir=None"]), "data")
 
 
 def test_ant_data_needs_a_trained_expert_run(tmp_path):
     missing = make_config("paper", [f"data.expert_run_dir={tmp_path / 'none'}"])
     with pytest.raises(FileNotFoundError, match="python -m internal_rl.ant_expert"):
-        make_dataset(missing, SEED_DATA)
+        make_dataset(missing, "data")
 
 
 # ------------------------------------------------------------------------ data
@@ -164,13 +164,13 @@ def test_subgoal_labels_follow_the_task(batch):
 def test_dataset_determinism_and_state_round_trip(cfg, batch):
     env, d = make_env(cfg), cfg.data
     ds = PointExpertDataset(env, pretrain_tasks(), d.batch_size, d.max_len, d.noise_std,
-                            seed=100 * cfg.seed + SEED_DATA, n_candidates=d.n_candidates)
+                            seed=stream_seed(cfg.seed, "data"), n_candidates=d.n_candidates)
     first = jax.tree.map(np.asarray, ds.next())
     for k in batch:  # the same stream as make_dataset's, batch for batch
         np.testing.assert_array_equal(first[k], batch[k])
     ds.next()
     state = ds.get_state()
-    assert state == {"seed": 100 * cfg.seed + SEED_DATA, "step": 2}
+    assert state == {"seed": stream_seed(cfg.seed, "data"), "step": 2}
     third = np.asarray(ds.next()["obs"])
     again = PointExpertDataset(env, pretrain_tasks(), d.batch_size, d.max_len, d.noise_std,
                                seed=12345, n_candidates=d.n_candidates)
@@ -180,7 +180,7 @@ def test_dataset_determinism_and_state_round_trip(cfg, batch):
     with pytest.raises(ValueError, match="set_state"):
         again.set_state({"step": 1})
     # D*: the same program with noise 0 gives different (noise-free) actions
-    star = make_dataset(cfg, SEED_DATA, star=True)
+    star = make_dataset(cfg, "data", star=True)
     assert star.noise_std == 0.0
     assert not np.array_equal(np.asarray(star.batch_at(0)["action"]), batch["action"])
 
@@ -311,11 +311,13 @@ def test_the_whole_chain_runs_on_the_hawk_model(full_run):
     """Controllers, the metacontroller α sweep, internal and raw-action RL and the report
     on the pretrained point-pinpad model (the grid world's stages, through
     `internal_rl.pipeline`); shapes and finiteness, not quality."""
-    from internal_rl.reproduce import run_reproduce
+    from common.report import StageClock
+    from internal_rl.reproduce import reproduce, run_stages
 
     run_dir, _ = full_run
     chain_cfg = make_config("tiny", OVERRIDES + CHAIN)
-    parts = run_reproduce(chain_cfg, run_dir, preset="tiny", verbose=False)
+    reproduce(chain_cfg, run_dir, preset="tiny", verbose=False)
+    parts = run_stages(chain_cfg, run_dir, StageClock(), verbose=False)  # read back
     control = parts["control"]
     assert control["layers"] == [1]
     assert len(control["seen_transition_task_success"]) == 1  # the 0-3-2-1 diagnostic task

@@ -10,7 +10,7 @@ from flax import nnx
 
 from internal_rl.config import make_config
 from internal_rl.metacontroller_train import (
-    SEED_MC_EVAL,
+    EVAL_STREAM,
     Variant,
     evaluate_variant,
     init_variant,
@@ -31,7 +31,7 @@ OVERRIDES = [
     "metacontroller.switch_hidden=16", "metacontroller.decoder_hidden=8",
     "metacontroller.rank=4",
     "mctrain.batch_size=4", "mctrain.steps=4", "mctrain.cotrain_steps=4",
-    "mctrain.learning_rate=0.01", "mctrain.cotrain_learning_rate=0.01",
+    "mctrain.optim.learning_rate=0.01", "mctrain.cotrain_optim.learning_rate=0.01",
     "mctrain.save_every=2", "mctrain.log_every=2", "mctrain.eval_batches=1",
     "mctrain.trace_examples=2",
 ]
@@ -88,7 +88,7 @@ def test_beta_one_switches_at_every_valid_step(cfg, base, tmp_path):
     switches = np.sum(np.asarray(res["traces"]["beta"]) * np.asarray(res["traces"]["mask"]) > 0.5,
                       axis=-1)
     np.testing.assert_array_equal(switches, steps)
-    eval_mask = make_dataset(cfg, SEED_MC_EVAL, cfg.mctrain.batch_size).batch_at(0)["mask"]
+    eval_mask = make_dataset(cfg, EVAL_STREAM, cfg.mctrain.batch_size).batch_at(0)["mask"]
     assert res["metrics"]["switches"] == pytest.approx(float(np.mean(np.sum(eval_mask, -1))))
     assert res["metrics"]["beta_mean"] == pytest.approx(1.0)
     # every switch is an extra decision: precision is the share of steps next to a boundary

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 
+from common.train import OptimizerConfig
 from internal_rl.probes import ProbeData, evaluate_probes, fit_probes
 
 
@@ -21,7 +22,8 @@ def test_probe_decodes_informative_layer_only():
     rng = np.random.default_rng(0)
     train, test = _data(rng, 2000), _data(rng, 1000)
     params, losses = fit_probes(train, 4, jax.random.key(0), steps=300, batch_size=256,
-                                learning_rate=3e-2)
+                                optim=OptimizerConfig(learning_rate=3e-2, schedule="constant",
+                                                      grad_clip_norm=None))
     assert losses[-10:].mean() < losses[:10].mean()
     res = evaluate_probes(params, test, max_position=4)
     acc = res["accuracy"]

@@ -8,7 +8,7 @@ import pytest
 
 from internal_rl.__main__ import main
 from internal_rl.config import RL_METHODS, make_config
-from internal_rl.reproduce import final_success, quantile_curves, summarize_rl, write_report
+from internal_rl.report import final_success, quantile_curves, summarize_rl, write_report
 
 REDUCED = [
     "data.batch_size=8", "data.max_len=32",
@@ -108,5 +108,10 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
     rl_files = sorted(p.name for p in (tmp_path / "rl").iterdir())
     assert len(rl_files) == 2 * len(RL_METHODS)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "rl").iterdir()}
+    first = json.loads((tmp_path / "results.json").read_text())["provenance"]["compute"]
     assert main(args) == 0  # resumed: nothing is recomputed
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "rl").iterdir()} == stamps
+    # the rebuilt report states the compute time of the first invocation, stage by stage
+    again = json.loads((tmp_path / "results.json").read_text())["provenance"]["compute"]
+    assert again["stages"] == first["stages"] and first["stages"]["rl"] > 0
+    assert set(again["stages_from_cache"]) == set(first["stages"])

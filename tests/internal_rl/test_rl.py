@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from common.train import OptimizerConfig
 from internal_rl.envs import GridPinpad, make_task
 from internal_rl.metacontroller import Metacontroller, MetacontrollerConfig
 from internal_rl.models import BaseModel, ModelConfig
@@ -207,8 +208,8 @@ def test_advantages_zero_rewards_and_normalisation():
 # ------------------------------------------------------------------------------ bandit
 
 
-BANDIT = RLConfig(episodes=64, batch_episodes=64, epochs=2, minibatches=2, learning_rate=0.05,
-                  policy_width=8)
+BANDIT = RLConfig(episodes=64, batch_episodes=64, epochs=2, minibatches=2,
+                  optim=OptimizerConfig(learning_rate=0.05, schedule="constant"), policy_width=8)
 BANDIT_DIM, BANDIT_NZ = 4, 2
 
 
@@ -268,7 +269,8 @@ def test_ppo_learns_a_bandit(bandit):
 
 def test_raw_action_ppo_step_decreases_its_loss(models, reset):
     base = models[0]
-    cfg = RLConfig(episodes=B, batch_episodes=B, epochs=2, minibatches=2, learning_rate=1e-2)
+    cfg = RLConfig(episodes=B, batch_episodes=B, epochs=2, minibatches=2,
+                   optim=OptimizerConfig(learning_rate=1e-2, schedule="constant"))
     program = make_raw_action_rl(cfg, base, ENV, TASK)
     states, obs = reset
 
