@@ -307,6 +307,9 @@ CHAIN = [
 ]
 
 
+# Slow (≈2 min of the CI budget on 2 cores): `make demo` runs this chain on the point pinpad
+# too, and each of its stages has its own fast test.
+@pytest.mark.slow
 def test_the_whole_chain_runs_on_the_hawk_model(full_run):
     """Controllers, the metacontroller α sweep, internal and raw-action RL and the report
     on the pretrained point-pinpad model (the grid world's stages, through

@@ -25,13 +25,20 @@ from internal_rl.pretrain import load_base_model, run_pretrain
 from tests.multidevice import flat_params
 cfg = make_config("tiny", overrides)
 summary = run_pretrain(cfg, run_dir, verbose=False)
-assert summary["step"] == 3 and 0 <= summary["pretrain_task_success_rate"] <= 1, summary
+assert summary["step"] == 3, summary
 result = flat_params(nnx.state(load_base_model(cfg, run_dir), nnx.Param))
 """
 
 
 def test_pretraining_on_8_devices_matches_one_device(tmp_path):
-    one = run_with_devices(1, PRETRAIN, overrides=TINY, run_dir=str(tmp_path / "one"))
+    # the 1-device reference runs in this process (one device, the same precision)
+    from internal_rl.pretrain import load_base_model, run_pretrain
+    from tests.multidevice import flat_params
+
+    assert jax.device_count() == 1
+    cfg = make_config("tiny", TINY)
+    assert run_pretrain(cfg, tmp_path / "one", verbose=False)["step"] == 3
+    one = flat_params(nnx.state(load_base_model(cfg, tmp_path / "one"), nnx.Param))
     eight = run_with_devices(8, PRETRAIN, overrides=TINY, run_dir=str(tmp_path / "eight"))
     # float32: the 8-device step sums the per-device gradient partials in another order
     # (≈1e-7 relative); three Adam steps of lr 1e-3 keep that difference near 1e-6

@@ -47,11 +47,15 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 def test_two_process_cli_pretraining_matches_one_process(tmp_path):
-    single = _launch(tmp_path / "one")
     port = _free_port()
     pair = [_launch(tmp_path / "two", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)) for i in range(2)]
-    for proc in (single, *pair):
+    # the one-process reference: the same verb, in this process, while the pair runs
+    from internal_rl.__main__ import main
+
+    args = ["pretrain", "--preset", "tiny", "--quiet", "--run-dir", str(tmp_path / "one")]
+    assert main(args + [a for s in SETS for a in ("--set", s)]) == 0
+    for proc in pair:
         _finish(proc)
 
     cfg = make_config("tiny", SETS)
@@ -63,7 +67,7 @@ def test_two_process_cli_pretraining_matches_one_process(tmp_path):
     assert_params_close(two, one, rtol=1e-4, atol=1e-5)
     for run in ("one", "two"):  # process 0 wrote the run directory's records, once
         summary = json.loads((tmp_path / run / "pretrain" / "summary.json").read_text())
-        assert summary["step"] == 3 and 0 <= summary["pretrain_task_success_rate"] <= 1
+        assert summary["step"] == 3
         lines = (tmp_path / run / "pretrain" / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(x) for x in lines]
         assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
