@@ -12,6 +12,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from common.report import figure, savefig
+
 
 def _to_float(value: Any) -> float | int | str | None:
     if isinstance(value, (str, bool)) or value is None:
@@ -160,12 +162,7 @@ def plot_curves(
 
     `hlines` draws labelled horizontal reference lines (e.g. a paper's number, chance).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    fig, ax = figure()
     for label, (x, y) in series.items():
         ax.plot(np.asarray(x), np.asarray(y), label=label, linewidth=1.5)
     for label, value in (hlines or {}).items():
@@ -179,9 +176,4 @@ def plot_curves(
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return savefig(fig, path)

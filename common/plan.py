@@ -330,17 +330,35 @@ def write_plan(rows: Sequence[PlanRow], out_dir: str | os.PathLike, package: str
 
 def collect(out_dir: str | os.PathLike, target: str | os.PathLike) -> str:
     """Concatenates every `<package>_<N>dev.md` under `out_dir` (sorted) into `target`."""
-    from common.report import _write_text_atomic
+    import json
+
+    from common.report import _write_text_atomic, markdown_table
 
     out_dir = os.fspath(out_dir)
     parts = sorted(f for f in os.listdir(out_dir) if f.endswith("dev.md"))
     if not parts:
         raise FileNotFoundError(f"no <package>_<N>dev.md plan files under {out_dir}")
     body = [open(os.path.join(out_dir, f), encoding="utf-8").read() for f in parts]
+    summary = []
+    for f in parts:
+        with open(os.path.join(out_dir, f[:-3] + ".json"), encoding="utf-8") as fh:
+            plan = json.load(fh)
+        rows = plan["rows"]
+        over = [f"{r['stage']} ({r['bytes_per_device'] / GIB:.0f} GiB)" for r in rows
+                if not r["fits"]]
+        summary.append([f[:-3], f"`{plan['preset']}`", str(plan["devices"]), str(len(rows)),
+                        "all" if not over else f"{len(rows) - len(over)} of {len(rows)}",
+                        "; ".join(over) or "—"])
     header = ("# Plans of the paper presets\n\nEach table comes from the command above it: every "
               "stage's train step is built from abstract shapes, lowered and compiled for the "
               "stated number of simulated devices. Bytes and FLOPs are per device; times are "
-              "estimates (see the note under each table).\n\n")
+              "estimates (see the note under each table). Where a model recomputes activations in "
+              "the backward pass (the Qwen2.5-VL and spatia paper stages) the bytes are an upper "
+              "bound: XLA's CPU compiler keeps rematerialised buffers live, reporting the same "
+              "temporaries with and without `jax.checkpoint` (measured on a chain of layers).\n\n"
+              + markdown_table(["plan", "preset", "devices", "stages", "fit 80 GiB",
+                                "stages over 80 GiB (bytes per device)"], summary)
+              + "\n\n")
     _write_text_atomic(os.fspath(target), header + "\n".join(body))
     return os.fspath(target)
 

@@ -1,8 +1,7 @@
 """Runs a few data-parallel train steps of a toy model and saves the final parameters.
 
-Launched as a subprocess by tests/common/test_distributed.py in three modes that must
-agree: `single` (one device), `mesh8` (8 simulated CPU devices in one process) and
-`multihost` (one of several processes joined by jax.distributed, each feeding its share
+Launched as a subprocess by tests/common/test_distributed.py in two modes that must
+agree: `single` (one device) and `multihost` (one of several processes joined by jax.distributed, each feeding its share
 of the global batch). Usage: python distributed_worker.py MODE OUT.npz
 """
 
@@ -10,8 +9,6 @@ import os
 import sys
 
 MODE, OUT = sys.argv[1], sys.argv[2]
-if MODE == "mesh8":
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -43,8 +40,6 @@ def loss_fn(model, batch, key):
 def main():
     initialized = distributed.maybe_initialize_distributed() if MODE == "multihost" else False
     mesh = distributed.make_mesh()
-    if MODE == "mesh8":
-        assert mesh.shape[distributed.DATA_AXIS] == 8, mesh
     if MODE == "multihost":
         assert initialized and jax.process_count() == int(os.environ["JAX_NUM_PROCESSES"])
 

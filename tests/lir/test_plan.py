@@ -84,11 +84,12 @@ def test_qwen_plan_extrapolated_in_depth_equals_the_real_compile():
                        train_examples=16)
     lora, opt = LoRAConfig(rank=2, alpha=4.0), OptimizerConfig(total_steps=10)
     mesh, acc = make_mesh(), ACCELERATORS["h100"]
+    # one stage keeps the test short: the stages differ only in mask and trainable filter
     rows = qp.plan_rows(mesh, acc, opt, lora, num_latents=4, configs={"t": cfg}, shapes=shapes,
-                        attention_chunk=32)
-    assert [r.stage for r in rows] == ["t LIVR stage 1", "t LIVR stage 2", "t direct SFT"]
+                        attention_chunk=32, stages=qp.STAGES[:1])
+    assert [r.stage for r in rows] == ["t LIVR stage 1"]
     full = dataclasses.replace(cfg, remat=True, attention_chunk=32)
-    for row, (_, variant, trainable, latents, _) in zip(rows, qp.STAGES, strict=True):
+    for row, (_, variant, trainable, latents, _) in zip(rows, qp.STAGES[:1], strict=True):
         k = 4 if latents else 0
         real = qp._row(full, lora, opt, shapes, row.stage, variant, trainable, k, mesh, acc, 1)
         np.testing.assert_allclose(row.flops_per_device, real.flops_per_device, rtol=1e-3)

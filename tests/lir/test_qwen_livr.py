@@ -332,8 +332,7 @@ def test_answer_only_loss_equals_the_full_logits_loss():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("where,dtype", [("memory", jnp.float32), ("disk", jnp.float32),
-                                         ("disk", jnp.bfloat16)])
+@pytest.mark.parametrize("where,dtype", [("memory", jnp.float32), ("disk", jnp.bfloat16)])
 def test_feature_cache_computes_each_example_once(where, dtype, tmp_path):
     from lir.backbones.qwen2_5_vl.features import (
         VisionFeatureCache,

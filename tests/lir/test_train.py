@@ -247,30 +247,33 @@ def test_latent_design_arms(setup):
     assert r.test["accuracy"] == hits.sum() / len(hits) and r.num_latents == k
 
 
+def phase_f_stage1_params() -> dict:
+    """LoRA and latent params after a LIVR stage-1 run on every device of this process."""
+    from lir.model import PRETRAIN_FILTER
+
+    cfg = micro_config()
+    # an untrained phase-P model stands in for the pretrained one: phase F is what is tested
+    pre = T.Pretrained(jax.tree.map(np.asarray, nnx.state(T._pretrain_model(cfg),
+                                                          PRETRAIN_FILTER)), {}, None)
+    data = T.task_data(cfg, "relative_reflectance")
+    assert data.train.batch_size // cfg.finetune.batch_size == 4
+    arm = T.Arm("livr_stage1", (("bottleneck", 1),), "livr", True)
+    _, model = T.finetune(cfg, pre, data, arm, 0, return_model=True)
+    assert len(model.latents[...].sharding.device_set) == jax.device_count()
+    return {"/".join(map(str, p)): np.asarray(v)
+            for p, v in nnx.to_flat_state(nnx.state(model, T.FILTERS["livr"]))}
+
+
 def test_phase_f_on_8_devices_matches_one_device():
     """A LIVR stage-1 run (4 steps of batch 8, one example per device on 8 devices) through
     ``run_stage``'s default mesh gives the LoRA and latent params of the 1-device run."""
     from tests.multidevice import assert_params_close, run_with_devices
 
     code = """
-import numpy as np
-from flax import nnx
-from lir import train as T
-from lir.model import PRETRAIN_FILTER
-from tests.lir.test_train import micro_config
-cfg = micro_config()
-# an untrained phase-P model stands in for the pretrained one: phase F is what is tested
-pre = T.Pretrained(jax.tree.map(np.asarray, nnx.state(T._pretrain_model(cfg), PRETRAIN_FILTER)),
-                   {}, None)
-data = T.task_data(cfg, "relative_reflectance")
-assert data.train.batch_size // cfg.finetune.batch_size == 4
-arm = T.Arm("livr_stage1", (("bottleneck", 1),), "livr", True)
-r, model = T.finetune(cfg, pre, data, arm, 0, return_model=True)
-assert len(model.latents[...].sharding.device_set) == jax.device_count()
-result = {"/".join(map(str, p)): np.asarray(v)
-          for p, v in nnx.to_flat_state(nnx.state(model, T.FILTERS["livr"]))}
+from tests.lir.test_train import phase_f_stage1_params
+result = phase_f_stage1_params()
 """
-    one = run_with_devices(1, code)
+    one = phase_f_stage1_params()  # this process: one device
     eight = run_with_devices(8, code)
     # float32: the 8-device step sums the per-device gradient partials in another order, and
     # Adam's normalisation carries those ~1e-7 relative differences into 4 updates (seen:

@@ -18,7 +18,7 @@ from spatia import datasets as D
 from spatia import model as M
 from spatia import train as T
 from tests.contracts import assert_resume_bit_exact
-from tests.multidevice import assert_params_close, run_with_devices
+from tests.multidevice import assert_params_close, flat_params, run_with_devices
 
 _OVERRIDES = [
     "model.depth=2",
@@ -304,7 +304,10 @@ assert kernel.sharding.mesh.size == jax.device_count() and kernel.sharding.is_fu
 result = flat_params(st)
 """
     args = dict(overrides=overrides, cache_dir=str(cache_dir))
-    one = run_with_devices(1, code, run_dir=str(tmp_path / "one"), **args)
+    ocfg = override(C.tiny(), overrides)  # the 1-device run: this process
+    _, st = T.train_stage(ocfg, tmp_path / "one", "base", D.load_dataset(ocfg, cache_dir),
+                          num_steps=3, verbose=False)
+    one = flat_params(st)
     eight = run_with_devices(8, code, run_dir=str(tmp_path / "eight"), **args)
     # float32 with matmul precision "highest": the 8-device step sums the per-device gradient
     # partials in another order, which moves the loss in its last bits; 3 Adam steps of lr 3e-3

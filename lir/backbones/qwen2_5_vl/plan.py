@@ -124,12 +124,14 @@ def _stage_row(full, lora, opt, shapes, stage, variant, trainable, k, mesh, acc,
 
 def plan_rows(mesh, acc: P.Accelerator, opt: OptimizerConfig, lora: LoRAConfig, *,
               num_latents: int = 16, configs: dict[str, QwenVLConfig] | None = None,
-              shapes: Shapes = Shapes(), attention_chunk: int | None = 512) -> list:
+              shapes: Shapes = Shapes(), attention_chunk: int | None = 512,
+              stages=STAGES) -> list:
     """One `PlanRow` per (model, stage) of the single-task recipe, extrapolated to full depth
     from compiles at 1 and 2 decoder layers (see the module docstring).
 
     Args:
       configs: `{name: QwenVLConfig}` to plan; default the released 3B and 7B shapes.
+      stages: a subset of `STAGES` (default all).
     """
     rows = []
     calls_per_epoch = shapes.train_examples // shapes.batch
@@ -137,7 +139,7 @@ def plan_rows(mesh, acc: P.Accelerator, opt: OptimizerConfig, lora: LoRAConfig, 
         configs = {f"Qwen2.5-VL-{k.upper()}": make() for k, make in SIZES.items()}
     for name, qcfg in configs.items():
         full = dataclasses.replace(qcfg, remat=True, attention_chunk=attention_chunk)
-        for stage, variant, trainable, latents, epochs in STAGES:
+        for stage, variant, trainable, latents, epochs in stages:
             row = _stage_row(full, lora, opt, shapes, f"{name} {stage}",
                              variant, trainable, num_latents if latents else 0, mesh, acc,
                              epochs * calls_per_epoch, attention_chunk)
