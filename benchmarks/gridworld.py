@@ -97,33 +97,69 @@ def main() -> None:
     rows, results = [], dict(env_steps=[], expert=[], xminigrid=[])
     for b in [int(x) for x in args.batches.split(",")]:
         for auto in (False, True):
-            t = time_call(make_random_rollout(env, b, args.steps, auto), repeats=args.repeats,
-                          vary=fresh_keys(jax.random.key(0)))
+            t = time_call(
+                make_random_rollout(env, b, args.steps, auto),
+                repeats=args.repeats,
+                vary=fresh_keys(jax.random.key(0)),
+            )
             sps = b * args.steps / t["median_s"]
-            results["env_steps"].append(dict(batch=b, steps=args.steps, auto_reset=auto,
-                                             compile_s=t["compile_s"], seconds=t["median_s"],
-                                             steps_per_s=sps, timing=t))
+            results["env_steps"].append(
+                dict(
+                    batch=b,
+                    steps=args.steps,
+                    auto_reset=auto,
+                    compile_s=t["compile_s"],
+                    seconds=t["median_s"],
+                    steps_per_s=sps,
+                    timing=t,
+                )
+            )
             what = "pinpad random, auto-reset" if auto else "pinpad random, step only"
             rows.append((what, b, f"{sps:,.0f} steps/s", f"{t['compile_s']:.1f}"))
         xm = bench_xminigrid(b, args.steps, args.repeats)
         if xm is not None:
             xsps = b * args.steps / xm["median_s"]
-            results["xminigrid"].append(dict(batch=b, steps_per_s=xsps, compile_s=xm["compile_s"],
-                                             pinpad_autoreset_over_xminigrid=sps / xsps,
-                                             timing=xm))
-            rows.append(("xminigrid Empty-8x8 (autoreset)", b, f"{xsps:,.0f} steps/s",
-                         f"{xm['compile_s']:.1f}"))
+            results["xminigrid"].append(
+                dict(
+                    batch=b,
+                    steps_per_s=xsps,
+                    compile_s=xm["compile_s"],
+                    pinpad_autoreset_over_xminigrid=sps / xsps,
+                    timing=xm,
+                )
+            )
+            rows.append(
+                (
+                    "xminigrid Empty-8x8 (autoreset)",
+                    b,
+                    f"{xsps:,.0f} steps/s",
+                    f"{xm['compile_s']:.1f}",
+                )
+            )
     for b in (64, 1024):
         fn = jax.jit(lambda k, b=b: expert_batch(env, k, pretrain_tasks(), b, 40))
         t = time_call(fn, repeats=args.repeats, vary=fresh_keys(jax.random.key(0)))
         sec = t["median_s"]
-        results["expert"].append(dict(batch=b, max_len=40, compile_s=t["compile_s"],
-                                      seconds=sec, trajectories_per_s=b / sec, timing=t))
-        rows.append(("expert trajectories (L=40)", b, f"{b / sec:,.0f} traj/s",
-                     f"{t['compile_s']:.1f}"))
-    results["meta"] = dict(jax=jax.__version__, backend=jax.default_backend(),
-                           cpu_count=os.cpu_count(), machine=platform.machine(),
-                           xminigrid_available=bool(results["xminigrid"]))
+        results["expert"].append(
+            dict(
+                batch=b,
+                max_len=40,
+                compile_s=t["compile_s"],
+                seconds=sec,
+                trajectories_per_s=b / sec,
+                timing=t,
+            )
+        )
+        rows.append(
+            ("expert trajectories (L=40)", b, f"{b / sec:,.0f} traj/s", f"{t['compile_s']:.1f}")
+        )
+    results["meta"] = dict(
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        xminigrid_available=bool(results["xminigrid"]),
+    )
     print(f"{'what':30s} {'batch':>6s} {'rate':>20s} {'compile s':>10s}")
     for what, b, rate, comp in rows:
         print(f"{what:30s} {b:6d} {rate:>20s} {comp:>10s}")

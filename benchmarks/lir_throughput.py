@@ -46,8 +46,7 @@ def _model(cfg):
     return model
 
 
-def bench_train(cfg, trainable: str, variant: str, latents: bool, steps: int,
-                repeats: int) -> dict:
+def bench_train(cfg, trainable: str, variant: str, latents: bool, steps: int, repeats: int) -> dict:
     ft = cfg.finetune
     records = generate(TASK, 8 * ft.batch_size, 0, "train", cfg.data.image_size)
     data = collate(records, layout(cfg, ft.num_latents))
@@ -67,9 +66,15 @@ def bench_train(cfg, trainable: str, variant: str, latents: bool, steps: int,
 
     t = time_call(lambda: run(steps), repeats=repeats, warmup=lambda: run(1))
     sec = t["median_s"]
-    return {"compile_s": t["compile_s"], "step_ms": 1e3 * sec / steps,
-            "examples_per_s": steps * ft.batch_size / sec, "batch_size": ft.batch_size,
-            "seq_len": int(data.tokens.shape[1]), "steps": steps, "timing": t}
+    return {
+        "compile_s": t["compile_s"],
+        "step_ms": 1e3 * sec / steps,
+        "examples_per_s": steps * ft.batch_size / sec,
+        "batch_size": ft.batch_size,
+        "seq_len": int(data.tokens.shape[1]),
+        "steps": steps,
+        "timing": t,
+    }
 
 
 def bench_eval(cfg, kind: str, n: int, repeats: int) -> dict:
@@ -79,10 +84,18 @@ def bench_eval(cfg, kind: str, n: int, repeats: int) -> dict:
     fn = ev.accuracy if kind == "accuracy" else ev.diagnostics
     bs = cfg.finetune.eval_batch_size
     # one batch compiles the per-batch program; the timed call runs all n examples
-    t = time_call(lambda: fn(model, data, bs), repeats=repeats,
-                  warmup=lambda: fn(model, T.take_rows(data, bs), bs))
-    return {"compile_s": t["compile_s"], "examples_per_s": n / t["median_s"], "n": n,
-            "batch_size": bs, "timing": t}
+    t = time_call(
+        lambda: fn(model, data, bs),
+        repeats=repeats,
+        warmup=lambda: fn(model, T.take_rows(data, bs), bs),
+    )
+    return {
+        "compile_s": t["compile_s"],
+        "examples_per_s": n / t["median_s"],
+        "n": n,
+        "batch_size": bs,
+        "timing": t,
+    }
 
 
 def main(argv=None) -> dict:
@@ -91,26 +104,49 @@ def main(argv=None) -> dict:
     parser.add_argument("--presets", default="tiny,small")
     parser.add_argument("--steps", type=int, default=40, help="timed train steps per arm")
     parser.add_argument("--eval-n", type=int, default=400, help="examples per timed eval")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="timed blocks (of --steps train steps, of one --eval-n eval) per arm")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed blocks (of --steps train steps, of one --eval-n eval) per arm",
+    )
     args = parser.parse_args(argv)
     rows = []
     for name in args.presets.split(","):
         cfg = get_preset(PRESETS, name)
-        for arm, trainable, variant, latents in (("sft", "lora", "causal", False),
-                                                 ("livr_stage1", "livr", "bottleneck", True)):
+        for arm, trainable, variant, latents in (
+            ("sft", "lora", "causal", False),
+            ("livr_stage1", "livr", "bottleneck", True),
+        ):
             r = bench_train(cfg, trainable, variant, latents, args.steps, args.repeats)
             rows.append({"preset": name, "what": f"train {arm}", **r})
         for kind in ("accuracy", "diagnostics"):
             r = bench_eval(cfg, kind, args.eval_n, args.repeats)
             rows.append({"preset": name, "what": f"eval {kind}", **r})
-    print(markdown_table(
-        ["preset", "what", "examples/s", "step ms", "batch", "seq len", "compile s"],
-        [[r["preset"], r["what"], r["examples_per_s"], r.get("step_ms"), r["batch_size"],
-          r.get("seq_len"), r["compile_s"]] for r in rows], fmt="{:.3g}"))
-    result = {"rows": rows, "hardware": hardware(),
-              "note": "random weights; relative_reflectance records; CPU shared with other "
-                      "processes, so treat as approximate"}
+    print(
+        markdown_table(
+            ["preset", "what", "examples/s", "step ms", "batch", "seq len", "compile s"],
+            [
+                [
+                    r["preset"],
+                    r["what"],
+                    r["examples_per_s"],
+                    r.get("step_ms"),
+                    r["batch_size"],
+                    r.get("seq_len"),
+                    r["compile_s"],
+                ]
+                for r in rows
+            ],
+            fmt="{:.3g}",
+        )
+    )
+    result = {
+        "rows": rows,
+        "hardware": hardware(),
+        "note": "random weights; relative_reflectance records; CPU shared with other "
+        "processes, so treat as approximate",
+    }
     print(f"wrote {write_json(args.out, result)}")
     return result
 

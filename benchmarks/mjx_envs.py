@@ -50,8 +50,11 @@ def make_mjx_run(env, steps: int):
         _, rewards = jax.lax.scan(body, state, jax.random.split(key, steps))
         return jnp.sum(rewards)
 
-    return jax.jit(lambda states, key: jax.vmap(one)(
-        states, jax.random.split(key, states.pad.t.shape[0])).sum())
+    return jax.jit(
+        lambda states, key: jax.vmap(one)(
+            states, jax.random.split(key, states.pad.t.shape[0])
+        ).sum()
+    )
 
 
 def reset_batch(env, batch: int):
@@ -65,8 +68,12 @@ def time_mjx(env, states, steps: int, repeats: int) -> dict:
     batch = states.pad.t.shape[0]
     run = make_mjx_run(env, steps)
     t = time_call(run, repeats=repeats, vary=lambda n: (states, jax.random.key(1 + n)))
-    return dict(compile_s=t["compile_s"], seconds=t["median_s"],
-                env_steps_per_s=batch * steps / t["median_s"], timing=t)
+    return dict(
+        compile_s=t["compile_s"],
+        seconds=t["median_s"],
+        env_steps_per_s=batch * steps / t["median_s"],
+        timing=t,
+    )
 
 
 def time_c_mujoco(env, states, steps: int, repeats: int, threads: int) -> dict:
@@ -86,10 +93,17 @@ def time_c_mujoco(env, states, steps: int, repeats: int, threads: int) -> dict:
     datas = [mujoco.MjData(m) for _ in range(threads)]
     nstep = steps * env.frame_skip
     # the first call starts the thread pool (persistent_pool): the warm-up
-    t = time_call(lambda: mj_rollout.rollout(m, datas, init, ctrl, nstep=nstep,
-                                             persistent_pool=True), repeats=repeats)
-    return dict(first_s=t["compile_s"], seconds=t["median_s"],
-                env_steps_per_s=batch * steps / t["median_s"], threads=threads, timing=t)
+    t = time_call(
+        lambda: mj_rollout.rollout(m, datas, init, ctrl, nstep=nstep, persistent_pool=True),
+        repeats=repeats,
+    )
+    return dict(
+        first_s=t["compile_s"],
+        seconds=t["median_s"],
+        env_steps_per_s=batch * steps / t["median_s"],
+        threads=threads,
+        timing=t,
+    )
 
 
 def main() -> None:
@@ -111,22 +125,49 @@ def main() -> None:
         for batch in batches:
             states = jax.tree.map(lambda x, b=batch: x[:b], all_states)
             mjx_res = time_mjx(env, states, args.steps, args.repeats)
-            c_res = time_c_mujoco(env, states, args.steps, args.repeats,
-                                  args.threads)
+            c_res = time_c_mujoco(env, states, args.steps, args.repeats, args.threads)
             ratio = mjx_res["env_steps_per_s"] / c_res["env_steps_per_s"]
-            results.append(dict(env=name, batch=batch, steps=args.steps,
-                                frame_skip=env.frame_skip, mjx=mjx_res, c_mujoco=c_res,
-                                mjx_over_c=ratio))
-            rows.append((name, batch, mjx_res["env_steps_per_s"], mjx_res["compile_s"],
-                         c_res["env_steps_per_s"], ratio))
-            print(f"{name} B={batch}: MJX {mjx_res['env_steps_per_s']:,.0f} env steps/s "
-                  f"(compile {mjx_res['compile_s']:.1f} s), C {c_res['env_steps_per_s']:,.0f}",
-                  flush=True)
-    meta = dict(jax=jax.__version__, mujoco=mujoco.__version__, backend=jax.default_backend(),
-                cpu_count=os.cpu_count(), machine=platform.machine(), threads=args.threads,
-                mjx_impl="jax", steps_per_call=args.steps, repeats=args.repeats)
-    print(f"\n{'env':6s} {'batch':>6s} {'MJX env steps/s':>16s} {'compile s':>10s} "
-          f"{'C env steps/s':>14s} {'MJX/C':>7s}")
+            results.append(
+                dict(
+                    env=name,
+                    batch=batch,
+                    steps=args.steps,
+                    frame_skip=env.frame_skip,
+                    mjx=mjx_res,
+                    c_mujoco=c_res,
+                    mjx_over_c=ratio,
+                )
+            )
+            rows.append(
+                (
+                    name,
+                    batch,
+                    mjx_res["env_steps_per_s"],
+                    mjx_res["compile_s"],
+                    c_res["env_steps_per_s"],
+                    ratio,
+                )
+            )
+            print(
+                f"{name} B={batch}: MJX {mjx_res['env_steps_per_s']:,.0f} env steps/s "
+                f"(compile {mjx_res['compile_s']:.1f} s), C {c_res['env_steps_per_s']:,.0f}",
+                flush=True,
+            )
+    meta = dict(
+        jax=jax.__version__,
+        mujoco=mujoco.__version__,
+        backend=jax.default_backend(),
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        threads=args.threads,
+        mjx_impl="jax",
+        steps_per_call=args.steps,
+        repeats=args.repeats,
+    )
+    print(
+        f"\n{'env':6s} {'batch':>6s} {'MJX env steps/s':>16s} {'compile s':>10s} "
+        f"{'C env steps/s':>14s} {'MJX/C':>7s}"
+    )
     for name, b, mjx_sps, comp, c_sps, ratio in rows:
         print(f"{name:6s} {b:6d} {mjx_sps:16,.0f} {comp:10.1f} {c_sps:14,.0f} {ratio:7.3f}")
     print(f"wrote {write_json(args.out, dict(results=results, meta=meta))}")

@@ -85,7 +85,9 @@ def numpy_zbuffer(xyz, rgb, w2c, intr, h, w):
 
 def _open3d_project(xyz, h, w, intr):
     pc = o3d.t.geometry.PointCloud(o3d.core.Tensor(xyz))
-    k = o3d.core.Tensor(np.array([[intr[0], 0, intr[2]], [0, intr[1], intr[3]], [0, 0, 1]], np.float64))
+    k = o3d.core.Tensor(
+        np.array([[intr[0], 0, intr[2]], [0, intr[1], intr[3]], [0, 0, 1]], np.float64)
+    )
     ext = o3d.core.Tensor(np.eye(4))
     return lambda: pc.project_to_depth_image(w, h, k, ext, depth_scale=1.0, depth_max=100.0)
 
@@ -93,10 +95,19 @@ def _open3d_project(xyz, h, w, intr):
 def bench_render(args, rows, results):
     w2c = np.eye(4, dtype=np.float32)
     sizes_n = [10_000, 100_000] if args.quick else [10_000, 100_000, 300_000, 1_000_000]
-    sizes_r = [(64, 64), (256, 256)] if args.quick else [(64, 64), (256, 256), (512, 512), (720, 1280)]
-    configs = [("point", 0.0, 5), ("minfilter", 2.0, 5), ("footprint", 1.5, 5), ("soft", 1.5, 5),
-               ("soft_minfilter", 1.5, 5)]
-    grid = [(n, 256, 256) for n in sizes_n] + [(100_000, h, w) for h, w in sizes_r if (h, w) != (256, 256)]
+    sizes_r = (
+        [(64, 64), (256, 256)] if args.quick else [(64, 64), (256, 256), (512, 512), (720, 1280)]
+    )
+    configs = [
+        ("point", 0.0, 5),
+        ("minfilter", 2.0, 5),
+        ("footprint", 1.5, 5),
+        ("soft", 1.5, 5),
+        ("soft_minfilter", 1.5, 5),
+    ]
+    grid = [(n, 256, 256) for n in sizes_n] + [
+        (100_000, h, w) for h, w in sizes_r if (h, w) != (256, 256)
+    ]
     for n, h, w in grid:
         xyz_np, rgb_np = _cloud(n)
         xyz, rgb, intr = jnp.asarray(xyz_np), jnp.asarray(rgb_np), _intr(h, w)
@@ -105,26 +116,55 @@ def bench_render(args, rows, results):
             if mode in ("footprint", "soft") and n > 300_000:
                 continue  # N x stencil fragments: the min-filter is the path for large N
             chunk = 262_144 if mode in ("footprint", "soft") else None
-            fn = lambda mode=mode, radius=radius, k=k, chunk=chunk, xyz=xyz, rgb=rgb, intr=intr, h=h, w=w: rnd.render(
-                xyz, rgb, None, w2c, intr, height=h, width=w, mode=mode, radius=radius, k=k, chunk=chunk).rgb
+            fn = (
+                lambda mode=mode, radius=radius, k=k, chunk=chunk, xyz=xyz, rgb=rgb, intr=intr, h=h, w=w: (
+                    rnd.render(
+                        xyz,
+                        rgb,
+                        None,
+                        w2c,
+                        intr,
+                        height=h,
+                        width=w,
+                        mode=mode,
+                        radius=radius,
+                        k=k,
+                        chunk=chunk,
+                    ).rgb
+                )
+            )
             t = time_call(fn, repeats=args.repeats)
-            entry[mode] = dict(ms=t["median_s"] * 1e3, cpu_ms=t["cpu_s"] * 1e3,
-                               first_call_s=t["compile_s"], radius=radius, timing=t)
+            entry[mode] = dict(
+                ms=t["median_s"] * 1e3,
+                cpu_ms=t["cpu_s"] * 1e3,
+                first_call_s=t["compile_s"],
+                radius=radius,
+                timing=t,
+            )
         # numpy compiles nothing: no warm-up call
-        t = time_call(functools.partial(numpy_zbuffer, xyz_np, rgb_np, w2c, intr, h, w),
-                      repeats=args.repeats, warmup=False)
+        t = time_call(
+            functools.partial(numpy_zbuffer, xyz_np, rgb_np, w2c, intr, h, w),
+            repeats=args.repeats,
+            warmup=False,
+        )
         entry["numpy_zbuffer_ms"], entry["numpy_zbuffer_timing"] = t["median_s"] * 1e3, t
         if o3d is not None:
             t = time_call(_open3d_project(xyz_np, h, w, intr), repeats=args.repeats)
             entry["open3d_project_depth_ms"], entry["open3d_timing"] = t["median_s"] * 1e3, t
         results["render"].append(entry)
         o3 = entry.get("open3d_project_depth_ms")
-        rows.append([f"render N={n:.0e} {h}x{w}", f"{entry['point']['ms']:.1f}", f"{entry['minfilter']['ms']:.1f}",
-                     f"{entry['footprint']['ms']:.1f}" if "footprint" in entry else "-",
-                     f"{entry['soft']['ms']:.1f}" if "soft" in entry else "-",
-                     f"{entry['soft_minfilter']['ms']:.1f}",
-                     f"{entry['numpy_zbuffer_ms']:.1f} ({entry['numpy_zbuffer_ms'] / entry['point']['ms']:.1f}x)",
-                     f"{o3:.1f} ({o3 / entry['point']['ms']:.2f}x)" if o3 else "-"])
+        rows.append(
+            [
+                f"render N={n:.0e} {h}x{w}",
+                f"{entry['point']['ms']:.1f}",
+                f"{entry['minfilter']['ms']:.1f}",
+                f"{entry['footprint']['ms']:.1f}" if "footprint" in entry else "-",
+                f"{entry['soft']['ms']:.1f}" if "soft" in entry else "-",
+                f"{entry['soft_minfilter']['ms']:.1f}",
+                f"{entry['numpy_zbuffer_ms']:.1f} ({entry['numpy_zbuffer_ms'] / entry['point']['ms']:.1f}x)",
+                f"{o3:.1f} ({o3 / entry['point']['ms']:.2f}x)" if o3 else "-",
+            ]
+        )
 
 
 def bench_paper_workload(args, rows, results):
@@ -134,17 +174,48 @@ def bench_paper_workload(args, rows, results):
     xyz, rgb, intr = jnp.asarray(xyz_np), jnp.asarray(rgb_np), _intr(h, w)
     r_px = rnd.pytorch3d_radius_to_pixels(0.01, h, w)
     out = dict(points=n, height=h, width=w, radius_px=r_px, k=5)
-    for mode, radius, chunk in [("point", 0.0, None), ("minfilter", r_px, None), ("soft_minfilter", r_px, None),
-                                ("soft", r_px, 131_072)]:
-        fn = lambda mode=mode, radius=radius, chunk=chunk: rnd.render(
-            xyz, rgb, None, np.eye(4, dtype=np.float32), intr, height=h, width=w, mode=mode, radius=radius, k=5,
-            chunk=chunk).rgb
+    for mode, radius, chunk in [
+        ("point", 0.0, None),
+        ("minfilter", r_px, None),
+        ("soft_minfilter", r_px, None),
+        ("soft", r_px, 131_072),
+    ]:
+        fn = lambda mode=mode, radius=radius, chunk=chunk: (
+            rnd.render(
+                xyz,
+                rgb,
+                None,
+                np.eye(4, dtype=np.float32),
+                intr,
+                height=h,
+                width=w,
+                mode=mode,
+                radius=radius,
+                k=5,
+                chunk=chunk,
+            ).rgb
+        )
         t = time_call(fn, repeats=1 if mode == "soft" else args.repeats)
         best, cpu = t["median_s"], t["cpu_s"]
-        out[mode] = dict(ms_per_frame=best * 1e3, cpu_ms_per_frame=cpu * 1e3, clip_81_frames_s=81 * best,
-                         first_call_s=t["compile_s"], timing=t)
-        rows.append([f"paper workload {mode} (r={radius:.2f})", f"{best * 1e3:.0f} ms/frame (cpu {cpu * 1e3:.0f})",
-                     f"81 frames: {81 * best:.1f} s", "", "", "", "", ""])
+        out[mode] = dict(
+            ms_per_frame=best * 1e3,
+            cpu_ms_per_frame=cpu * 1e3,
+            clip_81_frames_s=81 * best,
+            first_call_s=t["compile_s"],
+            timing=t,
+        )
+        rows.append(
+            [
+                f"paper workload {mode} (r={radius:.2f})",
+                f"{best * 1e3:.0f} ms/frame (cpu {cpu * 1e3:.0f})",
+                f"81 frames: {81 * best:.1f} s",
+                "",
+                "",
+                "",
+                "",
+                "",
+            ]
+        )
     results["paper_workload"] = out
 
 
@@ -161,31 +232,56 @@ def _room_cloud(n_target, seed=0):
 
 
 def bench_voxel(args, rows, results):
-    for n in ([100_000] if args.quick else [100_000, 1_000_000]):
+    for n in [100_000] if args.quick else [100_000, 1_000_000]:
         xyz_np, rgb_np = _room_cloud(n)
         xyz, rgb = jnp.asarray(xyz_np), jnp.asarray(rgb_np)
         for voxel in (0.01, 0.05):
-            fn = lambda voxel=voxel, xyz=xyz, rgb=rgb: mem_lib.voxel_downsample(xyz, rgb, None, voxel)[0]
+            fn = lambda voxel=voxel, xyz=xyz, rgb=rgb: mem_lib.voxel_downsample(
+                xyz, rgb, None, voxel
+            )[0]
             t = time_call(fn, repeats=args.repeats)
             best = t["median_s"]
             n_out = int(mem_lib.voxel_downsample(xyz, rgb, None, voxel)[4])
-            t_ref = time_call(functools.partial(mem_lib.voxel_downsample_reference, xyz_np, rgb_np, voxel),
-                              repeats=1, warmup=False)
+            t_ref = time_call(
+                functools.partial(mem_lib.voxel_downsample_reference, xyz_np, rgb_np, voxel),
+                repeats=1,
+                warmup=False,
+            )
             t_np = t_ref["median_s"]
-            entry = dict(points=len(xyz_np), voxel=voxel, out_points=n_out, ms=best * 1e3,
-                         cpu_ms=t["cpu_s"] * 1e3, first_call_s=t["compile_s"], numpy_ms=t_np * 1e3,
-                         timing=t, numpy_timing=t_ref)
+            entry = dict(
+                points=len(xyz_np),
+                voxel=voxel,
+                out_points=n_out,
+                ms=best * 1e3,
+                cpu_ms=t["cpu_s"] * 1e3,
+                first_call_s=t["compile_s"],
+                numpy_ms=t_np * 1e3,
+                timing=t,
+                numpy_timing=t_ref,
+            )
             if o3d is not None:
                 pc = o3d.geometry.PointCloud()
                 pc.points = o3d.utility.Vector3dVector(xyz_np.astype(np.float64))
                 pc.colors = o3d.utility.Vector3dVector(rgb_np.astype(np.float64))
-                t_o3 = time_call(lambda pc=pc, voxel=voxel: pc.voxel_down_sample(voxel), repeats=args.repeats)
+                t_o3 = time_call(
+                    lambda pc=pc, voxel=voxel: pc.voxel_down_sample(voxel), repeats=args.repeats
+                )
                 entry["open3d_ms"], entry["open3d_timing"] = t_o3["median_s"] * 1e3, t_o3
                 entry["open3d_out_points"] = len(pc.voxel_down_sample(voxel).points)
             results["voxel"].append(entry)
             o3 = entry.get("open3d_ms")
-            rows.append([f"voxel N={len(xyz_np):.0e} v={voxel}", f"{best * 1e3:.1f}", f"-> {n_out} pts", "", "", "",
-                         f"{t_np * 1e3:.1f} ({t_np / best:.1f}x)", f"{o3:.1f} ({o3 / (best * 1e3):.2f}x)" if o3 else "-"])
+            rows.append(
+                [
+                    f"voxel N={len(xyz_np):.0e} v={voxel}",
+                    f"{best * 1e3:.1f}",
+                    f"-> {n_out} pts",
+                    "",
+                    "",
+                    "",
+                    f"{t_np * 1e3:.1f} ({t_np / best:.1f}x)",
+                    f"{o3:.1f} ({o3 / (best * 1e3):.2f}x)" if o3 else "-",
+                ]
+            )
 
 
 def bench_icp(args, rows, results):
@@ -198,7 +294,9 @@ def bench_icp(args, rows, results):
     w2c = jnp.stack([geo.look_at(e, corner) for e in eyes])
     fr = scenes.raycast_views(scene, w2c, intr, h, w)
     idx = jnp.array([0, 2])
-    mem, _ = mem_lib.build_memory(fr.rgb[idx], fr.depth[idx], w2c[idx], intr, None, capacity=65536, voxel=0.01)
+    mem, _ = mem_lib.build_memory(
+        fr.rgb[idx], fr.depth[idx], w2c[idx], intr, None, capacity=65536, voxel=0.01
+    )
     rng = np.random.default_rng(0)
     axis = rng.normal(size=3)
     axis /= np.linalg.norm(axis)
@@ -210,31 +308,59 @@ def bench_icp(args, rows, results):
     t = time_call(fn, repeats=args.repeats)
     best = t["median_s"]
     ang, dist = slam.pose_error(fn(), w2c[1])
-    entry = dict(height=h, width=w, memory_points=mem.count(), ms=best * 1e3, cpu_ms=t["cpu_s"] * 1e3,
-                 first_call_s=t["compile_s"], timing=t,
-                 rot_err_deg=float(ang), trans_err_m=float(dist))
+    entry = dict(
+        height=h,
+        width=w,
+        memory_points=mem.count(),
+        ms=best * 1e3,
+        cpu_ms=t["cpu_s"] * 1e3,
+        first_call_s=t["compile_s"],
+        timing=t,
+        rot_err_deg=float(ang),
+        trans_err_m=float(dist),
+    )
     if o3d is not None:
         reg = o3d.pipelines.registration
         src = o3d.geometry.PointCloud()
         pts_cam = np.asarray(slam.frame_normals(fr.depth[1], intr)[0]).reshape(-1, 3)
         src.points = o3d.utility.Vector3dVector(pts_cam.astype(np.float64))  # camera frame
         tgt = o3d.geometry.PointCloud()
-        tgt.points = o3d.utility.Vector3dVector(np.asarray(mem.xyz)[np.asarray(mem.valid)].astype(np.float64))
+        tgt.points = o3d.utility.Vector3dVector(
+            np.asarray(mem.xyz)[np.asarray(mem.valid)].astype(np.float64)
+        )
         tgt.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=0.1, max_nn=30))
         c2w0 = np.asarray(geo.se3_inverse(init), np.float64)
         crit = reg.ICPConvergenceCriteria(max_iteration=30)
-        run = lambda: reg.registration_icp(src, tgt, 0.1, c2w0, reg.TransformationEstimationPointToPlane(), crit)
+        run = lambda: reg.registration_icp(
+            src, tgt, 0.1, c2w0, reg.TransformationEstimationPointToPlane(), crit
+        )
         t_o3 = time_call(run, repeats=args.repeats)
         est = np.linalg.inv(run().transformation).astype(np.float32)
         a2, d2 = slam.pose_error(jnp.asarray(est), w2c[1])
-        entry.update(open3d_ms=t_o3["median_s"] * 1e3, open3d_timing=t_o3, open3d_rot_err_deg=float(a2), open3d_trans_err_m=float(d2),
-                     open3d_source_points=len(src.points))
+        entry.update(
+            open3d_ms=t_o3["median_s"] * 1e3,
+            open3d_timing=t_o3,
+            open3d_rot_err_deg=float(a2),
+            open3d_trans_err_m=float(d2),
+            open3d_source_points=len(src.points),
+        )
     results["icp"] = entry
     o3 = entry.get("open3d_ms")
-    rows.append([f"ICP {h}x{w}, {mem.count()} model pts", f"{best * 1e3:.1f}",
-                 f"err {float(ang):.4f} deg {1e3 * float(dist):.3f} mm", "", "", "", "",
-                 f"{o3:.1f} ({o3 / (best * 1e3):.2f}x), err {entry['open3d_rot_err_deg']:.4f} deg "
-                 f"{1e3 * entry['open3d_trans_err_m']:.3f} mm" if o3 else "-"])
+    rows.append(
+        [
+            f"ICP {h}x{w}, {mem.count()} model pts",
+            f"{best * 1e3:.1f}",
+            f"err {float(ang):.4f} deg {1e3 * float(dist):.3f} mm",
+            "",
+            "",
+            "",
+            "",
+            f"{o3:.1f} ({o3 / (best * 1e3):.2f}x), err {entry['open3d_rot_err_deg']:.4f} deg "
+            f"{1e3 * entry['open3d_trans_err_m']:.3f} mm"
+            if o3
+            else "-",
+        ]
+    )
 
 
 def main(argv=None):
@@ -245,9 +371,18 @@ def main(argv=None):
     parser.add_argument("--only", default="render,paper,voxel,icp", help="comma-separated subset")
     args = parser.parse_args(argv)
     parts = set(args.only.split(","))
-    results = dict(render=[], voxel=[], machine=dict(
-        platform=platform.platform(), cpu_count=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(),
-        open3d=None if o3d is None else o3d.__version__, loadavg_start=os.getloadavg()))
+    results = dict(
+        render=[],
+        voxel=[],
+        machine=dict(
+            platform=platform.platform(),
+            cpu_count=os.cpu_count(),
+            jax=jax.__version__,
+            backend=jax.default_backend(),
+            open3d=None if o3d is None else o3d.__version__,
+            loadavg_start=os.getloadavg(),
+        ),
+    )
     rows: list[list[str]] = []
     if "render" in parts:
         bench_render(args, rows, results)
@@ -258,8 +393,16 @@ def main(argv=None):
     if "icp" in parts:
         bench_icp(args, rows, results)
     results["machine"]["loadavg_end"] = os.getloadavg()
-    head = ["case", "point / ours (ms)", "minfilter r=2", "footprint r=1.5", "soft r=1.5 K=5",
-            "soft_minfilter", "numpy ref ms (numpy/ours)", "Open3D ms (Open3D/ours)"]
+    head = [
+        "case",
+        "point / ours (ms)",
+        "minfilter r=2",
+        "footprint r=1.5",
+        "soft r=1.5 K=5",
+        "soft_minfilter",
+        "numpy ref ms (numpy/ours)",
+        "Open3D ms (Open3D/ours)",
+    ]
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         print("  ".join(str(c).ljust(wd) for c, wd in zip(r, widths, strict=True)))

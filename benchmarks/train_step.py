@@ -51,8 +51,13 @@ class DecoderLM(nnx.Module):
     def __init__(self, size: Size, *, rngs: nnx.Rngs):
         self.embed = nnx.Embed(size.vocab, size.width, rngs=rngs)
         self.stack = nn.TransformerStack(
-            size.depth, size.width, size.heads, 4 * size.width,
-            activation="swiglu", position="rope", rngs=rngs,
+            size.depth,
+            size.width,
+            size.heads,
+            4 * size.width,
+            activation="swiglu",
+            position="rope",
+            rngs=rngs,
         )
         self.head = nnx.Linear(size.width, size.vocab, use_bias=False, rngs=rngs)
 
@@ -103,7 +108,10 @@ def bench_size(size: Size, repeats: int) -> dict:
     seconds = rec["median_s"]
     tokens_per_step = size.batch * size.seq_len
     non_embed = n_params - size.vocab * size.width
-    analytic = 6 * non_embed * tokens_per_step + 12 * size.depth * size.seq_len * size.width * tokens_per_step
+    analytic = (
+        6 * non_embed * tokens_per_step
+        + 12 * size.depth * size.seq_len * size.width * tokens_per_step
+    )
     return {
         **dataclasses.asdict(size),
         "params": int(n_params),
@@ -130,16 +138,42 @@ def main(argv=None) -> dict:
     for row in rows:
         row["fraction_of_matmul_peak"] = row["achieved_gflops"] / peak
     print(f"matmul peak (float32 jnp.dot): {peak:.1f} GFLOP/s on {jax.default_backend()}")
-    print(markdown_table(
-        ["size", "params", "B x T", "step ms", "tokens/s", "GFLOP/step (XLA)", "GFLOP/s", "/ peak"],
-        [[r["name"], r["params"], f"{r['batch']}x{r['seq_len']}", r["step_ms"], r["tokens_per_s"],
-          r["xla_gflop_per_step"], r["achieved_gflops"], r["fraction_of_matmul_peak"]] for r in rows],
-        fmt="{:.3g}",
-    ))
+    print(
+        markdown_table(
+            [
+                "size",
+                "params",
+                "B x T",
+                "step ms",
+                "tokens/s",
+                "GFLOP/step (XLA)",
+                "GFLOP/s",
+                "/ peak",
+            ],
+            [
+                [
+                    r["name"],
+                    r["params"],
+                    f"{r['batch']}x{r['seq_len']}",
+                    r["step_ms"],
+                    r["tokens_per_s"],
+                    r["xla_gflop_per_step"],
+                    r["achieved_gflops"],
+                    r["fraction_of_matmul_peak"],
+                ]
+                for r in rows
+            ],
+            fmt="{:.3g}",
+        )
+    )
     # Other processes on a small machine skew both numbers; the ratio is less sensitive.
-    result = {"matmul_peak_gflops": peak, "matmul_peak_timing": peak_timing,
-              "sizes": rows, "hardware": hardware(),
-              "load_average_1m": os.getloadavg()[0]}
+    result = {
+        "matmul_peak_gflops": peak,
+        "matmul_peak_timing": peak_timing,
+        "sizes": rows,
+        "hardware": hardware(),
+        "load_average_1m": os.getloadavg()[0],
+    }
     print(f"wrote {write_json(args.out, result)}")
     return result
 

@@ -105,10 +105,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
         if args and len(args) != len(items):
-            raise ConfigError(f"{key}: expected {len(args)} items ({_type_name(tp)}), got {value!r}")
+            raise ConfigError(
+                f"{key}: expected {len(args)} items ({_type_name(tp)}), got {value!r}"
+            )
         if not args:
             return tuple(items)
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(items, args, strict=True)))
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(items, args, strict=True))
+        )
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -190,7 +194,9 @@ def valid_keys(cls_or_cfg: Any, prefix: str = "") -> dict[str, str]:
 
 def _unknown_key(cfg: Any, key: str) -> ConfigError:
     listing = "\n".join(f"  {k}: {t}" for k, t in valid_keys(cfg).items())
-    return ConfigError(f"unknown config key {key!r} for {type(cfg).__name__}; valid keys:\n{listing}")
+    return ConfigError(
+        f"unknown config key {key!r} for {type(cfg).__name__}; valid keys:\n{listing}"
+    )
 
 
 def _apply(cfg: Any, tree: Mapping[str, Any], prefix: str, root: Any) -> Any:

@@ -116,8 +116,11 @@ class SequenceIterator:
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         n = len(self._items)
-        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle \
+        return (
+            np.random.default_rng([self.seed, epoch]).permutation(n)
+            if self.shuffle
             else np.arange(n)
+        )
 
     def next(self) -> Any:
         if self._position >= len(self._items):
@@ -139,10 +142,13 @@ class SequenceIterator:
         try:
             epoch, position = int(state["epoch"]), int(state["position"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"SequenceIterator.set_state: expected {{'epoch': int, "
-                             f"'position': int}}, got {state!r}") from None
+            raise ValueError(
+                f"SequenceIterator.set_state: expected {{'epoch': int, "
+                f"'position': int}}, got {state!r}"
+            ) from None
         if epoch < 0 or not 0 <= position <= len(self._items):
-            raise ValueError(f"SequenceIterator.set_state: out of range: {state!r} "
-                             f"({len(self._items)} items)")
+            raise ValueError(
+                f"SequenceIterator.set_state: out of range: {state!r} ({len(self._items)} items)"
+            )
         self._epoch, self._position = epoch, position
         self._order = self._epoch_order(epoch)

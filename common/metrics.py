@@ -138,7 +138,9 @@ class Progress:
             text += " | " + " ".join(shown)
         return text
 
-    def update(self, step: int, metrics: Mapping[str, Any] | None = None, force: bool = False) -> None:
+    def update(
+        self, step: int, metrics: Mapping[str, Any] | None = None, force: bool = False
+    ) -> None:
         now = time.perf_counter()
         if self._t0 is None:
             self._t0, self._step0 = now, int(step)

@@ -152,8 +152,11 @@ class PlanRow:
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(bytes_per_device=self.bytes_per_device, fits=self.fits,
-                 est_stage_hours=self.est_stage_hours)
+        d.update(
+            bytes_per_device=self.bytes_per_device,
+            fits=self.fits,
+            est_stage_hours=self.est_stage_hours,
+        )
         return d
 
 
@@ -248,18 +251,39 @@ def render_plan(rows: Sequence[PlanRow]) -> str:
     """A Markdown table of plan rows (bytes and FLOPs per device; times are estimates)."""
     from common.report import markdown_table
 
-    headers = ["stage", "devices", "params (trainable)", "per step", "FLOPs/step/device",
-               "GiB/device (args+out−alias+temp)", f"fits {rows[0].memory_gib:.0f} GiB" if rows
-               else "fits", "est. s/step", "steps", "est. stage time", "note"]
+    headers = [
+        "stage",
+        "devices",
+        "params (trainable)",
+        "per step",
+        "FLOPs/step/device",
+        "GiB/device (args+out−alias+temp)",
+        f"fits {rows[0].memory_gib:.0f} GiB" if rows else "fits",
+        "est. s/step",
+        "steps",
+        "est. stage time",
+        "note",
+    ]
     body = []
     for r in rows:
         gib = r.bytes_per_device / GIB
         parts = [r.argument_bytes, r.output_bytes, -r.alias_bytes, r.temp_bytes]
         detail = "+".join(f"{p / GIB:.2f}" for p in parts).replace("+-", "−")
-        body.append([r.stage, str(r.devices), f"{_si(r.params)} ({_si(r.trainable)})",
-                     r.items_per_step, _si(r.flops_per_device), f"{gib:.2f} ({detail})",
-                     "yes" if r.fits else "**no**", f"{r.est_step_seconds:.3g}", str(r.steps),
-                     _hours(r.est_stage_hours), r.note])
+        body.append(
+            [
+                r.stage,
+                str(r.devices),
+                f"{_si(r.params)} ({_si(r.trainable)})",
+                r.items_per_step,
+                _si(r.flops_per_device),
+                f"{gib:.2f} ({detail})",
+                "yes" if r.fits else "**no**",
+                f"{r.est_step_seconds:.3g}",
+                str(r.steps),
+                _hours(r.est_stage_hours),
+                r.note,
+            ]
+        )
     return markdown_table(headers, body)
 
 
@@ -268,11 +292,13 @@ def plan_note(rows: Sequence[PlanRow]) -> str:
     if not rows:
         return ""
     r = rows[0]
-    return (f"Compiled with JAX {jax.__version__} for {r.devices} simulated device(s); FLOPs and "
-            "bytes come from XLA's cost and memory analyses of the partitioned step. Time per "
-            f"step is an estimate: FLOPs per device / ({r.accelerator} peak dense rate × "
-            f"{r.utilisation:.0%} utilisation). Memory is compared with {r.memory_gib:.0f} GiB "
-            "per device.")
+    return (
+        f"Compiled with JAX {jax.__version__} for {r.devices} simulated device(s); FLOPs and "
+        "bytes come from XLA's cost and memory analyses of the partitioned step. Time per "
+        f"step is an estimate: FLOPs per device / ({r.accelerator} peak dense rate × "
+        f"{r.utilisation:.0%} utilisation). Memory is compared with {r.memory_gib:.0f} GiB "
+        "per device."
+    )
 
 
 def env_device_count() -> int | None:
@@ -291,14 +317,26 @@ def env_device_count() -> int | None:
 
 def add_plan_args(parser) -> None:
     """`--devices N`, `--accelerator NAME`, `--utilisation U`, `--out DIR` of a plan verb."""
-    parser.add_argument("--devices", type=int, default=8,
-                        help="simulated devices of the mesh (default 8)")
-    parser.add_argument("--accelerator", default="h100", choices=sorted(ACCELERATORS),
-                        help="accelerator whose peak rate and memory the estimates use")
-    parser.add_argument("--utilisation", type=float, default=None,
-                        help="fraction of peak assumed for time estimates (default 0.4)")
-    parser.add_argument("--out", default="reports/plan",
-                        help="directory for <package>_<N>dev.{md,json} (default reports/plan)")
+    parser.add_argument(
+        "--devices", type=int, default=8, help="simulated devices of the mesh (default 8)"
+    )
+    parser.add_argument(
+        "--accelerator",
+        default="h100",
+        choices=sorted(ACCELERATORS),
+        help="accelerator whose peak rate and memory the estimates use",
+    )
+    parser.add_argument(
+        "--utilisation",
+        type=float,
+        default=None,
+        help="fraction of peak assumed for time estimates (default 0.4)",
+    )
+    parser.add_argument(
+        "--out",
+        default="reports/plan",
+        help="directory for <package>_<N>dev.{md,json} (default reports/plan)",
+    )
 
 
 def accelerator_from_args(args) -> Accelerator:
@@ -310,8 +348,9 @@ def accelerator_from_args(args) -> Accelerator:
     return acc
 
 
-def write_plan(rows: Sequence[PlanRow], out_dir: str | os.PathLike, package: str,
-               preset: str, command: str) -> str:
+def write_plan(
+    rows: Sequence[PlanRow], out_dir: str | os.PathLike, package: str, preset: str, command: str
+) -> str:
     """Writes `<out_dir>/<package>_<N>dev.json` and `.md`; returns the Markdown path."""
     from common.report import _write_text_atomic, write_json
 
@@ -319,11 +358,24 @@ def write_plan(rows: Sequence[PlanRow], out_dir: str | os.PathLike, package: str
         raise ValueError(f"write_plan: no rows for {package}")
     devices = rows[0].devices
     stem = os.path.join(os.fspath(out_dir), f"{package}_{devices}dev")
-    write_json(stem + ".json", {"package": package, "preset": preset, "devices": devices,
-                                "command": command, "jax": jax.__version__,
-                                "rows": [r.to_json() for r in rows]})
-    text = (f"### {package} — preset `{preset}`, {devices} device(s)\n\n`{command}`\n\n"
-            + render_plan(rows) + "\n\n" + plan_note(rows) + "\n")
+    write_json(
+        stem + ".json",
+        {
+            "package": package,
+            "preset": preset,
+            "devices": devices,
+            "command": command,
+            "jax": jax.__version__,
+            "rows": [r.to_json() for r in rows],
+        },
+    )
+    text = (
+        f"### {package} — preset `{preset}`, {devices} device(s)\n\n`{command}`\n\n"
+        + render_plan(rows)
+        + "\n\n"
+        + plan_note(rows)
+        + "\n"
+    )
     _write_text_atomic(stem + ".md", text)
     return stem + ".md"
 
@@ -344,21 +396,40 @@ def collect(out_dir: str | os.PathLike, target: str | os.PathLike) -> str:
         with open(os.path.join(out_dir, f[:-3] + ".json"), encoding="utf-8") as fh:
             plan = json.load(fh)
         rows = plan["rows"]
-        over = [f"{r['stage']} ({r['bytes_per_device'] / GIB:.0f} GiB)" for r in rows
-                if not r["fits"]]
-        summary.append([f[:-3], f"`{plan['preset']}`", str(plan["devices"]), str(len(rows)),
-                        "all" if not over else f"{len(rows) - len(over)} of {len(rows)}",
-                        "; ".join(over) or "—"])
-    header = ("# Plans of the paper presets\n\nEach table comes from the command above it: every "
-              "stage's train step is built from abstract shapes, lowered and compiled for the "
-              "stated number of simulated devices. Bytes and FLOPs are per device; times are "
-              "estimates (see the note under each table). Where a model recomputes activations in "
-              "the backward pass (the Qwen2.5-VL and spatia paper stages) the bytes are an upper "
-              "bound: XLA's CPU compiler keeps rematerialised buffers live, reporting the same "
-              "temporaries with and without `jax.checkpoint` (measured on a chain of layers).\n\n"
-              + markdown_table(["plan", "preset", "devices", "stages", "fit 80 GiB",
-                                "stages over 80 GiB (bytes per device)"], summary)
-              + "\n\n")
+        over = [
+            f"{r['stage']} ({r['bytes_per_device'] / GIB:.0f} GiB)" for r in rows if not r["fits"]
+        ]
+        summary.append(
+            [
+                f[:-3],
+                f"`{plan['preset']}`",
+                str(plan["devices"]),
+                str(len(rows)),
+                "all" if not over else f"{len(rows) - len(over)} of {len(rows)}",
+                "; ".join(over) or "—",
+            ]
+        )
+    header = (
+        "# Plans of the paper presets\n\nEach table comes from the command above it: every "
+        "stage's train step is built from abstract shapes, lowered and compiled for the "
+        "stated number of simulated devices. Bytes and FLOPs are per device; times are "
+        "estimates (see the note under each table). Where a model recomputes activations in "
+        "the backward pass (the Qwen2.5-VL and spatia paper stages) the bytes are an upper "
+        "bound: XLA's CPU compiler keeps rematerialised buffers live, reporting the same "
+        "temporaries with and without `jax.checkpoint` (measured on a chain of layers).\n\n"
+        + markdown_table(
+            [
+                "plan",
+                "preset",
+                "devices",
+                "stages",
+                "fit 80 GiB",
+                "stages over 80 GiB (bytes per device)",
+            ],
+            summary,
+        )
+        + "\n\n"
+    )
     _write_text_atomic(os.fspath(target), header + "\n".join(body))
     return os.fspath(target)
 

@@ -45,7 +45,10 @@ def git_revision(cwd: str | os.PathLike | None = None) -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd, capture_output=True, text=True, check=True,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -91,7 +94,9 @@ def _fmt(value: Any, fmt: str) -> str:
         return str(value)
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str = "{:.3g}") -> str:
+def markdown_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str = "{:.3g}"
+) -> str:
     """A GitHub-flavoured Markdown table; numbers formatted with `fmt`, None as an em dash."""
     lines = ["| " + " | ".join(str(h) for h in headers) + " |"]
     lines.append("|" + "|".join("---" for _ in headers) + "|")
@@ -148,7 +153,9 @@ class Report:
     def paragraph(self, text: str) -> None:
         self._sections.append(text.strip())
 
-    def table(self, headers: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str = "{:.3g}") -> None:
+    def table(
+        self, headers: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str = "{:.3g}"
+    ) -> None:
         self._sections.append(markdown_table(headers, rows, fmt))
 
     def compare(
@@ -166,16 +173,26 @@ class Report:
             self.heading(title, 3)
         paper = paper or {}
         keys = list(ours) + [k for k in paper if k not in ours]
-        self.table([key_header, "ours", "paper"], [[k, ours.get(k), paper.get(k)] for k in keys], fmt)
+        self.table(
+            [key_header, "ours", "paper"], [[k, ours.get(k), paper.get(k)] for k in keys], fmt
+        )
         if note:
             self.paragraph(note)
 
     def image(self, path: str | os.PathLike, caption: str = "") -> None:
         """Embeds an image; `path` should be relative to the report's directory."""
-        self._sections.append(f"![{caption}]({os.fspath(path)})" + (f"\n\n*{caption}*" if caption else ""))
+        self._sections.append(
+            f"![{caption}]({os.fspath(path)})" + (f"\n\n*{caption}*" if caption else "")
+        )
 
-    def rows(self, title: str | None, rows: Sequence[Row], *, fmt: str = "{:.3g}",
-             note: str | None = None) -> None:
+    def rows(
+        self,
+        title: str | None,
+        rows: Sequence[Row],
+        *,
+        fmt: str = "{:.3g}",
+        note: str | None = None,
+    ) -> None:
         """A paper-vs-ours table declared as `Row`s (see `render_rows`)."""
         if title:
             self.heading(title, 3)
@@ -205,7 +222,9 @@ class Report:
         machine = f"{hw.get('cpu_model', hw.get('processor'))}, {hw.get('cpu_count')} cores"
         if "memory_gib" in hw:
             machine += f", {hw['memory_gib']} GiB"
-        machine += f"; JAX {hw.get('jax')} on {hw.get('backend')} ({len(hw.get('devices', []))} device(s))"
+        machine += (
+            f"; JAX {hw.get('jax')} on {hw.get('backend')} ({len(hw.get('devices', []))} device(s))"
+        )
         header = [
             f"# {self.title}",
             "",
@@ -308,8 +327,10 @@ class StageClock:
         result = compute()
         seconds = time.perf_counter() - t0
         if not isinstance(result, Mapping):
-            raise TypeError(f"StageClock.cached({stage!r}): compute() must return a dict, got "
-                            f"{type(result).__name__}")
+            raise TypeError(
+                f"StageClock.cached({stage!r}): compute() must return a dict, got "
+                f"{type(result).__name__}"
+            )
         write_json(path, {**result, COMPUTE_KEY: seconds})
         self.add(stage, seconds)
         return dict(result)
@@ -354,9 +375,7 @@ def render_rows(rows: Sequence[Row], fmt: str = "{:.3g}") -> str:
     for r in rows:
         line = [r.metric, r.ours]
         if with_ci:
-            line.append(
-                "—" if r.ci is None else f"[{_fmt(r.ci[0], fmt)}, {_fmt(r.ci[1], fmt)}]"
-            )
+            line.append("—" if r.ci is None else f"[{_fmt(r.ci[0], fmt)}, {_fmt(r.ci[1], fmt)}]")
         line.append(r.paper)
         if with_note:
             line.append(r.note)

@@ -101,12 +101,18 @@ class OptimizerConfig:
         req("schedule", self.schedule in _SCHEDULES, f"one of {_SCHEDULES}")
         req("learning_rate", self.learning_rate > 0, "> 0")
         req("warmup_steps", self.warmup_steps >= 0, ">= 0")
-        req("total_steps", self.schedule != "cosine" or self.total_steps > self.warmup_steps,
-            f"> warmup_steps ({self.warmup_steps}) for the cosine schedule")
+        req(
+            "total_steps",
+            self.schedule != "cosine" or self.total_steps > self.warmup_steps,
+            f"> warmup_steps ({self.warmup_steps}) for the cosine schedule",
+        )
         req("end_lr_fraction", 0.0 <= self.end_lr_fraction <= 1.0, "in [0, 1]")
         req("weight_decay", self.weight_decay >= 0, ">= 0")
-        req("grad_clip_norm", self.grad_clip_norm is None or self.grad_clip_norm >= 0,
-            "None, 0 (off) or > 0")
+        req(
+            "grad_clip_norm",
+            self.grad_clip_norm is None or self.grad_clip_norm >= 0,
+            "None, 0 (off) or > 0",
+        )
         req("accumulation_steps", self.accumulation_steps >= 1, ">= 1")
 
 
@@ -665,14 +671,17 @@ def run_stage(
       a `StageResult`.
     """
     if placement not in ("data_parallel", "as_given"):
-        raise ValueError(f"run_stage: placement must be 'data_parallel' or 'as_given', got "
-                         f"{placement!r}")
+        raise ValueError(
+            f"run_stage: placement must be 'data_parallel' or 'as_given', got {placement!r}"
+        )
     t0 = time.perf_counter()
     place = None
     if placement == "data_parallel":
         mesh = dist.make_mesh() if mesh is None else mesh
-        state = dist.replicate(state, mesh) if jax.process_count() > 1 else jax.device_put(
-            state, dist.replicated(mesh)
+        state = (
+            dist.replicate(state, mesh)
+            if jax.process_count() > 1
+            else jax.device_put(state, dist.replicated(mesh))
         )
         place = _batch_placer(mesh, process_local)
     ckpt, writer = None, metrics_writer

@@ -33,8 +33,7 @@ from common.config import ConfigError, add_config_args, config_from_args
 from common.runtime import start_process, start_run_dir
 from internal_rl.pipeline import ENVS, presets_for
 
-STAGES = ("pretrain", "probe", "control", "metacontroller", "all", "reproduce", "report",
-          "plan")
+STAGES = ("pretrain", "probe", "control", "metacontroller", "all", "reproduce", "report", "plan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,17 +42,20 @@ def main(argv: list[str] | None = None) -> int:
         from internal_rl.plan import main as plan_main
 
         return plan_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m internal_rl", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m internal_rl", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("--env", choices=ENVS, default="gridworld",
-                        help="environment family (default: gridworld)")
+    parser.add_argument(
+        "--env", choices=ENVS, default="gridworld", help="environment family (default: gridworld)"
+    )
     add_config_args(parser, default_preset="tiny")
     parser.add_argument("--run-dir", required=True, help="directory for checkpoints and results")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    parser.add_argument("--no-rl", action="store_true",
-                        help="reproduce: stop before the RL stage")
-    parser.add_argument("--out", default="reports/internal_rl",
-                        help="report stage: where base.md and its plots go")
+    parser.add_argument("--no-rl", action="store_true", help="reproduce: stop before the RL stage")
+    parser.add_argument(
+        "--out", default="reports/internal_rl", help="report stage: where base.md and its plots go"
+    )
     args = parser.parse_args(argv)
     if args.stage == "report":
         from internal_rl.base_report import write_base_report
@@ -65,14 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         parser.error(str(err))
     if args.env != "gridworld" and cfg.env.kind != args.env:
-        parser.error(f"--env {args.env}: the config's env.kind is {cfg.env.kind!r} (set "
-                     f"--set env.kind={args.env} or pick the preset of that body)")
+        parser.error(
+            f"--env {args.env}: the config's env.kind is {cfg.env.kind!r} (set "
+            f"--set env.kind={args.env} or pick the preset of that body)"
+        )
     start_process()
     import jax
 
     # every process of a multi-process run shares run_dir: process 0 writes its config
-    run_dir = (start_run_dir(args.run_dir, cfg) if jax.process_index() == 0
-               else pathlib.Path(args.run_dir))
+    run_dir = (
+        start_run_dir(args.run_dir, cfg) if jax.process_index() == 0 else pathlib.Path(args.run_dir)
+    )
 
     if args.stage == "reproduce":
         from internal_rl.reproduce import reproduce

@@ -118,8 +118,13 @@ class AntExpertConfig:
     # Table A3: AdamW (0.9, 0.999) at a constant 3e-4; weight decay 0 (Table A3 prints 0.03,
     # likely copied from the model table); total_steps counts PPO updates
     optim: OptimizerConfig = OptimizerConfig(
-        name="adamw", learning_rate=3e-4, schedule="constant", weight_decay=0.0,
-        total_steps=100_000_000 // (2048 * 32), grad_clip_norm=0.5)
+        name="adamw",
+        learning_rate=3e-4,
+        schedule="constant",
+        weight_decay=0.0,
+        total_steps=100_000_000 // (2048 * 32),
+        grad_clip_norm=0.5,
+    )
     hidden: tuple[int, ...] = (256, 256)
     log_std_init: float = -1.0  # std 0.37: wider random torques flip the ant at once
     obs_clip: float = 10.0
@@ -128,22 +133,38 @@ class AntExpertConfig:
 
     def __post_init__(self):
         req = functools.partial(require, self)
-        for name in ("horizon", "num_envs", "rollout_len", "epochs", "minibatches",
-                     "updates_per_call", "eval_episodes"):
+        for name in (
+            "horizon",
+            "num_envs",
+            "rollout_len",
+            "epochs",
+            "minibatches",
+            "updates_per_call",
+            "eval_episodes",
+        ):
             req(name, getattr(self, name) >= 1, ">= 1")
         req("train_tasks", self.train_tasks in TRAIN_TASKS, f"one of {TRAIN_TASKS}")
         req("plan_obs", self.plan_obs in PLAN_OBS, f"one of {PLAN_OBS}")
-        req("minibatches", (self.num_envs * self.rollout_len) % self.minibatches == 0,
-            f"a divisor of num_envs * rollout_len ({self.num_envs * self.rollout_len})")
-        req("total_env_steps", self.total_env_steps >= self.num_envs * self.rollout_len,
-            f">= num_envs * rollout_len ({self.num_envs * self.rollout_len})")
+        req(
+            "minibatches",
+            (self.num_envs * self.rollout_len) % self.minibatches == 0,
+            f"a divisor of num_envs * rollout_len ({self.num_envs * self.rollout_len})",
+        )
+        req(
+            "total_env_steps",
+            self.total_env_steps >= self.num_envs * self.rollout_len,
+            f">= num_envs * rollout_len ({self.num_envs * self.rollout_len})",
+        )
         req("gamma", 0.0 < self.gamma <= 1.0, "in (0, 1]")
         req("gae_lambda", 0.0 <= self.gae_lambda <= 1.0, "in [0, 1]")
         req("clip_eps", 0.0 < self.clip_eps < 1.0, "in (0, 1)")
         for name in ("vf_coef", "entropy_coef", "ctrl_cost", "failure_penalty"):
             req(name, getattr(self, name) >= 0, ">= 0")
-        req("hidden", bool(self.hidden) and min(self.hidden) >= 1,
-            "a non-empty tuple of widths >= 1")
+        req(
+            "hidden",
+            bool(self.hidden) and min(self.hidden) >= 1,
+            "a non-empty tuple of widths >= 1",
+        )
         req("obs_clip", self.obs_clip > 0, "> 0")
 
     @property
@@ -162,15 +183,28 @@ class AntExpertConfig:
 _OPTIM = AntExpertConfig().optim
 ANT_EXPERT_PRESETS = {
     # test scale: 4 envs x 16 steps per update, 2 x 2 minibatch steps, small nets
-    "tiny": lambda: AntExpertConfig(num_envs=4, rollout_len=16, total_env_steps=4 * 16 * 8,
-                                    epochs=2, minibatches=2, hidden=(32, 32),
-                                    optim=dataclasses.replace(_OPTIM, total_steps=8),
-                                    updates_per_call=1, eval_episodes=1),
+    "tiny": lambda: AntExpertConfig(
+        num_envs=4,
+        rollout_len=16,
+        total_env_steps=4 * 16 * 8,
+        epochs=2,
+        minibatches=2,
+        hidden=(32, 32),
+        optim=dataclasses.replace(_OPTIM, total_steps=8),
+        updates_per_call=1,
+        eval_episodes=1,
+    ),
     # a CPU run of hours: 64 envs x 32 steps per update, 10M env steps
-    "small": lambda: AntExpertConfig(num_envs=64, rollout_len=32, total_env_steps=10_000_000,
-                                     epochs=4, minibatches=4, hidden=(64, 64),
-                                     optim=dataclasses.replace(_OPTIM, total_steps=4882),
-                                     updates_per_call=10),
+    "small": lambda: AntExpertConfig(
+        num_envs=64,
+        rollout_len=32,
+        total_env_steps=10_000_000,
+        epochs=4,
+        minibatches=4,
+        hidden=(64, 64),
+        optim=dataclasses.replace(_OPTIM, total_steps=4882),
+        updates_per_call=10,
+    ),
     # GPU: 2048 envs x 32 steps per update, 1e8 env steps (~1500 updates)
     "paper": AntExpertConfig,
 }
@@ -190,8 +224,13 @@ def move_vectors(size: int) -> np.ndarray:
     out = np.zeros((4, 2), np.float32)
     for k in range(4):
         moved = table[:, k] != cells
-        d = np.stack([table[moved, k] % size - cells[moved] % size,
-                      table[moved, k] // size - cells[moved] // size], -1)
+        d = np.stack(
+            [
+                table[moved, k] % size - cells[moved] % size,
+                table[moved, k] // size - cells[moved] // size,
+            ],
+            -1,
+        )
         out[k] = d[0]
     return out
 
@@ -205,8 +244,11 @@ def plan_directions(size: int, pad: GridState) -> jax.Array:
     nbr_dist = dist[jnp.asarray(neighbour_table(size))]  # [n, 4]
     best = jnp.argmin(nbr_dist, axis=-1).astype(jnp.int32)
     cells = jnp.arange(n)
-    defined = ((jnp.min(nbr_dist, axis=-1) < INF) & (cells != pad.colours[target])
-               & ~jnp.any(cells[:, None] == pad.walls[None], axis=-1))
+    defined = (
+        (jnp.min(nbr_dist, axis=-1) < INF)
+        & (cells != pad.colours[target])
+        & ~jnp.any(cells[:, None] == pad.walls[None], axis=-1)
+    )
     return jnp.where(defined, best, -1)
 
 
@@ -222,15 +264,16 @@ def plan_vector(size: int, pad: GridState) -> jax.Array:
 
 
 def plan_obs_dim(cfg: AntExpertConfig, env: AntPinpad) -> int:
-    return 4 * env.grid.size ** 2 if cfg.plan_obs == "grid" else 4
+    return 4 * env.grid.size**2 if cfg.plan_obs == "grid" else 4
 
 
 def expert_obs_dim(cfg: AntExpertConfig, env: AntPinpad) -> int:
     return env.obs_dim + plan_obs_dim(cfg, env)
 
 
-def expert_observation(cfg: AntExpertConfig, env: AntPinpad, state: ContinuousState,
-                       obs: jax.Array) -> jax.Array:
+def expert_observation(
+    cfg: AntExpertConfig, env: AntPinpad, state: ContinuousState, obs: jax.Array
+) -> jax.Array:
     """The env observation f32 [obs_dim] of `state` + its plan -> f32 [expert_obs_dim]."""
     size = env.grid.size
     if cfg.plan_obs == "grid":
@@ -248,17 +291,26 @@ def intrinsic_reward(env: AntPinpad, prev: ContinuousState, new: ContinuousState
     return jnp.dot(v, plan_vector(env.grid.size, prev.pad))
 
 
-def shaped_reward(cfg: AntExpertConfig, env: AntPinpad, prev: ContinuousState,
-                  new: ContinuousState, action: jax.Array, task_reward: jax.Array,
-                  info: dict) -> jax.Array:
+def shaped_reward(
+    cfg: AntExpertConfig,
+    env: AntPinpad,
+    prev: ContinuousState,
+    new: ContinuousState,
+    action: jax.Array,
+    task_reward: jax.Array,
+    info: dict,
+) -> jax.Array:
     """f32 []: the expert's training reward for one env step (module docstring)."""
     a = jnp.clip(action, -1.0, 1.0)
     failed = info["wrong_colour"] | info["wall"] | info["out_of_arena"] | info["failure"]
-    return (cfg.velocity_coef * intrinsic_reward(env, prev, new)
-            + cfg.subgoal_bonus * info["colour_visited"].astype(jnp.float32)
-            + cfg.success_bonus * task_reward
-            - cfg.failure_penalty * failed.astype(jnp.float32)
-            - cfg.ctrl_cost * jnp.sum(jnp.square(a)) + cfg.alive_bonus)
+    return (
+        cfg.velocity_coef * intrinsic_reward(env, prev, new)
+        + cfg.subgoal_bonus * info["colour_visited"].astype(jnp.float32)
+        + cfg.success_bonus * task_reward
+        - cfg.failure_penalty * failed.astype(jnp.float32)
+        - cfg.ctrl_cost * jnp.sum(jnp.square(a))
+        + cfg.alive_bonus
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,7 +328,9 @@ class ObsNorm(NamedTuple):
 
 def init_obs_norm(dim: int) -> ObsNorm:
     """Identity normaliser (count 0: the first update takes the batch statistics)."""
-    return ObsNorm(jnp.zeros(dim, jnp.float32), jnp.ones(dim, jnp.float32), jnp.zeros((), jnp.float32))
+    return ObsNorm(
+        jnp.zeros(dim, jnp.float32), jnp.ones(dim, jnp.float32), jnp.zeros((), jnp.float32)
+    )
 
 
 def update_obs_norm(norm: ObsNorm, x: jax.Array) -> ObsNorm:
@@ -296,14 +350,21 @@ def normalise(norm: ObsNorm, x: jax.Array, clip: float = 10.0) -> jax.Array:
     return jnp.clip((x - norm.mean) * jax.lax.rsqrt(norm.var + 1e-8), -clip, clip)
 
 
-def gae(reward: jax.Array, value: jax.Array, done: jax.Array, last_value: jax.Array,
-        gamma: float, lam: float) -> tuple[jax.Array, jax.Array]:
+def gae(
+    reward: jax.Array,
+    value: jax.Array,
+    done: jax.Array,
+    last_value: jax.Array,
+    gamma: float,
+    lam: float,
+) -> tuple[jax.Array, jax.Array]:
     """Generalised advantage estimation over a rollout.
 
     reward, value f32 [T, B], done bool [T, B] (the episode ended at step t: no bootstrap
     across it), last_value f32 [B] = V(obs after step T-1). Returns (advantages, returns =
     advantages + value), both f32 [T, B].
     """
+
     def body(carry, xs):
         adv_next, v_next = carry
         r, v, d = xs
@@ -312,8 +373,9 @@ def gae(reward: jax.Array, value: jax.Array, done: jax.Array, last_value: jax.Ar
         adv = delta + gamma * lam * keep * adv_next
         return (adv, v), adv
 
-    _, adv = jax.lax.scan(body, (jnp.zeros_like(last_value), last_value),
-                          (reward, value, done), reverse=True)
+    _, adv = jax.lax.scan(
+        body, (jnp.zeros_like(last_value), last_value), (reward, value, done), reverse=True
+    )
     return adv, adv + value
 
 
@@ -323,16 +385,28 @@ class ActorCritic(nnx.Module):
     Orthogonal init (gain √2 hidden, 0.01 for the action mean, 1 for the value), zero biases.
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...],
-                 log_std_init: float = -1.0, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        hidden: tuple[int, ...],
+        log_std_init: float = -1.0,
+        *,
+        rngs: nnx.Rngs,
+    ):
         def mlp(out: int, out_gain: float) -> nnx.Sequential:
             layers, width = [], obs_dim
             for h in hidden:
-                layers += [dense(width, h, kernel_init=nnx.initializers.orthogonal(math.sqrt(2)),
-                                 rngs=rngs), jnp.tanh]
+                layers += [
+                    dense(
+                        width, h, kernel_init=nnx.initializers.orthogonal(math.sqrt(2)), rngs=rngs
+                    ),
+                    jnp.tanh,
+                ]
                 width = h
-            layers.append(dense(width, out, kernel_init=nnx.initializers.orthogonal(out_gain),
-                                rngs=rngs))
+            layers.append(
+                dense(width, out, kernel_init=nnx.initializers.orthogonal(out_gain), rngs=rngs)
+            )
             return nnx.Sequential(*layers)
 
         self.actor = mlp(action_dim, 0.01)
@@ -348,12 +422,14 @@ class ActorCritic(nnx.Module):
 
 
 def make_model(cfg: AntExpertConfig, obs_dim: int, action_dim: int, seed: int) -> ActorCritic:
-    return ActorCritic(obs_dim, action_dim, tuple(cfg.hidden), cfg.log_std_init,
-                       rngs=nnx.Rngs(seed))
+    return ActorCritic(
+        obs_dim, action_dim, tuple(cfg.hidden), cfg.log_std_init, rngs=nnx.Rngs(seed)
+    )
 
 
-def ppo_loss(cfg: AntExpertConfig, graphdef: nnx.GraphDef, params: nnx.State, batch: dict
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def ppo_loss(
+    cfg: AntExpertConfig, graphdef: nnx.GraphDef, params: nnx.State, batch: dict
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Clipped PPO loss on a minibatch (to minimise).
 
     batch: obs f32 [N, D] (normalised), action f32 [N, A], logp f32 [N] (behaviour),
@@ -368,21 +444,26 @@ def ppo_loss(cfg: AntExpertConfig, graphdef: nnx.GraphDef, params: nnx.State, ba
     adv = (adv - jnp.mean(adv)) / (jnp.std(adv) + 1e-8)
     log_ratio = logp - batch["logp"]
     ratio = jnp.exp(log_ratio)
-    policy = -jnp.mean(jnp.minimum(
-        ratio * adv, jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * adv))
+    policy = -jnp.mean(
+        jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * adv)
+    )
     v_clipped = batch["value"] + jnp.clip(value - batch["value"], -cfg.clip_eps, cfg.clip_eps)
-    value_loss = 0.5 * jnp.mean(jnp.maximum(jnp.square(value - batch["ret"]),
-                                            jnp.square(v_clipped - batch["ret"])))
+    value_loss = 0.5 * jnp.mean(
+        jnp.maximum(jnp.square(value - batch["ret"]), jnp.square(v_clipped - batch["ret"]))
+    )
     entropy = jnp.sum(log_std + 0.5 * (_LOG_2PI + 1.0))
     loss = policy + cfg.vf_coef * value_loss - cfg.entropy_coef * entropy
-    aux = dict(policy_loss=policy, value_loss=value_loss, entropy=entropy,
-               approx_kl=jnp.mean((ratio - 1.0) - log_ratio),
-               clip_frac=jnp.mean((jnp.abs(ratio - 1.0) > cfg.clip_eps).astype(jnp.float32)))
+    aux = dict(
+        policy_loss=policy,
+        value_loss=value_loss,
+        entropy=entropy,
+        approx_kl=jnp.mean((ratio - 1.0) - log_ratio),
+        clip_frac=jnp.mean((jnp.abs(ratio - 1.0) > cfg.clip_eps).astype(jnp.float32)),
+    )
     return loss, aux
 
 
-def make_ppo_update(cfg: AntExpertConfig, graphdef: nnx.GraphDef,
-                    tx: optax.GradientTransformation):
+def make_ppo_update(cfg: AntExpertConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
     """ppo(params, opt_state, batch, key) -> (params, opt_state, metrics): cfg.epochs passes
     over cfg.minibatches shuffled minibatches of the flat batch (leaves [N, ...], keys of
     `ppo_loss`). Metrics: means over all minibatch steps of the loss and its parts, plus
@@ -391,7 +472,8 @@ def make_ppo_update(cfg: AntExpertConfig, graphdef: nnx.GraphDef,
     def minibatch_step(carry, mbatch):
         params, opt_state = carry
         (loss, aux), grads = jax.value_and_grad(
-            lambda p: ppo_loss(cfg, graphdef, p, mbatch), has_aux=True)(params)
+            lambda p: ppo_loss(cfg, graphdef, p, mbatch), has_aux=True
+        )(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return (params, opt_state), dict(loss=loss, grad_norm=optax.tree.norm(grads), **aux)
@@ -405,8 +487,9 @@ def make_ppo_update(cfg: AntExpertConfig, graphdef: nnx.GraphDef,
             mbatches = jax.tree.map(lambda x: x[perm], batch)
             return jax.lax.scan(minibatch_step, carry, mbatches)
 
-        (params, opt_state), ms = jax.lax.scan(epoch, (params, opt_state),
-                                               jax.random.split(key, cfg.epochs))
+        (params, opt_state), ms = jax.lax.scan(
+            epoch, (params, opt_state), jax.random.split(key, cfg.epochs)
+        )
         metrics = {k: jnp.mean(v) for k, v in ms.items()}
         metrics["loss_first"] = ms["loss"][0, 0]
         return params, opt_state, metrics
@@ -435,7 +518,8 @@ def eval_tasks() -> np.ndarray:
 def _where(mask: jax.Array, a: Any, b: Any) -> Any:
     """Per-env select between two batched pytrees (mask bool [B])."""
     return jax.tree.map(
-        lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b)
+        lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b
+    )
 
 
 class Runner(NamedTuple):
@@ -501,25 +585,44 @@ def _update_fn(cfg: AntExpertConfig, env: AntPinpad, graphdef, tx):
             train_reward = reward + cfg.gamma * final_v * info["timeout"].astype(jnp.float32)
             ep_return = runner.ep_return + reward
             ep_length = runner.ep_length + 1
-            out = dict(obs=runner.obs, action=action, logp=logp, value=value,
-                       reward=train_reward, done=done, success=info["success"],
-                       finished_return=jnp.where(done, ep_return, 0.0),
-                       finished_length=jnp.where(done, ep_length, 0),
-                       intrinsic=jax.vmap(lambda p, s: intrinsic_reward(env, p, s))(
-                           runner.env_state, state))
-            runner = Runner(_where(done, spare_state, state), jnp.where(done[:, None], spare_obs, obs),
-                            jnp.where(done, 0.0, ep_return), jnp.where(done, 0, ep_length))
+            out = dict(
+                obs=runner.obs,
+                action=action,
+                logp=logp,
+                value=value,
+                reward=train_reward,
+                done=done,
+                success=info["success"],
+                finished_return=jnp.where(done, ep_return, 0.0),
+                finished_length=jnp.where(done, ep_length, 0),
+                intrinsic=jax.vmap(lambda p, s: intrinsic_reward(env, p, s))(
+                    runner.env_state, state
+                ),
+            )
+            runner = Runner(
+                _where(done, spare_state, state),
+                jnp.where(done[:, None], spare_obs, obs),
+                jnp.where(done, 0.0, ep_return),
+                jnp.where(done, 0, ep_length),
+            )
             return runner, out
 
-        runner, traj = jax.lax.scan(env_step, ts["runner"],
-                                    jax.random.split(k_roll, cfg.rollout_len))
+        runner, traj = jax.lax.scan(
+            env_step, ts["runner"], jax.random.split(k_roll, cfg.rollout_len)
+        )
         last_value = model.value(normalise(norm, runner.obs, cfg.obs_clip))
-        adv, ret = gae(traj["reward"], traj["value"], traj["done"], last_value, cfg.gamma,
-                       cfg.gae_lambda)
+        adv, ret = gae(
+            traj["reward"], traj["value"], traj["done"], last_value, cfg.gamma, cfg.gae_lambda
+        )
         flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
-        batch = dict(obs=normalise(norm, flat(traj["obs"]), cfg.obs_clip),
-                     action=flat(traj["action"]), logp=flat(traj["logp"]),
-                     value=flat(traj["value"]), adv=flat(adv), ret=flat(ret))
+        batch = dict(
+            obs=normalise(norm, flat(traj["obs"]), cfg.obs_clip),
+            action=flat(traj["action"]),
+            logp=flat(traj["logp"]),
+            value=flat(traj["value"]),
+            adv=flat(adv),
+            ret=flat(ret),
+        )
         params, opt_state, metrics = ppo(ts["params"], ts["opt_state"], batch, k_ppo)
         norm = update_obs_norm(norm, flat(traj["obs"]))
         episodes = jnp.sum(traj["done"]).astype(jnp.float32)
@@ -531,9 +634,16 @@ def _update_fn(cfg: AntExpertConfig, env: AntPinpad, graphdef, tx):
             episode_length=jnp.sum(traj["finished_length"]) / per_ep,
             step_reward=jnp.mean(traj["reward"]),
             intrinsic=jnp.mean(traj["intrinsic"]),
-            log_std=jnp.mean(nnx.merge(graphdef, params).log_std[...]))
-        ts = dict(params=params, opt_state=opt_state, norm=norm, runner=runner,
-                  rng=ts["rng"], updates=ts["updates"] + 1)
+            log_std=jnp.mean(nnx.merge(graphdef, params).log_std[...]),
+        )
+        ts = dict(
+            params=params,
+            opt_state=opt_state,
+            norm=norm,
+            runner=runner,
+            rng=ts["rng"],
+            updates=ts["updates"] + 1,
+        )
         return ts, metrics
 
     return update
@@ -556,10 +666,17 @@ def _build_program(cfg: AntExpertConfig) -> Program:
         k_env, k_rng = jax.random.split(key)
         _, params = nnx.split(make_model(cfg, obs_dim, env.action_shape[0], cfg.seed))
         states, obs = _reset_envs(cfg, env, k_env, cfg.num_envs)
-        runner = Runner(states, obs, jnp.zeros(cfg.num_envs, jnp.float32),
-                        jnp.zeros(cfg.num_envs, jnp.int32))
-        return dict(params=params, opt_state=tx.init(params), norm=init_obs_norm(obs_dim),
-                    runner=runner, rng=jax.random.key_data(k_rng), updates=jnp.zeros((), jnp.int32))
+        runner = Runner(
+            states, obs, jnp.zeros(cfg.num_envs, jnp.float32), jnp.zeros(cfg.num_envs, jnp.int32)
+        )
+        return dict(
+            params=params,
+            opt_state=tx.init(params),
+            norm=init_obs_norm(obs_dim),
+            runner=runner,
+            rng=jax.random.key_data(k_rng),
+            updates=jnp.zeros((), jnp.int32),
+        )
 
     def chunk(ts, num_updates):
         def body(ts, _):
@@ -570,13 +687,18 @@ def _build_program(cfg: AntExpertConfig) -> Program:
         return jax.lax.scan(body, ts, None, length=num_updates)
 
     def evaluate(net, norm, key, tasks):
-        policy = expert_policy(cfg, ExpertParams(net, norm), noise=0.0, env=env,
-                               graphdef=graphdef)
+        policy = expert_policy(cfg, ExpertParams(net, norm), noise=0.0, env=env, graphdef=graphdef)
         traj, final = batch_rollout(env, policy, key, tasks, cfg.horizon)
         return final.success, jnp.sum(traj["valid"], axis=1)
 
-    return Program(env, graphdef, tx, jax.jit(init),
-                   jax.jit(chunk, static_argnums=1, donate_argnums=0), jax.jit(evaluate))
+    return Program(
+        env,
+        graphdef,
+        tx,
+        jax.jit(init),
+        jax.jit(chunk, static_argnums=1, donate_argnums=0),
+        jax.jit(evaluate),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -584,9 +706,14 @@ def _build_program(cfg: AntExpertConfig) -> Program:
 # ---------------------------------------------------------------------------------------
 
 
-def expert_policy(cfg: AntExpertConfig, params: ExpertParams,
-                  noise: bool | float | jax.Array = False, *, env: AntPinpad | None = None,
-                  graphdef: nnx.GraphDef | None = None) -> PolicyFn:
+def expert_policy(
+    cfg: AntExpertConfig,
+    params: ExpertParams,
+    noise: bool | float | jax.Array = False,
+    *,
+    env: AntPinpad | None = None,
+    graphdef: nnx.GraphDef | None = None,
+) -> PolicyFn:
     """Policy for `envs.base.rollout`: (carry, key, obs f32 [41], state) -> (carry,
     action f32 [8] in [-1, 1]).
 
@@ -612,9 +739,13 @@ def expert_policy(cfg: AntExpertConfig, params: ExpertParams,
     return policy
 
 
-def evaluate_expert(cfg: AntExpertConfig, params: ExpertParams, key: jax.Array | None = None,
-                    tasks: np.ndarray | None = None, episodes_per_task: int | None = None
-                    ) -> dict[str, Any]:
+def evaluate_expert(
+    cfg: AntExpertConfig,
+    params: ExpertParams,
+    key: jax.Array | None = None,
+    tasks: np.ndarray | None = None,
+    episodes_per_task: int | None = None,
+) -> dict[str, Any]:
     """Success of the mean action over full episodes (cfg.horizon steps).
 
     tasks: int32 [N, TASK_LEN] (-1 padded); default `eval_tasks()` = the 16 pretraining
@@ -633,10 +764,13 @@ def evaluate_expert(cfg: AntExpertConfig, params: ExpertParams, key: jax.Array |
     per_task = np.asarray(success, np.float32).reshape(len(tasks), e).mean(1)
     post = post_task(TASK_LEN)
     is_post = np.all(tasks == post[None], axis=1)
-    return dict(per_task=per_task,
-                pretrain_success=float(per_task[~is_post].mean()) if (~is_post).any() else math.nan,
-                post_success=float(per_task[is_post].mean()) if is_post.any() else math.nan,
-                mean_length=float(np.mean(np.asarray(length))), episodes=int(len(tasks) * e))
+    return dict(
+        per_task=per_task,
+        pretrain_success=float(per_task[~is_post].mean()) if (~is_post).any() else math.nan,
+        post_success=float(per_task[is_post].mean()) if is_post.any() else math.nan,
+        mean_length=float(np.mean(np.asarray(length))),
+        episodes=int(len(tasks) * e),
+    )
 
 
 class AntExpertRun(NamedTuple):
@@ -659,8 +793,12 @@ def _ckpt_tree(ts: dict) -> dict:
     runner = ts["runner"]
     # orbax refuses empty arrays (mjx.Data has some): they come back from `like` instead
     env = [x for x in jax.tree.leaves(runner.env_state) if x.size]
-    return dict(ts, runner=dict(env=env, obs=runner.obs, ep_return=runner.ep_return,
-                                ep_length=runner.ep_length))
+    return dict(
+        ts,
+        runner=dict(
+            env=env, obs=runner.obs, ep_return=runner.ep_return, ep_length=runner.ep_length
+        ),
+    )
 
 
 def _from_ckpt_tree(tree: dict, like: dict) -> dict:
@@ -672,16 +810,22 @@ def _from_ckpt_tree(tree: dict, like: dict) -> dict:
 
 
 def _checkpointer(run_dir: pathlib.Path, cfg: AntExpertConfig) -> Checkpointer:
-    return Checkpointer(run_dir / "checkpoints", max_to_keep=2,
-                        config=dict(ant_expert=dataclasses.asdict(cfg)),
-                        # the budget, the save period and the eval size may change on resume
-                        ignore_config_keys=["ant_expert.total_env_steps",
-                                            "ant_expert.updates_per_call",
-                                            "ant_expert.eval_episodes"])
+    return Checkpointer(
+        run_dir / "checkpoints",
+        max_to_keep=2,
+        config=dict(ant_expert=dataclasses.asdict(cfg)),
+        # the budget, the save period and the eval size may change on resume
+        ignore_config_keys=[
+            "ant_expert.total_env_steps",
+            "ant_expert.updates_per_call",
+            "ant_expert.eval_episodes",
+        ],
+    )
 
 
-def train_ant_expert(cfg: AntExpertConfig, run_dir: str | os.PathLike,
-                     num_updates: int | None = None, log=print) -> AntExpertRun:
+def train_ant_expert(
+    cfg: AntExpertConfig, run_dir: str | os.PathLike, num_updates: int | None = None, log=print
+) -> AntExpertRun:
     """Train (or resume) the expert in `run_dir` up to `num_updates` updates in total
     (default cfg.num_updates), saving after every chunk of cfg.updates_per_call updates.
 
@@ -716,29 +860,43 @@ def train_ant_expert(cfg: AntExpertConfig, run_dir: str | os.PathLike,
                 chunk_times.append((k, time.perf_counter() - t_chunk))
                 if not np.all(np.isfinite(metrics["loss"])):
                     raise FloatingPointError(
-                        f"ant expert: non-finite PPO loss in updates {done + 1}..{done + k}")
+                        f"ant expert: non-finite PPO loss in updates {done + 1}..{done + k}"
+                    )
                 for name, v in metrics.items():
                     history.setdefault(name, []).extend(float(x) for x in v)
                 ckpt.save(done + k, _ckpt_tree(ts), dict(updates=done + k, metrics=history))
                 for i in range(k):
-                    writer.write(done + i + 1, dict(env_steps=(done + i + 1) * cfg.steps_per_update,
-                                                    **{m: v[i] for m, v in metrics.items()}))
+                    writer.write(
+                        done + i + 1,
+                        dict(
+                            env_steps=(done + i + 1) * cfg.steps_per_update,
+                            **{m: v[i] for m, v in metrics.items()},
+                        ),
+                    )
                 done += k
-                log(f"ant expert: update {done}/{total} env steps {done * cfg.steps_per_update} "
+                log(
+                    f"ant expert: update {done}/{total} env steps {done * cfg.steps_per_update} "
                     f"success {metrics['success_rate'].mean():.3f} "
                     f"return {metrics['episode_return'].mean():.2f} "
                     f"episodes {metrics['episodes'].sum():.0f} "
-                    f"loss {metrics['loss'].mean():.4f} ({time.perf_counter() - t0:.0f}s)")
+                    f"loss {metrics['loss'].mean():.4f} ({time.perf_counter() - t0:.0f}s)"
+                )
     finally:
         ckpt.close()
     steady = chunk_times[1:]
-    sps = (sum(k for k, _ in steady) * cfg.steps_per_update / sum(s for _, s in steady)
-           if steady else math.nan)
+    sps = (
+        sum(k for k, _ in steady) * cfg.steps_per_update / sum(s for _, s in steady)
+        if steady
+        else math.nan
+    )
     return AntExpertRun(
         params=ExpertParams(ts["params"], ts["norm"]),
         history={k: np.asarray(v, np.float32) for k, v in history.items()},
-        updates=done, env_steps=done * cfg.steps_per_update,
-        wall_seconds=time.perf_counter() - t0, steps_per_second=sps)
+        updates=done,
+        env_steps=done * cfg.steps_per_update,
+        wall_seconds=time.perf_counter() - t0,
+        steps_per_second=sps,
+    )
 
 
 def load_expert(run_dir: str | os.PathLike) -> tuple[AntExpertConfig, ExpertParams]:
@@ -747,8 +905,10 @@ def load_expert(run_dir: str | os.PathLike) -> tuple[AntExpertConfig, ExpertPara
     run_dir = pathlib.Path(run_dir)
     config_file = run_dir / "config.json"
     if not config_file.exists():
-        raise FileNotFoundError(f"no Ant expert run at {run_dir} (no config.json); train one "
-                                f"with: python -m internal_rl.ant_expert --run-dir {run_dir}")
+        raise FileNotFoundError(
+            f"no Ant expert run at {run_dir} (no config.json); train one "
+            f"with: python -m internal_rl.ant_expert --run-dir {run_dir}"
+        )
     cfg = from_json(AntExpertConfig, config_file.read_text())
     ckpt = _checkpointer(run_dir, cfg)
     latest = ckpt.latest_step()
@@ -762,11 +922,16 @@ def load_expert(run_dir: str | os.PathLike) -> tuple[AntExpertConfig, ExpertPara
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m internal_rl.ant_expert",
-        description="Train (or resume) the Ant-pinpad PPO expert, then evaluate it.")
+        description="Train (or resume) the Ant-pinpad PPO expert, then evaluate it.",
+    )
     add_config_args(parser, default_preset="tiny")
     parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--updates", type=int, default=None,
-                        help="train up to this many updates in total (default: the preset's)")
+    parser.add_argument(
+        "--updates",
+        type=int,
+        default=None,
+        help="train up to this many updates in total (default: the preset's)",
+    )
     parser.add_argument("--no-eval", action="store_true")
     args = parser.parse_args(argv)
     from common.runtime import start_process, start_run_dir
@@ -778,15 +943,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     run_dir = start_run_dir(args.run_dir, cfg)
     run = train_ant_expert(cfg, run_dir, args.updates)
-    print(f"ant expert: {run.updates} updates, {run.env_steps} env steps, "
-          f"{run.steps_per_second:.0f} env steps/s after the first chunk, "
-          f"{run.wall_seconds:.0f}s")
+    print(
+        f"ant expert: {run.updates} updates, {run.env_steps} env steps, "
+        f"{run.steps_per_second:.0f} env steps/s after the first chunk, "
+        f"{run.wall_seconds:.0f}s"
+    )
     if not args.no_eval:
         res = evaluate_expert(cfg, run.params)
         out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in res.items()}
         (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
-        print(f"ant expert: success pretraining {res['pretrain_success']:.3f} "
-              f"held-out {res['post_success']:.3f} (mean action, {res['episodes']} episodes)")
+        print(
+            f"ant expert: success pretraining {res['pretrain_success']:.3f} "
+            f"held-out {res['post_success']:.3f} (mean action, {res['episodes']} episodes)"
+        )
     return 0
 
 

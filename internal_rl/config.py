@@ -50,8 +50,14 @@ class DataConfig:
 def adamw(steps: int, lr: float, wd: float = 0.03, clip: float | None = 1.0) -> OptimizerConfig:
     """AdamW (0.9, 0.999) at a constant learning rate, the optimizer of every trained stage
     (Tables A4, A7, A9, A13)."""
-    return OptimizerConfig(name="adamw", learning_rate=lr, schedule="constant",
-                           weight_decay=wd, total_steps=max(steps, 1), grad_clip_norm=clip)
+    return OptimizerConfig(
+        name="adamw",
+        learning_rate=lr,
+        schedule="constant",
+        weight_decay=wd,
+        total_steps=max(steps, 1),
+        grad_clip_norm=clip,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +114,12 @@ class MetaTrainConfig:
     trace_examples: int = 3  # β traces drawn in the Fig. 6 / A3 analogue
 
     def __post_init__(self):
-        require(self, "alphas", bool(self.alphas) and min(self.alphas) >= 0,
-                "a non-empty tuple of values >= 0")
+        require(
+            self,
+            "alphas",
+            bool(self.alphas) and min(self.alphas) >= 0,
+            "a non-empty tuple of values >= 0",
+        )
         require(self, "seeds", self.seeds >= 1, ">= 1")
 
 
@@ -130,10 +140,16 @@ class ReproduceConfig:
     def __post_init__(self):
         req = functools.partial(require, self)
         req("methods", set(self.methods) <= set(RL_METHODS), f"a subset of {RL_METHODS}")
-        req("diagnostic_methods", set(self.diagnostic_methods) <= set(RL_METHODS),
-            f"a subset of {RL_METHODS}")
-        req("rl_tasks", bool(self.rl_tasks) and set(self.rl_tasks) <= set(RL_TASKS),
-            f"a non-empty subset of {RL_TASKS}")
+        req(
+            "diagnostic_methods",
+            set(self.diagnostic_methods) <= set(RL_METHODS),
+            f"a subset of {RL_METHODS}",
+        )
+        req(
+            "rl_tasks",
+            bool(self.rl_tasks) and set(self.rl_tasks) <= set(RL_TASKS),
+            f"a non-empty subset of {RL_TASKS}",
+        )
         req("rl_seeds", self.rl_seeds >= 1, ">= 1")
         req("final_fraction", 0.0 < self.final_fraction <= 1.0, "in (0, 1]")
 
@@ -144,11 +160,18 @@ class ChainConfig:
     not in these fields: data.max_len, env.horizon, control, model.depth)."""
 
     def __post_init__(self):
-        require(self.data, "max_len", self.data.max_len <= self.env.horizon,
-                f"<= env.horizon ({self.env.horizon})")
-        require(self.control, "layers",
-                all(0 <= layer <= self.model.depth for layer in self.control.layers),
-                f"layers in 0..model.depth ({self.model.depth})")
+        require(
+            self.data,
+            "max_len",
+            self.data.max_len <= self.env.horizon,
+            f"<= env.horizon ({self.env.horizon})",
+        )
+        require(
+            self.control,
+            "layers",
+            all(0 <= layer <= self.model.depth for layer in self.control.layers),
+            f"layers in 0..model.depth ({self.model.depth})",
+        )
 
     @property
     def control_layers(self) -> tuple[int, ...]:
@@ -174,7 +197,6 @@ class Config(ChainConfig):
     reproduce: ReproduceConfig = ReproduceConfig()
 
 
-
 def tiny() -> Config:
     """Demo scale: `reproduce` end to end in about 10 minutes on 2 CPU cores (`make demo`).
 
@@ -196,18 +218,43 @@ def tiny() -> Config:
         env=EnvConfig(layout_pool=1),
         data=DataConfig(batch_size=32, max_len=40),
         model=ModelConfig(dim=64, depth=2, num_heads=2, mlp_hidden=128),
-        pretrain=PretrainConfig(steps=1000, optim=adamw(1000, 1e-3), log_every=50,
-                                save_every=250, eval_every=500, eval_episodes=64),
-        probe=ProbeConfig(train_trajectories=256, eval_trajectories=128, steps=300, batch_size=256,
-                          optim=adamw(300, 1e-3, wd=0.0, clip=None)),
-        control=ControlConfig(layers=(1,), steps=300, batch_size=32, optim=adamw(300, 1e-3),
-                              save_every=150, eval_episodes=128),
+        pretrain=PretrainConfig(
+            steps=1000,
+            optim=adamw(1000, 1e-3),
+            log_every=50,
+            save_every=250,
+            eval_every=500,
+            eval_episodes=64,
+        ),
+        probe=ProbeConfig(
+            train_trajectories=256,
+            eval_trajectories=128,
+            steps=300,
+            batch_size=256,
+            optim=adamw(300, 1e-3, wd=0.0, clip=None),
+        ),
+        control=ControlConfig(
+            layers=(1,),
+            steps=300,
+            batch_size=32,
+            optim=adamw(300, 1e-3),
+            save_every=150,
+            eval_episodes=128,
+        ),
         metacontroller=MetacontrollerConfig(rank=8, embed_width=32),
-        mctrain=MetaTrainConfig(steps=400, batch_size=32, optim=adamw(400, 1e-3),
-                                alphas=(0.03, 0.1, 0.3), cotrain_steps=500,
-                                cotrain_optim=adamw(500, 1e-3), save_every=200, eval_batches=2),
-        rl=RLConfig(episodes=2560, batch_episodes=64, optim=adamw(40, 1e-3, wd=0.0),
-                    updates_per_call=10),
+        mctrain=MetaTrainConfig(
+            steps=400,
+            batch_size=32,
+            optim=adamw(400, 1e-3),
+            alphas=(0.03, 0.1, 0.3),
+            cotrain_steps=500,
+            cotrain_optim=adamw(500, 1e-3),
+            save_every=200,
+            eval_batches=2,
+        ),
+        rl=RLConfig(
+            episodes=2560, batch_episodes=64, optim=adamw(40, 1e-3, wd=0.0), updates_per_call=10
+        ),
         reproduce=ReproduceConfig(rl_seeds=2, cotrain_alphas=(0.1,)),
     )
 
@@ -235,16 +282,24 @@ def small() -> Config:
     return Config(
         env=EnvConfig(layout_pool=4),
         data=DataConfig(batch_size=32, max_len=40),
-        pretrain=PretrainConfig(steps=2000, optim=adamw(2000, 1e-3), eval_every=500,
-                                save_every=500, eval_episodes=256),
+        pretrain=PretrainConfig(
+            steps=2000, optim=adamw(2000, 1e-3), eval_every=500, save_every=500, eval_episodes=256
+        ),
         probe=ProbeConfig(checkpoints=(500, 1000)),
-        control=ControlConfig(layers=(1, 2, 3), steps=800, optim=adamw(800, 1e-3),
-                              save_every=400, eval_episodes=512),
-        mctrain=MetaTrainConfig(steps=1500, optim=adamw(1500, 1e-3), alphas=(0.03, 0.1, 0.3),
-                                cotrain_steps=2000, cotrain_optim=adamw(2000, 1e-3)),
+        control=ControlConfig(
+            layers=(1, 2, 3), steps=800, optim=adamw(800, 1e-3), save_every=400, eval_episodes=512
+        ),
+        mctrain=MetaTrainConfig(
+            steps=1500,
+            optim=adamw(1500, 1e-3),
+            alphas=(0.03, 0.1, 0.3),
+            cotrain_steps=2000,
+            cotrain_optim=adamw(2000, 1e-3),
+        ),
         rl=RLConfig(episodes=12800, batch_episodes=128, optim=adamw(100, 1e-3, wd=0.0)),
-        reproduce=ReproduceConfig(rl_seeds=3, cotrain_alphas=(0.1, 0.3),
-                                  rl_tasks=("heldout", "seen_transitions")),
+        reproduce=ReproduceConfig(
+            rl_seeds=3, cotrain_alphas=(0.1, 0.3), rl_tasks=("heldout", "seen_transitions")
+        ),
     )
 
 
@@ -254,21 +309,50 @@ def paper() -> Config:
     return Config(
         data=DataConfig(batch_size=1024, max_len=100),
         model=ModelConfig(dim=256, depth=6, num_heads=4, mlp_hidden=512),
-        pretrain=PretrainConfig(steps=256_000, optim=adamw(256_000, 3e-4, 0.03, None),
-                                log_every=100, save_every=4000, eval_every=16_000,
-                                eval_episodes=1024),
-        probe=ProbeConfig(train_trajectories=16_384, eval_trajectories=2048, steps=8000,
-                          batch_size=512, optim=adamw(8000, 1e-3, wd=0.0, clip=None),
-                          checkpoints=(16_000, 32_000, 64_000, 128_000)),
-        control=ControlConfig(rank=16, hidden=32, steps=3200, batch_size=512,
-                              optim=adamw(3200, 1e-3, 0.03), save_every=800,
-                              eval_episodes=1024),
-        mctrain=MetaTrainConfig(steps=64_000, batch_size=512, optim=adamw(64_000, 1e-3, 0.03),
-                                alphas=(0.0, 0.05, 0.1, 0.17, 0.3, 0.5, 1.0), seeds=3,
-                                cotrain_steps=256_000, cotrain_optim=adamw(256_000, 3e-4),
-                                save_every=4000, log_every=100, eval_batches=8),
-        rl=RLConfig(episodes=100_000 * 1024, batch_episodes=1024,
-                    optim=adamw(100_000, 3e-5, wd=0.0), policy_width=256, updates_per_call=100),
+        pretrain=PretrainConfig(
+            steps=256_000,
+            optim=adamw(256_000, 3e-4, 0.03, None),
+            log_every=100,
+            save_every=4000,
+            eval_every=16_000,
+            eval_episodes=1024,
+        ),
+        probe=ProbeConfig(
+            train_trajectories=16_384,
+            eval_trajectories=2048,
+            steps=8000,
+            batch_size=512,
+            optim=adamw(8000, 1e-3, wd=0.0, clip=None),
+            checkpoints=(16_000, 32_000, 64_000, 128_000),
+        ),
+        control=ControlConfig(
+            rank=16,
+            hidden=32,
+            steps=3200,
+            batch_size=512,
+            optim=adamw(3200, 1e-3, 0.03),
+            save_every=800,
+            eval_episodes=1024,
+        ),
+        mctrain=MetaTrainConfig(
+            steps=64_000,
+            batch_size=512,
+            optim=adamw(64_000, 1e-3, 0.03),
+            alphas=(0.0, 0.05, 0.1, 0.17, 0.3, 0.5, 1.0),
+            seeds=3,
+            cotrain_steps=256_000,
+            cotrain_optim=adamw(256_000, 3e-4),
+            save_every=4000,
+            log_every=100,
+            eval_batches=8,
+        ),
+        rl=RLConfig(
+            episodes=100_000 * 1024,
+            batch_episodes=1024,
+            optim=adamw(100_000, 3e-5, wd=0.0),
+            policy_width=256,
+            updates_per_call=100,
+        ),
         reproduce=ReproduceConfig(rl_seeds=3, raw_learning_rate=3e-5),
     )
 

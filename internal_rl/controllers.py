@@ -23,14 +23,17 @@ from internal_rl.models.transformer import BaseModel, ModelOutput, masked_mean
 class LowRankHyperController(nnx.Module):
     """f_hyp: code z f32 [..., K] -> MLP(hidden, ReLU) -> factors A [..., r, D], B [..., D, r]."""
 
-    def __init__(self, code_dim: int, dim: int, rank: int = 16, hidden: int = 32, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, code_dim: int, dim: int, rank: int = 16, hidden: int = 32, *, rngs: nnx.Rngs
+    ):
         self.code_dim, self.dim, self.rank = code_dim, dim, rank
         self.hidden = dense(code_dim, hidden, rngs=rngs)
-        self.a_head = dense(hidden, rank * dim, kernel_init=nnx.initializers.normal(0.02),
-                            rngs=rngs)
-        self.b_head = dense(hidden, dim * rank, kernel_init=nnx.initializers.zeros_init(),
-                            rngs=rngs)
+        self.a_head = dense(
+            hidden, rank * dim, kernel_init=nnx.initializers.normal(0.02), rngs=rngs
+        )
+        self.b_head = dense(
+            hidden, dim * rank, kernel_init=nnx.initializers.zeros_init(), rngs=rngs
+        )
 
     def factors(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
         h = jax.nn.relu(self.hidden(z))
@@ -56,8 +59,16 @@ class LowRankHyperController(nnx.Module):
 class ControlledModel(nnx.Module):
     """A base model with a label-conditioned controller at residual layer `layer`."""
 
-    def __init__(self, base: BaseModel | HawkModel, layer: int, num_codes: int, rank: int = 16,
-                 hidden: int = 32, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        base: BaseModel | HawkModel,
+        layer: int,
+        num_codes: int,
+        rank: int = 16,
+        hidden: int = 32,
+        *,
+        rngs: nnx.Rngs,
+    ):
         if not 0 <= layer <= base.cfg.depth:
             raise ValueError(f"layer: expected 0..{base.cfg.depth}, got {layer}")
         self.base = base
@@ -69,29 +80,44 @@ class ControlledModel(nnx.Module):
         w = jax.nn.one_hot(labels, self.num_codes, dtype=jnp.float32)
         return lambda e: self.controller.apply_codes(e, w)
 
-    def __call__(self, obs: jax.Array, labels: jax.Array, *,
-                 return_residuals: bool = False) -> ModelOutput | HawkOutput:
+    def __call__(
+        self, obs: jax.Array, labels: jax.Array, *, return_residuals: bool = False
+    ) -> ModelOutput | HawkOutput:
         """obs f32 [B, T, obs_dim], labels int32 [B, T] -> the controlled model output."""
-        return self.base(obs, intervention=self._edit(labels), intervention_layer=self.layer,
-                         return_residuals=return_residuals)
+        return self.base(
+            obs,
+            intervention=self._edit(labels),
+            intervention_layer=self.layer,
+            return_residuals=return_residuals,
+        )
 
-    def decode_step(self, obs_t: jax.Array, caches: list[KVCache], labels: jax.Array
-                    ) -> tuple[ModelOutput | HawkOutput, list]:
+    def decode_step(
+        self, obs_t: jax.Array, caches: list[KVCache], labels: jax.Array
+    ) -> tuple[ModelOutput | HawkOutput, list]:
         """obs_t f32 [B, obs_dim], labels int32 [B] -> (model output with T = 1, caches)."""
-        return self.base.decode_step(obs_t, caches, intervention=self._edit(labels[:, None]),
-                                     intervention_layer=self.layer, return_residuals=False)
+        return self.base.decode_step(
+            obs_t,
+            caches,
+            intervention=self._edit(labels[:, None]),
+            intervention_layer=self.layer,
+            return_residuals=False,
+        )
 
 
 # Only the controller's parameters are trained; the base model stays frozen.
 CONTROLLER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("controller"))
 
 
-def controller_loss(model: ControlledModel, batch: dict[str, jax.Array], key: jax.Array
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def controller_loss(
+    model: ControlledModel, batch: dict[str, jax.Array], key: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Action NLL of the controlled model on valid steps (λ = 0, Table A7), with the
     action accuracy (discrete) or mean squared action error (continuous)."""
     del key
     per_step = model.base.sequence_losses(model(batch["obs"], batch["subgoal"]), batch)
-    metrics = {k: masked_mean(v, batch["mask"]) for k, v in per_step.items()
-               if k in ("action_nll", "action_acc", "action_mse")}
+    metrics = {
+        k: masked_mean(v, batch["mask"])
+        for k, v in per_step.items()
+        if k in ("action_nll", "action_acc", "action_mse")
+    }
     return metrics["action_nll"], metrics

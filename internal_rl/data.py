@@ -35,7 +35,8 @@ def segment_position(subgoal: jax.Array) -> jax.Array:
     length = subgoal.shape[-1]
     t = jnp.arange(length, dtype=jnp.int32)
     change = jnp.concatenate(
-        [jnp.ones_like(subgoal[..., :1], bool), subgoal[..., 1:] != subgoal[..., :-1]], axis=-1)
+        [jnp.ones_like(subgoal[..., :1], bool), subgoal[..., 1:] != subgoal[..., :-1]], axis=-1
+    )
     start = jax.lax.cummax(jnp.where(change, t, 0), axis=subgoal.ndim - 1)
     return t - start
 
@@ -119,7 +120,8 @@ class ExpertDataset:
         env, tasks, b, t, eps = self.env, self.tasks, self.batch_size, self.max_len, self.epsilon
         return STEPS.get(
             ("internal_rl.expert_batch", env, tasks.tobytes(), tasks.shape, b, t, eps),
-            lambda: jax.jit(lambda key: expert_batch(env, key, tasks, b, t, eps)))
+            lambda: jax.jit(lambda key: expert_batch(env, key, tasks, b, t, eps)),
+        )
 
     def batch_at(self, step: int) -> dict[str, jax.Array]:
         """The batch with index `step` (independent of the iterator position)."""
@@ -142,5 +144,7 @@ class ExpertDataset:
 
     def set_state(self, state: dict) -> None:
         if set(state) != {"seed", "step"}:
-            raise ValueError(f"ExpertDataset.set_state: expected keys seed, step; got {sorted(state)}")
+            raise ValueError(
+                f"ExpertDataset.set_state: expected keys seed, step; got {sorted(state)}"
+            )
         self.seed, self.step = int(state["seed"]), int(state["step"])

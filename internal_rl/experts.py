@@ -48,8 +48,9 @@ def _uniform_choice(key: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.random.categorical(key, jnp.where(mask, 0.0, -jnp.inf)).astype(jnp.int32)
 
 
-def expert_action(env: GridPinpad, key: jax.Array, state: GridState,
-                  epsilon: float | jax.Array = 0.0) -> jax.Array:
+def expert_action(
+    env: GridPinpad, key: jax.Array, state: GridState, epsilon: float | jax.Array = 0.0
+) -> jax.Array:
     """int32 []: expert action (uniform over optimal; epsilon-uniform over safe actions)."""
     k_opt, k_safe, k_eps = jax.random.split(key, 3)
     optimal = optimal_action_mask(env, state)
@@ -70,8 +71,9 @@ def expert_policy(env: GridPinpad, epsilon: float | jax.Array = 0.0) -> PolicyFn
     return stateless(lambda key, obs, state: expert_action(env, key, state, epsilon))
 
 
-def oracle_action_accuracy(env: GridPinpad, key: jax.Array, tasks: jax.Array,
-                           num_steps: int) -> tuple[jax.Array, jax.Array]:
+def oracle_action_accuracy(
+    env: GridPinpad, key: jax.Array, tasks: jax.Array, num_steps: int
+) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced accuracy ceiling of a predictor that knows the current target.
 
     Rolls out the expert (epsilon = 0) on tasks int32 [N, K] for num_steps steps; at each

@@ -64,18 +64,31 @@ class MetacontrollerConfig:
     switch_threshold: float = 0.5  # β > threshold counts as a switch (metrics, RL)
 
     def __post_init__(self):
-        positive = ("n_z", "gru_hidden", "embed_dim", "embed_conv_width", "encoder_hidden",
-                    "switch_hidden", "decoder_hidden", "rank")
+        positive = (
+            "n_z",
+            "gru_hidden",
+            "embed_dim",
+            "embed_conv_width",
+            "encoder_hidden",
+            "switch_hidden",
+            "decoder_hidden",
+            "rank",
+        )
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"MetacontrollerConfig.{name}: expected >= 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"MetacontrollerConfig.{name}: expected >= 1, got {getattr(self, name)}"
+                )
         if self.embed_width is not None and self.embed_width < 1:
-            raise ValueError(f"MetacontrollerConfig.embed_width: expected None or >= 1, got {self.embed_width}")
+            raise ValueError(
+                f"MetacontrollerConfig.embed_width: expected None or >= 1, got {self.embed_width}"
+            )
         if self.kl_weight < 0:
             raise ValueError(f"MetacontrollerConfig.kl_weight: expected >= 0, got {self.kl_weight}")
         if not 0.0 < self.switch_threshold < 1.0:
             raise ValueError(
-                f"MetacontrollerConfig.switch_threshold: expected in (0, 1), got {self.switch_threshold}")
+                f"MetacontrollerConfig.switch_threshold: expected in (0, 1), got {self.switch_threshold}"
+            )
         if self.embed_c <= 0:
             raise ValueError(f"MetacontrollerConfig.embed_c: expected > 0, got {self.embed_c}")
 
@@ -117,8 +130,10 @@ def integrate(beta: jax.Array, z_tilde: jax.Array, z0: jax.Array | None = None) 
     z0 f32 [B, n_z] (default 0) -> z f32 [B, T, n_z].
     """
     if beta.shape != z_tilde.shape[:-1]:
-        raise ValueError(f"integrate: beta {tuple(beta.shape)} must be z_tilde's "
-                         f"{tuple(z_tilde.shape)} without the last axis")
+        raise ValueError(
+            f"integrate: beta {tuple(beta.shape)} must be z_tilde's "
+            f"{tuple(z_tilde.shape)} without the last axis"
+        )
     if z0 is None:
         z0 = jnp.zeros(z_tilde.shape[:1] + z_tilde.shape[2:], z_tilde.dtype)
 
@@ -152,8 +167,9 @@ def switch_and_integrate(
         z = _integrate_step(beta_t, zt_t, z_prev)
         return z, (beta_t, z)
 
-    _, (beta, z) = jax.lax.scan(body, z0, (_time_major(e), _time_major(h_prev),
-                                           _time_major(z_tilde)))
+    _, (beta, z) = jax.lax.scan(
+        body, z0, (_time_major(e), _time_major(h_prev), _time_major(z_tilde))
+    )
     return _time_major(beta), _time_major(z)
 
 
@@ -187,8 +203,9 @@ def switches_per_trajectory(beta: jax.Array, mask: jax.Array, threshold: float =
     return jnp.sum(switch_mask(beta, mask, threshold), axis=-1).astype(jnp.float32)
 
 
-def subgoal_boundaries(subgoal: jax.Array, mask: jax.Array, include_start: bool = True
-                       ) -> jax.Array:
+def subgoal_boundaries(
+    subgoal: jax.Array, mask: jax.Array, include_start: bool = True
+) -> jax.Array:
     """Ground-truth segment starts: bool [B, T], True at valid t with g_t != g_{t−1}.
 
     With include_start the first step is a boundary too: the metacontroller must pick its
@@ -236,8 +253,12 @@ def switch_precision_recall(
     n_gt = jnp.sum(gt).astype(jnp.float32)
     tp_sw = jnp.sum(sw & _dilate(gt, tolerance)).astype(jnp.float32)
     tp_gt = jnp.sum(gt & _dilate(sw, tolerance)).astype(jnp.float32)
-    return dict(precision=tp_sw / jnp.maximum(n_sw, 1.0), recall=tp_gt / jnp.maximum(n_gt, 1.0),
-                num_switches=n_sw, num_boundaries=n_gt)
+    return dict(
+        precision=tp_sw / jnp.maximum(n_sw, 1.0),
+        recall=tp_gt / jnp.maximum(n_gt, 1.0),
+        num_switches=n_sw,
+        num_boundaries=n_gt,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,13 +274,22 @@ class SequenceEmbedder(nnx.Module):
     Padded steps neither update the recurrence nor enter the convolution.
     """
 
-    def __init__(self, dim: int, width: int, out_dim: int, conv_width: int = 4,
-                 c: float = 8.0, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        width: int,
+        out_dim: int,
+        conv_width: int = 4,
+        c: float = 8.0,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.width, self.conv_width, self.c = width, conv_width, c
         self.gate_in = dense(dim, width, rngs=rngs)
         self.x_in = dense(dim, width, rngs=rngs)
-        self.conv = nnx.Param(nnx.initializers.normal(1.0 / math.sqrt(conv_width))(
-            rngs.params(), (conv_width, width)))
+        self.conv = nnx.Param(
+            nnx.initializers.normal(1.0 / math.sqrt(conv_width))(rngs.params(), (conv_width, width))
+        )
         self.r_gate = dense(width, width, rngs=rngs)
         self.i_gate = dense(width, width, rngs=rngs)
         # Λ such that a^c ~ U[0.9, 0.999] (Griffin): slow, long-memory decays at init
@@ -276,8 +306,10 @@ class SequenceEmbedder(nnx.Module):
         xp = jnp.pad(x, ((0, 0), (self.conv_width - 1, 0), (0, 0)))
         w = self.conv[...]
         # causal depthwise conv: tap k looks k steps back
-        x = sum(xp[:, self.conv_width - 1 - k: self.conv_width - 1 - k + t] * w[k]
-                for k in range(self.conv_width))
+        x = sum(
+            xp[:, self.conv_width - 1 - k : self.conv_width - 1 - k + t] * w[k]
+            for k in range(self.conv_width)
+        )
         r = jax.nn.sigmoid(self.r_gate(x))
         i = jax.nn.sigmoid(self.i_gate(x))
         log_a = -self.c * r * jax.nn.softplus(-self.log_lambda[...])  # log a^{c r}
@@ -290,8 +322,9 @@ class SequenceEmbedder(nnx.Module):
             return jnp.where(m_t, h_new, h), None
 
         h0 = jnp.zeros((x.shape[0], self.width), x.dtype)
-        h_last, _ = jax.lax.scan(body, h0, (_time_major(a), _time_major(scale * i * x),
-                                            _time_major(mask[..., None])))
+        h_last, _ = jax.lax.scan(
+            body, h0, (_time_major(a), _time_major(scale * i * x), _time_major(mask[..., None]))
+        )
         last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
         e_last = jnp.take_along_axis(e, last[:, None, None], axis=1)[:, 0]
         return self.out(jax.nn.gelu(self.gate_in(e_last)) * h_last)
@@ -306,20 +339,22 @@ class ControllerEncoder(nnx.Module):
         self.hidden = dense(dim + n_h + n_s, hidden, rngs=rngs)
         self.out = dense(hidden, 2 * n_z, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
 
-    def __call__(self, e: jax.Array, h_prev: jax.Array, s: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, e: jax.Array, h_prev: jax.Array, s: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """e [B, T, D], h_prev [B, T, n_h], s [B, n_s] -> (μ, log σ²) f32 [B, T, n_z]."""
         s_t = jnp.broadcast_to(s[:, None], e.shape[:2] + s.shape[-1:])
         y = self.out(jax.nn.relu(self.hidden(jnp.concatenate([e, h_prev, s_t], -1))))
-        return y[..., :self.n_z], y[..., self.n_z:]
+        return y[..., : self.n_z], y[..., self.n_z :]
 
 
 class SwitchUnit(nnx.Module):
     """f_switch: MLP([e_t, h_{t−1}, z_{t−1}]) -> 64 ReLU -> 1 -> sigmoid
     (docs/internal_rl.md D12)."""
 
-    def __init__(self, dim: int, n_h: int, n_z: int, hidden: int, bias_init: float, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, n_h: int, n_z: int, hidden: int, bias_init: float, *, rngs: nnx.Rngs
+    ):
         self.hidden = dense(dim + n_h + n_z, hidden, rngs=rngs)
         self.out = dense(hidden, 1, bias_init=nnx.initializers.constant(bias_init), rngs=rngs)
 
@@ -351,29 +386,34 @@ class Metacontroller(nnx.Module):
         # the metacontroller reads (the controller itself edits the raw stream)
         self.in_norm = RMSNorm(dim, rngs=rngs)
         self.gru = nnx.GRUCell(dim, cfg.gru_hidden, rngs=rngs)
-        self.embedder = SequenceEmbedder(dim, cfg.embed_width or dim, cfg.embed_dim,
-                                         cfg.embed_conv_width, cfg.embed_c, rngs=rngs)
-        self.encoder = ControllerEncoder(dim, cfg.gru_hidden, cfg.embed_dim, cfg.encoder_hidden,
-                                         cfg.n_z, rngs=rngs)
-        self.switch = SwitchUnit(dim, cfg.gru_hidden, cfg.n_z, cfg.switch_hidden,
-                                 cfg.switch_bias_init, rngs=rngs)
+        self.embedder = SequenceEmbedder(
+            dim, cfg.embed_width or dim, cfg.embed_dim, cfg.embed_conv_width, cfg.embed_c, rngs=rngs
+        )
+        self.encoder = ControllerEncoder(
+            dim, cfg.gru_hidden, cfg.embed_dim, cfg.encoder_hidden, cfg.n_z, rngs=rngs
+        )
+        self.switch = SwitchUnit(
+            dim, cfg.gru_hidden, cfg.n_z, cfg.switch_hidden, cfg.switch_bias_init, rngs=rngs
+        )
         # B head zero, A head small normal: U = 0 at init with non-zero gradients
         # (docs/internal_rl.md D14)
-        self.decoder = LowRankHyperController(cfg.n_z, dim, cfg.rank, cfg.decoder_hidden,
-                                              rngs=rngs)
+        self.decoder = LowRankHyperController(cfg.n_z, dim, cfg.rank, cfg.decoder_hidden, rngs=rngs)
 
     def initial_state(self, batch: int) -> tuple[jax.Array, jax.Array]:
         """(h_0 f32 [B, n_h], z_0 f32 [B, n_z]), both zero (docs/internal_rl.md D13)."""
-        return (jnp.zeros((batch, self.cfg.gru_hidden), jnp.float32),
-                jnp.zeros((batch, self.cfg.n_z), jnp.float32))
+        return (
+            jnp.zeros((batch, self.cfg.gru_hidden), jnp.float32),
+            jnp.zeros((batch, self.cfg.n_z), jnp.float32),
+        )
 
     def _beta(self, x_t: jax.Array, h_prev: jax.Array, z_prev: jax.Array) -> jax.Array:
         if not self.cfg.temporal_abstraction:
             return jnp.ones(x_t.shape[:-1], x_t.dtype)
         return self.switch(x_t, h_prev, z_prev)
 
-    def switch_step(self, e_t: jax.Array, h_prev: jax.Array, z_prev: jax.Array
-                    ) -> tuple[jax.Array, jax.Array]:
+    def switch_step(
+        self, e_t: jax.Array, h_prev: jax.Array, z_prev: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """One causal step of (switch unit, GRU) for rollouts (Alg. 1's f_switch).
 
         e_t f32 [B, D], h_prev f32 [B, n_h], z_prev f32 [B, n_z] (the code in force before
@@ -398,8 +438,9 @@ class Metacontroller(nnx.Module):
         _, h_prev = jax.lax.scan(body, h0, _time_major(x))
         return _time_major(h_prev)
 
-    def __call__(self, e: jax.Array, mask: jax.Array, key: jax.Array | None, *,
-                 sample: bool = True) -> MetacontrollerOutput:
+    def __call__(
+        self, e: jax.Array, mask: jax.Array, key: jax.Array | None, *, sample: bool = True
+    ) -> MetacontrollerOutput:
         """Posterior pass over a whole sequence. e f32 [B, T, D], mask bool [B, T].
 
         sample: z̃ = μ + σ ε with ε ~ N(0, I) from `key`; False uses z̃ = μ (key unused).
@@ -407,7 +448,9 @@ class Metacontroller(nnx.Module):
         if e.ndim != 3 or e.shape[-1] != self.dim:
             raise ValueError(f"Metacontroller: expected e [B, T, {self.dim}], got {tuple(e.shape)}")
         if mask.shape != e.shape[:2]:
-            raise ValueError(f"Metacontroller: mask {tuple(mask.shape)} must be {tuple(e.shape[:2])}")
+            raise ValueError(
+                f"Metacontroller: mask {tuple(mask.shape)} must be {tuple(e.shape[:2])}"
+            )
         if sample and key is None:
             raise ValueError("Metacontroller: sample=True needs a PRNG key")
         mask = mask.astype(bool)
@@ -431,9 +474,15 @@ class MetacontrolledModel(nnx.Module):
         self.layer = cfg.insertion_layer(base.cfg.depth)
         self.metacontroller = Metacontroller(cfg, base.cfg.dim, rngs=rngs)
 
-    def __call__(self, obs: jax.Array, mask: jax.Array, key: jax.Array | None, *,
-                 sample: bool = True, return_residuals: bool = False
-                 ) -> tuple[ModelOutput | HawkOutput, MetacontrollerOutput]:
+    def __call__(
+        self,
+        obs: jax.Array,
+        mask: jax.Array,
+        key: jax.Array | None,
+        *,
+        sample: bool = True,
+        return_residuals: bool = False,
+    ) -> tuple[ModelOutput | HawkOutput, MetacontrollerOutput]:
         """obs f32 [B, T, obs_dim], mask bool [B, T] -> (controlled model output, metacontroller
         output). One base forward: the metacontroller runs inside the intervention hook on
         the full stream e_l [B, T, D], and the upper blocks see ê in one causal pass."""
@@ -444,8 +493,9 @@ class MetacontrolledModel(nnx.Module):
             captured["mc"] = mc
             return self.metacontroller.control(e, mc.z)
 
-        out = self.base(obs, intervention=edit, intervention_layer=self.layer,
-                        return_residuals=return_residuals)
+        out = self.base(
+            obs, intervention=edit, intervention_layer=self.layer, return_residuals=return_residuals
+        )
         return out, captured["mc"]
 
 
@@ -459,8 +509,9 @@ def trainable_filter(cfg: MetacontrollerConfig):
     return ALL_PARAMS if cfg.cotrain else METACONTROLLER_PARAMS
 
 
-def metacontroller_loss(model: MetacontrolledModel, batch: dict[str, jax.Array], key: jax.Array
-                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def metacontroller_loss(
+    model: MetacontrolledModel, batch: dict[str, jax.Array], key: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Action NLL + α·KL per valid step (Eq. 3, λ = 0); a `common.train` loss_fn.
 
     batch: what the base model's `sequence_losses` reads (grid world: obs f32 [B, T, 637],
@@ -478,14 +529,18 @@ def metacontroller_loss(model: MetacontrolledModel, batch: dict[str, jax.Array],
     thr = model.cfg.switch_threshold
     metrics = dict(
         action_nll=nll,
-        **{k: masked_mean(per_step[k], mask) for k in ("action_acc", "action_mse")
-           if k in per_step},
+        **{
+            k: masked_mean(per_step[k], mask) for k in ("action_acc", "action_mse") if k in per_step
+        },
         kl=kl,
         switches=jnp.mean(switches_per_trajectory(mc.beta, mask, thr)),
         beta_mean=masked_mean(mc.beta, mask),
     )
     if "subgoal" in batch:
         pr = switch_precision_recall(mc.beta, batch["subgoal"], mask, threshold=thr)
-        metrics.update(switch_precision=pr["precision"], switch_recall=pr["recall"],
-                       boundaries=pr["num_boundaries"] / mask.shape[0])
+        metrics.update(
+            switch_precision=pr["precision"],
+            switch_recall=pr["recall"],
+            boundaries=pr["num_boundaries"] / mask.shape[0],
+        )
     return nll + model.cfg.kl_weight * kl, metrics

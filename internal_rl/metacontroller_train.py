@@ -78,9 +78,12 @@ class Variant:
         return f"{kind}_alpha{self.alpha:g}_seed{self.seed}"
 
     def mc_config(self, base_cfg: MetacontrollerConfig) -> MetacontrollerConfig:
-        return dataclasses.replace(base_cfg, kl_weight=float(self.alpha),
-                                   temporal_abstraction=self.temporal_abstraction,
-                                   cotrain=self.cotrain)
+        return dataclasses.replace(
+            base_cfg,
+            kl_weight=float(self.alpha),
+            temporal_abstraction=self.temporal_abstraction,
+            cotrain=self.cotrain,
+        )
 
 
 def variant_dir(run_dir: str | pathlib.Path, variant: Variant) -> pathlib.Path:
@@ -96,8 +99,9 @@ def num_steps(cfg: PipelineConfig, variant: Variant) -> int:
     return cfg.mctrain.cotrain_steps if variant.cotrain else cfg.mctrain.steps
 
 
-def _initial_base(cfg: PipelineConfig, run_dir: pathlib.Path, variant: Variant,
-                  base: BaseModel | HawkModel | None) -> BaseModel | HawkModel:
+def _initial_base(
+    cfg: PipelineConfig, run_dir: pathlib.Path, variant: Variant, base: BaseModel | HawkModel | None
+) -> BaseModel | HawkModel:
     """θ at the start of training: the pretrained model, or a fresh one when co-training
     from scratch. `base` (if given) replaces the pretrained checkpoint (tests, notebooks)."""
     if variant.cotrain and cfg.mctrain.cotrain_from_scratch:
@@ -112,60 +116,101 @@ def _initial_base(cfg: PipelineConfig, run_dir: pathlib.Path, variant: Variant,
 def init_variant(cfg: PipelineConfig, variant: Variant, base: BaseModel | HawkModel):
     """(graphdef, TrainState, tx) of a metacontroller (φ freshly initialised) over `base`."""
     mc_cfg = variant.mc_config(cfg.metacontroller)
-    model = MetacontrolledModel(base, mc_cfg, rngs=nnx.Rngs(
-        stream_seed(cfg.seed, "metacontroller", "init", variant.seed)))
+    model = MetacontrolledModel(
+        base, mc_cfg, rngs=nnx.Rngs(stream_seed(cfg.seed, "metacontroller", "init", variant.seed))
+    )
     tx = STEPS.optimizer(optimizer_config(cfg, variant))
     graphdef, state = create_train_state(
-        model, tx, stream_key(cfg.seed, "metacontroller", "train", variant.seed),
-        trainable=trainable_filter(mc_cfg))
+        model,
+        tx,
+        stream_key(cfg.seed, "metacontroller", "train", variant.seed),
+        trainable=trainable_filter(mc_cfg),
+    )
     return graphdef, state, tx
 
 
 # Settings that do not change the trajectory of a variant's training:
 IGNORE = PRETRAIN_IGNORE + (
-    "mctrain.alphas", "mctrain.seeds", "mctrain.save_every", "mctrain.log_every",
-    "mctrain.eval_batches", "mctrain.trace_examples", "mctrain.steps", "mctrain.cotrain_steps",
-    "mctrain.optim.total_steps", "mctrain.cotrain_optim.total_steps")
+    "mctrain.alphas",
+    "mctrain.seeds",
+    "mctrain.save_every",
+    "mctrain.log_every",
+    "mctrain.eval_batches",
+    "mctrain.trace_examples",
+    "mctrain.steps",
+    "mctrain.cotrain_steps",
+    "mctrain.optim.total_steps",
+    "mctrain.cotrain_optim.total_steps",
+)
 
 
 def checkpoint_config(cfg: PipelineConfig, variant: Variant) -> dict:
     """The config a variant's checkpoints are checked against on restore."""
-    return dict(stages(cfg).pretrain_checkpoint_config(cfg), metacontroller=to_dict(
-        variant.mc_config(cfg.metacontroller)), mctrain=to_dict(cfg.mctrain),
-        variant=dataclasses.asdict(variant))
+    return dict(
+        stages(cfg).pretrain_checkpoint_config(cfg),
+        metacontroller=to_dict(variant.mc_config(cfg.metacontroller)),
+        mctrain=to_dict(cfg.mctrain),
+        variant=dataclasses.asdict(variant),
+    )
 
 
-def train_metacontroller(cfg: PipelineConfig, run_dir: str | pathlib.Path, variant: Variant, *,
-                         base: BaseModel | HawkModel | None = None, steps: int | None = None,
-                         verbose: bool = True) -> tuple[nnx.GraphDef, TrainState]:
+def train_metacontroller(
+    cfg: PipelineConfig,
+    run_dir: str | pathlib.Path,
+    variant: Variant,
+    *,
+    base: BaseModel | HawkModel | None = None,
+    steps: int | None = None,
+    verbose: bool = True,
+) -> tuple[nnx.GraphDef, TrainState]:
     """Trains (or resumes) `variant` to `steps` (default from cfg.mctrain); returns
     (graphdef, TrainState). Metrics go to run_dir/metacontroller/<name>/metrics.jsonl."""
     run_dir = pathlib.Path(run_dir)
     graphdef, state, _ = init_variant(cfg, variant, _initial_base(cfg, run_dir, variant, base))
     step_fn = STEPS.train_step(graphdef, optimizer_config(cfg, variant), metacontroller_loss)
-    data = stages(cfg).make_dataset(cfg, ("metacontroller", "data", variant.seed),
-                                    cfg.mctrain.batch_size, star=True)
+    data = stages(cfg).make_dataset(
+        cfg, ("metacontroller", "data", variant.seed), cfg.mctrain.batch_size, star=True
+    )
     total = num_steps(cfg, variant) if steps is None else steps
-    res = run_stage(f"metacontroller {variant.name}", state, step_fn, data, total,
-                    directory=variant_dir(run_dir, variant),
-                    checkpoint_config=checkpoint_config(cfg, variant), ignore_config_keys=IGNORE,
-                    max_to_keep=1, save_every=cfg.mctrain.save_every,
-                    log_every=cfg.mctrain.log_every, verbose=verbose)
+    res = run_stage(
+        f"metacontroller {variant.name}",
+        state,
+        step_fn,
+        data,
+        total,
+        directory=variant_dir(run_dir, variant),
+        checkpoint_config=checkpoint_config(cfg, variant),
+        ignore_config_keys=IGNORE,
+        max_to_keep=1,
+        save_every=cfg.mctrain.save_every,
+        log_every=cfg.mctrain.log_every,
+        verbose=verbose,
+    )
     return graphdef, res.state
 
 
-def load_variant(cfg: PipelineConfig, run_dir: str | pathlib.Path, variant: Variant, *,
-                 base: BaseModel | HawkModel | None = None) -> MetacontrolledModel:
+def load_variant(
+    cfg: PipelineConfig,
+    run_dir: str | pathlib.Path,
+    variant: Variant,
+    *,
+    base: BaseModel | HawkModel | None = None,
+) -> MetacontrolledModel:
     """The trained `variant` (latest checkpoint) as a module: `.base` is θ (the co-trained
     one for co-trained variants) and `.metacontroller` is φ."""
     run_dir = pathlib.Path(run_dir)
     graphdef, state, _ = init_variant(cfg, variant, _initial_base(cfg, run_dir, variant, base))
-    with Checkpointer(variant_dir(run_dir, variant) / "checkpoints", max_to_keep=1,
-                      config=checkpoint_config(cfg, variant),
-                      ignore_config_keys=list(IGNORE)) as ckpt:
+    with Checkpointer(
+        variant_dir(run_dir, variant) / "checkpoints",
+        max_to_keep=1,
+        config=checkpoint_config(cfg, variant),
+        ignore_config_keys=list(IGNORE),
+    ) as ckpt:
         if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint for metacontroller variant {variant.name} "
-                                    f"under {variant_dir(run_dir, variant)}")
+            raise FileNotFoundError(
+                f"no checkpoint for metacontroller variant {variant.name} "
+                f"under {variant_dir(run_dir, variant)}"
+            )
         state, _ = ckpt.restore(state)
     return merge_model(graphdef, state)
 
@@ -200,16 +245,24 @@ def evaluate_variant(cfg: PipelineConfig, graphdef: nnx.GraphDef, state: TrainSt
             totals[k] = totals.get(k, 0.0) + float(host_array(v)) / cfg.mctrain.eval_batches
         if traces is None:
             n = cfg.mctrain.trace_examples
-            traces = dict(beta=host_array(beta)[:n].tolist(),
-                          subgoal=np.asarray(batch["subgoal"][:n]).tolist(),
-                          mask=np.asarray(batch["mask"][:n]).tolist())
+            traces = dict(
+                beta=host_array(beta)[:n].tolist(),
+                subgoal=np.asarray(batch["subgoal"][:n]).tolist(),
+                mask=np.asarray(batch["mask"][:n]).tolist(),
+            )
     totals["subgoals_per_trajectory"] = totals.pop("boundaries", float("nan"))
     return dict(metrics=totals, traces=traces)
 
 
-def run_variant(cfg: PipelineConfig, run_dir: str | pathlib.Path, variant: Variant, *,
-                base: BaseModel | HawkModel | None = None, verbose: bool = True,
-                clock: StageClock | None = None) -> dict:
+def run_variant(
+    cfg: PipelineConfig,
+    run_dir: str | pathlib.Path,
+    variant: Variant,
+    *,
+    base: BaseModel | HawkModel | None = None,
+    verbose: bool = True,
+    clock: StageClock | None = None,
+) -> dict:
     """Train + evaluate `variant`; results cached in <variant dir>/results.json through
     `clock` (a `common.report.StageClock`, stage "metacontroller"), which keeps the compute
     seconds of cached results."""
@@ -219,33 +272,55 @@ def run_variant(cfg: PipelineConfig, run_dir: str | pathlib.Path, variant: Varia
 
     def compute():
         t0 = time.time()
-        graphdef, state = train_metacontroller(cfg, run_dir, variant, base=base,
-                                               verbose=verbose)
+        graphdef, state = train_metacontroller(cfg, run_dir, variant, base=base, verbose=verbose)
         computed.append(True)
-        return dict(variant=dataclasses.asdict(variant), name=variant.name,
-                    step=int(host_array(state.step)), **evaluate_variant(cfg, graphdef, state),
-                    wall_seconds=time.time() - t0)
+        return dict(
+            variant=dataclasses.asdict(variant),
+            name=variant.name,
+            step=int(host_array(state.step)),
+            **evaluate_variant(cfg, graphdef, state),
+            wall_seconds=time.time() - t0,
+        )
 
     res = clock.cached("metacontroller", out, compute)
     if verbose and computed:
         m = res["metrics"]
-        print(f"[metacontroller] {variant.name}: nll {m['action_nll']:.3f} kl {m['kl']:.3f} "
-              f"switches {m['switches']:.2f} (subgoals {m['subgoals_per_trajectory']:.2f}) "
-              f"precision {m['switch_precision']:.2f} recall {m['switch_recall']:.2f}",
-              flush=True)
+        print(
+            f"[metacontroller] {variant.name}: nll {m['action_nll']:.3f} kl {m['kl']:.3f} "
+            f"switches {m['switches']:.2f} (subgoals {m['subgoals_per_trajectory']:.2f}) "
+            f"precision {m['switch_precision']:.2f} recall {m['switch_recall']:.2f}",
+            flush=True,
+        )
     return res
 
 
-def run_alpha_sweep(cfg: PipelineConfig, run_dir: str | pathlib.Path, alphas=None, *,
-                    cotrain: bool = False, temporal_abstraction: bool = True,
-                    seeds: int | None = None, base: BaseModel | HawkModel | None = None,
-                    verbose: bool = True, clock: StageClock | None = None) -> list[dict]:
+def run_alpha_sweep(
+    cfg: PipelineConfig,
+    run_dir: str | pathlib.Path,
+    alphas=None,
+    *,
+    cotrain: bool = False,
+    temporal_abstraction: bool = True,
+    seeds: int | None = None,
+    base: BaseModel | HawkModel | None = None,
+    verbose: bool = True,
+    clock: StageClock | None = None,
+) -> list[dict]:
     """`run_variant` for every α in `alphas` (default cfg.mctrain.alphas) × seed."""
     alphas = cfg.mctrain.alphas if alphas is None else tuple(alphas)
     seeds = cfg.mctrain.seeds if seeds is None else seeds
-    return [run_variant(cfg, run_dir, Variant(float(a), temporal_abstraction, cotrain, s),
-                        base=base, verbose=verbose, clock=clock)
-            for a in alphas for s in range(seeds)]
+    return [
+        run_variant(
+            cfg,
+            run_dir,
+            Variant(float(a), temporal_abstraction, cotrain, s),
+            base=base,
+            verbose=verbose,
+            clock=clock,
+        )
+        for a in alphas
+        for s in range(seeds)
+    ]
 
 
 def select_alpha(results: list[dict]) -> float:

@@ -52,8 +52,10 @@ def stages(cfg: PipelineConfig) -> ModuleType:
     elif isinstance(cfg, GridConfig):
         from internal_rl import pretrain
     else:
-        raise TypeError(f"cfg: expected an internal_rl or internal_rl.continuous Config, "
-                        f"got {type(cfg).__name__}")
+        raise TypeError(
+            f"cfg: expected an internal_rl or internal_rl.continuous Config, "
+            f"got {type(cfg).__name__}"
+        )
     return pretrain
 
 

@@ -55,8 +55,9 @@ def _expert_batch_spec(cfg, batch_size: int) -> dict:
             return carry, jnp.zeros(env.action_shape, jnp.float32)
 
         def fn(key):
-            return expert_batch(env, zero_policy, key, tasks, batch_size, cfg.data.max_len,
-                                n_candidates=batch_size)
+            return expert_batch(
+                env, zero_policy, key, tasks, batch_size, cfg.data.max_len, n_candidates=batch_size
+            )
     else:
         from internal_rl.data import expert_batch
 
@@ -77,8 +78,20 @@ def _count_params(state) -> tuple[int, int]:
     return n(state.params) + n(state.frozen), n(state.params)
 
 
-def _train_row(name: str, cfg, build, trainable, opt, loss_fn, loss_key, batch_size: int,
-               steps: int, mesh, acc, note: str = ""):
+def _train_row(
+    name: str,
+    cfg,
+    build,
+    trainable,
+    opt,
+    loss_fn,
+    loss_key,
+    batch_size: int,
+    steps: int,
+    mesh,
+    acc,
+    note: str = "",
+):
     """plan_step of a supervised `common.train` step, with accumulation if it does not fit."""
     from common.plan import abstract_train_state, plan_step
     from common.train import STEPS
@@ -94,17 +107,30 @@ def _train_row(name: str, cfg, build, trainable, opt, loss_fn, loss_key, batch_s
         graphdef, state = abstract_train_state(build, tx, trainable)
         step = STEPS.train_step(graphdef, o, loss_fn, loss_key=loss_key)
         spec = _expert_batch_spec(cfg, micro)
-        row = plan_step(name, step, state, spec, mesh, steps=steps * k,
-                        items_per_step=f"{micro} trajectories × {cfg.data.max_len} steps",
-                        accelerator=acc, note="; ".join(notes))
+        row = plan_step(
+            name,
+            step,
+            state,
+            spec,
+            mesh,
+            steps=steps * k,
+            items_per_step=f"{micro} trajectories × {cfg.data.max_len} steps",
+            accelerator=acc,
+            note="; ".join(notes),
+        )
         nxt = 2 * k
         if row.fits or batch % (nxt * devices) or batch // nxt < devices:
             break
         k = nxt
     if k > 1:
-        row.note = "; ".join(notes + [f"does not fit at batch {batch}: gradient accumulation "
-                                      f"over {k} micro-batches of {batch // k} (one update "
-                                      f"per {k} step calls)"])
+        row.note = "; ".join(
+            notes
+            + [
+                f"does not fit at batch {batch}: gradient accumulation "
+                f"over {k} micro-batches of {batch // k} (one update "
+                f"per {k} step calls)"
+            ]
+        )
     return row
 
 
@@ -125,10 +151,19 @@ def plan_rows(cfg, mesh, acc) -> list:
     p = cfg.pretrain
     rows = []
 
-    pre = _train_row("pretrain", cfg, lambda: pipe.build_model(cfg), nnx.Param, p.optim,
-                     pipe.make_loss_fn(p.obs_coef),
-                     ("internal_rl.plan.pretrain", is_continuous(cfg), p.obs_coef),
-                     cfg.data.batch_size, p.steps, mesh, acc)
+    pre = _train_row(
+        "pretrain",
+        cfg,
+        lambda: pipe.build_model(cfg),
+        nnx.Param,
+        p.optim,
+        pipe.make_loss_fn(p.obs_coef),
+        ("internal_rl.plan.pretrain", is_continuous(cfg), p.obs_coef),
+        cfg.data.batch_size,
+        p.steps,
+        mesh,
+        acc,
+    )
     rows.append(pre)
 
     depth = cfg.model.depth
@@ -136,13 +171,26 @@ def plan_rows(cfg, mesh, acc) -> list:
     c = cfg.control
 
     def controlled():
-        return ControlledModel(pipe.build_model(cfg), layer, env.num_subgoals, c.rank, c.hidden,
-                               rngs=nnx.Rngs(0))
+        return ControlledModel(
+            pipe.build_model(cfg), layer, env.num_subgoals, c.rank, c.hidden, rngs=nnx.Rngs(0)
+        )
 
-    rows.append(_train_row(
-        f"controller (layer {layer})", cfg, controlled, CONTROLLER_PARAMS, c.optim,
-        controller_loss, None, c.batch_size, c.steps, mesh, acc,
-        note=f"one per insertion layer: {len(cfg.control_layers)} in the sweep"))
+    rows.append(
+        _train_row(
+            f"controller (layer {layer})",
+            cfg,
+            controlled,
+            CONTROLLER_PARAMS,
+            c.optim,
+            controller_loss,
+            None,
+            c.batch_size,
+            c.steps,
+            mesh,
+            acc,
+            note=f"one per insertion layer: {len(cfg.control_layers)} in the sweep",
+        )
+    )
 
     m = cfg.mctrain
     for cotrain in (False, True):
@@ -151,16 +199,29 @@ def plan_rows(cfg, mesh, acc) -> list:
         def metacontrolled(mc_cfg=mc_cfg):
             return MetacontrolledModel(pipe.build_model(cfg), mc_cfg, rngs=nnx.Rngs(0))
 
-        runs = (f"{len(m.alphas)} α × {m.seeds} seeds + β ≡ 1 runs" if not cotrain
-                else "one run per co-trained α")
-        rows.append(_train_row(
-            "metacontroller (co-trained)" if cotrain else "metacontroller (frozen base)",
-            cfg, metacontrolled, trainable_filter(mc_cfg),
-            m.cotrain_optim if cotrain else m.optim, metacontroller_loss, None, m.batch_size,
-            m.cotrain_steps if cotrain else m.steps, mesh, acc,
-            note=f"layer {mc_cfg.insertion_layer(depth)}; {runs}; a lower bound on FLOPs: "
-                 "the recurrences over time of its encoder and switching unit are scans, "
-                 "whose body XLA's cost analysis counts once"))
+        runs = (
+            f"{len(m.alphas)} α × {m.seeds} seeds + β ≡ 1 runs"
+            if not cotrain
+            else "one run per co-trained α"
+        )
+        rows.append(
+            _train_row(
+                "metacontroller (co-trained)" if cotrain else "metacontroller (frozen base)",
+                cfg,
+                metacontrolled,
+                trainable_filter(mc_cfg),
+                m.cotrain_optim if cotrain else m.optim,
+                metacontroller_loss,
+                None,
+                m.batch_size,
+                m.cotrain_steps if cotrain else m.steps,
+                mesh,
+                acc,
+                note=f"layer {mc_cfg.insertion_layer(depth)}; {runs}; a lower bound on FLOPs: "
+                "the recurrences over time of its encoder and switching unit are scans, "
+                "whose body XLA's cost analysis counts once",
+            )
+        )
 
     rows.append(_rl_row(cfg, pipe, env, pre, mesh, acc))
     return rows
@@ -188,10 +249,12 @@ def _rl_row(cfg, pipe, env, pre, mesh, acc):
     horizon = int(r.horizon or env.horizon)
     minibatch, fit_note = _fit_batch(r.batch_episodes // r.minibatches, devices)
     mc_cfg = cfg.metacontroller
-    subject = nnx.eval_shape(lambda: MetacontrolledModel(pipe.build_model(cfg), mc_cfg,
-                                                         rngs=nnx.Rngs(0)))
-    policy = nnx.eval_shape(lambda: LatentPolicy(cfg.model.dim, mc_cfg.n_z, r.policy_width,
-                                                 rngs=nnx.Rngs(0)))
+    subject = nnx.eval_shape(
+        lambda: MetacontrolledModel(pipe.build_model(cfg), mc_cfg, rngs=nnx.Rngs(0))
+    )
+    policy = nnx.eval_shape(
+        lambda: LatentPolicy(cfg.model.dim, mc_cfg.n_z, r.policy_width, rngs=nnx.Rngs(0))
+    )
     p_graph, params, p_rest = nnx.split(policy, nnx.Param, ...)
     tx = r.optimizer()
 
@@ -211,8 +274,9 @@ def _rl_row(cfg, pipe, env, pre, mesh, acc):
             def loss_fn(p):
                 pol = nnx.merge(p_graph, p, state.frozen[1])
                 logp = log_probs(pol, batch["e"], batch["z"], batch["decision"])
-                return clipped_surrogate(logp, batch["logp"], batch["adv"], batch["decision"],
-                                         r.clip_eps)
+                return clipped_surrogate(
+                    logp, batch["logp"], batch["adv"], batch["decision"], r.clip_eps
+                )
 
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -222,24 +286,43 @@ def _rl_row(cfg, pipe, env, pre, mesh, acc):
         return step
 
     state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-        frozen=(nnx.state(subject), p_rest), opt_state=jax.eval_shape(tx.init, params),
-        rng=jax.eval_shape(lambda: jax.random.key(0)))
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        frozen=(nnx.state(subject), p_rest),
+        opt_state=jax.eval_shape(tx.init, params),
+        rng=jax.eval_shape(lambda: jax.random.key(0)),
+    )
 
     def batch_spec(t):
-        return {"e": jax.ShapeDtypeStruct((minibatch, t, cfg.model.dim), jnp.float32),
-                "z": jax.ShapeDtypeStruct((minibatch, t, mc_cfg.n_z), jnp.float32),
-                "logp": jax.ShapeDtypeStruct((minibatch, t), jnp.float32),
-                "decision": jax.ShapeDtypeStruct((minibatch, t), jnp.bool_),
-                "adv": jax.ShapeDtypeStruct((minibatch,), jnp.float32)}
+        return {
+            "e": jax.ShapeDtypeStruct((minibatch, t, cfg.model.dim), jnp.float32),
+            "z": jax.ShapeDtypeStruct((minibatch, t, mc_cfg.n_z), jnp.float32),
+            "logp": jax.ShapeDtypeStruct((minibatch, t), jnp.float32),
+            "decision": jax.ShapeDtypeStruct((minibatch, t), jnp.bool_),
+            "adv": jax.ShapeDtypeStruct((minibatch,), jnp.float32),
+        }
 
     calls = r.epochs * r.minibatches
-    row = plan_step("internal RL (PPO step)", make_step(False), state, batch_spec(horizon), mesh,
-                    steps=r.num_updates * calls,
-                    items_per_step=f"{minibatch} episodes × {horizon} steps", accelerator=acc)
-    unrolled = plan_step("ppo-unrolled", make_step(True), state,
-                         batch_spec(_UNROLLED_STEPS), mesh, steps=1, items_per_step="",
-                         accelerator=acc)
+    row = plan_step(
+        "internal RL (PPO step)",
+        make_step(False),
+        state,
+        batch_spec(horizon),
+        mesh,
+        steps=r.num_updates * calls,
+        items_per_step=f"{minibatch} episodes × {horizon} steps",
+        accelerator=acc,
+    )
+    unrolled = plan_step(
+        "ppo-unrolled",
+        make_step(True),
+        state,
+        batch_spec(_UNROLLED_STEPS),
+        mesh,
+        steps=1,
+        items_per_step="",
+        accelerator=acc,
+    )
     row.flops_per_device = unrolled.flops_per_device * horizon / _UNROLLED_STEPS
     row.est_step_seconds = unrolled.est_step_seconds * horizon / _UNROLLED_STEPS
     row.compile_seconds += unrolled.compile_seconds
@@ -249,13 +332,21 @@ def _rl_row(cfg, pipe, env, pre, mesh, acc):
     pre_batch = int(pre.items_per_step.split(" ")[0])
     fwd_per_token = pre.flops_per_device / 3 / (pre_batch * cfg.data.max_len / devices)
     rollout = fwd_per_token * r.batch_episodes * horizon / devices
-    row.note = "; ".join(x for x in (fit_note, (
-        f"{calls} of these per update ({r.epochs} epochs × {r.minibatches} minibatches of "
-        f"{r.batch_episodes} episodes); FLOPs from {_UNROLLED_STEPS} unrolled steps × "
-        f"{horizon}/{_UNROLLED_STEPS}; not in the row: the rollout of {r.batch_episodes} "
-        f"episodes × {horizon} steps per update (same compiled chunk), ≈"
-        f"{rollout / 1e9:.3g} GFLOP/device of base-model decoding (forward FLOPs per token "
-        "× tokens) plus the env steps")) if x)
+    row.note = "; ".join(
+        x
+        for x in (
+            fit_note,
+            (
+                f"{calls} of these per update ({r.epochs} epochs × {r.minibatches} minibatches of "
+                f"{r.batch_episodes} episodes); FLOPs from {_UNROLLED_STEPS} unrolled steps × "
+                f"{horizon}/{_UNROLLED_STEPS}; not in the row: the rollout of {r.batch_episodes} "
+                f"episodes × {horizon} steps per update (same compiled chunk), ≈"
+                f"{rollout / 1e9:.3g} GFLOP/device of base-model decoding (forward FLOPs per token "
+                "× tokens) plus the env steps"
+            ),
+        )
+        if x
+    )
     return row
 
 
@@ -263,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     from common.config import add_config_args
     from common.plan import add_plan_args
 
-    parser = argparse.ArgumentParser(prog="python -m internal_rl plan",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m internal_rl plan", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--env", choices=("gridworld", "point", "ant"), default="gridworld")
     add_config_args(parser, default_preset="paper")
     add_plan_args(parser)
@@ -287,8 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         parser.error(str(err))
     if args.env != "gridworld" and cfg.env.kind != args.env:
-        parser.error(f"--env {args.env}: the config's env.kind is {cfg.env.kind!r} (set "
-                     f"--set env.kind={args.env} or pick the preset of that body)")
+        parser.error(
+            f"--env {args.env}: the config's env.kind is {cfg.env.kind!r} (set "
+            f"--set env.kind={args.env} or pick the preset of that body)"
+        )
     rows = plan_rows(cfg, make_mesh(), acc)
     path = write_plan(rows, args.out, f"internal_rl_{args.env}", args.preset, command_line())
     print(f"wrote {path}")

@@ -50,8 +50,13 @@ def waypoint(env: PointPinpad, state: ContinuousState) -> jax.Array:
     return env.grid.centre(next_cell(env, state))
 
 
-def expert_action(env: PointPinpad, key: jax.Array, state: ContinuousState,
-                  noise_std: float | jax.Array = 0.0, gains: PDGains = PDGains()) -> jax.Array:
+def expert_action(
+    env: PointPinpad,
+    key: jax.Array,
+    state: ContinuousState,
+    noise_std: float | jax.Array = 0.0,
+    gains: PDGains = PDGains(),
+) -> jax.Array:
     """f32 [2] action in [-1, 1]² towards the next waypoint (plus clipped Gaussian noise)."""
     x = env.position(state)
     v = state.data.qvel[:2]
@@ -62,8 +67,9 @@ def expert_action(env: PointPinpad, key: jax.Array, state: ContinuousState,
     return jnp.clip(action, -1.0, 1.0)
 
 
-def expert_policy(env: PointPinpad, noise_std: float | jax.Array = 0.0,
-                  gains: PDGains = PDGains()) -> PolicyFn:
+def expert_policy(
+    env: PointPinpad, noise_std: float | jax.Array = 0.0, gains: PDGains = PDGains()
+) -> PolicyFn:
     """Policy for `envs.base.rollout`: (carry, key, obs, state) -> (carry, action f32 [2]).
 
     noise_std may be a traced scalar (one compiled rollout for D and D*).

@@ -65,8 +65,12 @@ def collect(model: BaseModel, dataset, num_trajectories: int) -> ProbeData:
         pos.append(np.asarray(batch["seg_pos"])[mask])
         ts.append(np.nonzero(mask)[1])
         seen += mask.shape[0]
-    return ProbeData(np.concatenate(feats, axis=1), np.concatenate(labels).astype(np.int32),
-                     np.concatenate(pos).astype(np.int32), np.concatenate(ts).astype(np.int32))
+    return ProbeData(
+        np.concatenate(feats, axis=1),
+        np.concatenate(labels).astype(np.int32),
+        np.concatenate(pos).astype(np.int32),
+        np.concatenate(ts).astype(np.int32),
+    )
 
 
 def _logits(params: ProbeParams, feats: jax.Array) -> jax.Array:
@@ -92,8 +96,9 @@ def fit_probes(
         raise ValueError("fit_probes: no valid tokens in the probe data")
     mean = feats.mean(axis=1, keepdims=True)
     std = feats.std(axis=1, keepdims=True) + 1e-6
-    params = ProbeParams(jnp.zeros((n_layers, dim, num_classes)),
-                         jnp.zeros((n_layers, num_classes)), mean, std)
+    params = ProbeParams(
+        jnp.zeros((n_layers, dim, num_classes)), jnp.zeros((n_layers, num_classes)), mean, std
+    )
     tx = STEPS.optimizer(optim)
     trainable = (params.w, params.b)
 
@@ -138,13 +143,19 @@ def evaluate_probes(params: ProbeParams, data: ProbeData, max_position: int) -> 
             by_pos[:, p] = correct[:, sel].mean(axis=1)
             p_by_pos[:, p] = p_true[:, sel].mean(axis=1)
     chance = np.bincount(labels).max() / len(labels)
-    return dict(accuracy=correct.mean(axis=1), accuracy_by_position=by_pos,
-                p_true_by_position=p_by_pos, position_counts=counts,
-                majority_baseline=float(chance), num_tokens=int(len(labels)))
+    return dict(
+        accuracy=correct.mean(axis=1),
+        accuracy_by_position=by_pos,
+        p_true_by_position=p_by_pos,
+        position_counts=counts,
+        majority_baseline=float(chance),
+        num_tokens=int(len(labels)),
+    )
 
 
-def probe_layers(model, train_dataset, eval_dataset, num_classes: int, probe_cfg, key: jax.Array,
-                 num_layers: int) -> dict:
+def probe_layers(
+    model, train_dataset, eval_dataset, num_classes: int, probe_cfg, key: jax.Array, num_layers: int
+) -> dict:
     """Fits one probe per residual layer on `train_dataset` trajectories and evaluates it on
     the independent `eval_dataset` (both expert datasets with `batch_at`). probe_cfg: a
     `ProbeConfig` (train/eval_trajectories, steps, batch_size, optim, max_position); num_layers = L + 1. Returns JSON-ready lists: per-layer train/eval
@@ -153,19 +164,23 @@ def probe_layers(model, train_dataset, eval_dataset, num_classes: int, probe_cfg
     pc = probe_cfg
     train_data = collect(model, train_dataset, pc.train_trajectories)
     eval_data = collect(model, eval_dataset, pc.eval_trajectories)
-    params, losses = fit_probes(train_data, num_classes, key, pc.steps, pc.batch_size,
-                                pc.optim)
+    params, losses = fit_probes(train_data, num_classes, key, pc.steps, pc.batch_size, pc.optim)
     ev = evaluate_probes(params, eval_data, pc.max_position)
     tr = evaluate_probes(params, train_data, pc.max_position)
     return dict(
         layers=list(range(num_layers)),
-        eval_accuracy=ev["accuracy"].tolist(), train_accuracy=tr["accuracy"].tolist(),
+        eval_accuracy=ev["accuracy"].tolist(),
+        train_accuracy=tr["accuracy"].tolist(),
         eval_accuracy_by_position=ev["accuracy_by_position"].tolist(),
         eval_p_true_by_position=ev["p_true_by_position"].tolist(),
-        position_counts=ev["position_counts"].tolist(), chance=1.0 / num_classes,
-        majority_baseline=ev["majority_baseline"], train_tokens=tr["num_tokens"],
-        eval_tokens=ev["num_tokens"], first_train_loss=float(losses[:20].mean()),
-        final_train_loss=float(losses[-20:].mean()))
+        position_counts=ev["position_counts"].tolist(),
+        chance=1.0 / num_classes,
+        majority_baseline=ev["majority_baseline"],
+        train_tokens=tr["num_tokens"],
+        eval_tokens=ev["num_tokens"],
+        first_train_loss=float(losses[:20].mean()),
+        final_train_loss=float(losses[-20:].mean()),
+    )
 
 
 def probe_checkpoints(run_dir, steps, probe_at) -> dict:
@@ -185,7 +200,9 @@ def probe_checkpoints(run_dir, steps, probe_at) -> dict:
             print(f"[probe] no pretraining checkpoint at step {step}; skipped", flush=True)
             continue
         r = probe_at(step)
-        by_step[str(step)] = dict(eval_accuracy=r["eval_accuracy"], train_accuracy=r["train_accuracy"])
+        by_step[str(step)] = dict(
+            eval_accuracy=r["eval_accuracy"], train_accuracy=r["train_accuracy"]
+        )
     results.update(by_checkpoint=by_step, wall_seconds=time.time() - t0)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results

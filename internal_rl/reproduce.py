@@ -30,46 +30,62 @@ from internal_rl.pipeline import PipelineConfig, stages, task_table
 from internal_rl.report import write_report
 
 
-def stage_pretrain(cfg: PipelineConfig, run_dir: pathlib.Path, clock: StageClock,
-                   verbose: bool) -> dict:
+def stage_pretrain(
+    cfg: PipelineConfig, run_dir: pathlib.Path, clock: StageClock, verbose: bool
+) -> dict:
     summary = run_dir / "pretrain" / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("step") != cfg.pretrain.steps:
         summary.unlink()  # the run was extended: train on from the checkpoint
-    return clock.cached("pretrain", summary,
-                        lambda: stages(cfg).run_pretrain(cfg, run_dir, verbose=verbose))
+    return clock.cached(
+        "pretrain", summary, lambda: stages(cfg).run_pretrain(cfg, run_dir, verbose=verbose)
+    )
 
 
 def stage_probe(cfg: PipelineConfig, run_dir: pathlib.Path, clock: StageClock) -> dict:
     from internal_rl.analysis import run_probe
 
-    return clock.cached("probe", run_dir / "probe" / "results.json",
-                        lambda: run_probe(cfg, run_dir))
+    return clock.cached(
+        "probe", run_dir / "probe" / "results.json", lambda: run_probe(cfg, run_dir)
+    )
 
 
-def stage_control(cfg: PipelineConfig, run_dir: pathlib.Path, clock: StageClock,
-                  verbose: bool) -> dict:
+def stage_control(
+    cfg: PipelineConfig, run_dir: pathlib.Path, clock: StageClock, verbose: bool
+) -> dict:
     from internal_rl.analysis import run_control
 
     return run_control(cfg, run_dir, verbose=verbose, clock=clock)  # caches per layer
 
 
-def stage_metacontroller(cfg: PipelineConfig, run_dir: pathlib.Path, verbose: bool,
-                         clock: StageClock | None = None) -> dict:
+def stage_metacontroller(
+    cfg: PipelineConfig, run_dir: pathlib.Path, verbose: bool, clock: StageClock | None = None
+) -> dict:
     """Frozen α sweep, β ≡ 1 at the selected α, co-trained sweep."""
     from internal_rl.metacontroller_train import Variant, run_alpha_sweep, run_variant, select_alpha
 
     clock = StageClock() if clock is None else clock
     frozen = run_alpha_sweep(cfg, run_dir, verbose=verbose, clock=clock)
     alpha = select_alpha(frozen)
-    beta1 = run_variant(cfg, run_dir, Variant(alpha, temporal_abstraction=False),
-                        verbose=verbose, clock=clock)
+    beta1 = run_variant(
+        cfg, run_dir, Variant(alpha, temporal_abstraction=False), verbose=verbose, clock=clock
+    )
     cot_alphas = cfg.reproduce.cotrain_alphas or cfg.mctrain.alphas
     needs_cotrain = "cotrained" in cfg.reproduce.methods or cfg.reproduce.cotrain_alphas
-    cotrained = (run_alpha_sweep(cfg, run_dir, cot_alphas, cotrain=True, seeds=1,
-                                 verbose=verbose, clock=clock) if needs_cotrain else [])
+    cotrained = (
+        run_alpha_sweep(
+            cfg, run_dir, cot_alphas, cotrain=True, seeds=1, verbose=verbose, clock=clock
+        )
+        if needs_cotrain
+        else []
+    )
     cot_alpha = select_alpha(cotrained) if cotrained else None
-    return dict(frozen=frozen, selected_alpha=alpha, beta1=beta1, cotrained=cotrained,
-                cotrained_alpha=cot_alpha)
+    return dict(
+        frozen=frozen,
+        selected_alpha=alpha,
+        beta1=beta1,
+        cotrained=cotrained,
+        cotrained_alpha=cot_alpha,
+    )
 
 
 def _rl_subject(cfg: PipelineConfig, run_dir: pathlib.Path, method: str, mc: dict):
@@ -81,8 +97,10 @@ def _rl_subject(cfg: PipelineConfig, run_dir: pathlib.Path, method: str, mc: dic
     variant = {
         "internal_rl": Variant(mc["selected_alpha"]),
         "no_temporal_abstraction": Variant(mc["selected_alpha"], temporal_abstraction=False),
-        "cotrained": Variant(mc["cotrained_alpha"] if mc["cotrained_alpha"] is not None
-                             else mc["selected_alpha"], cotrain=True),
+        "cotrained": Variant(
+            mc["cotrained_alpha"] if mc["cotrained_alpha"] is not None else mc["selected_alpha"],
+            cotrain=True,
+        ),
     }[method]
     model = load_variant(cfg, run_dir, variant)
     return model.base, model
@@ -94,8 +112,9 @@ def rl_cache_path(run_dir: pathlib.Path, task: str, method: str, seed: int) -> p
     return sub / f"{method}_seed{seed}.json"
 
 
-def stage_rl(cfg: PipelineConfig, run_dir: pathlib.Path, mc: dict, clock: StageClock,
-             verbose: bool) -> dict:
+def stage_rl(
+    cfg: PipelineConfig, run_dir: pathlib.Path, mc: dict, clock: StageClock, verbose: bool
+) -> dict:
     """{task: {method: [per-seed curve dicts]}}; each (task, method, seed) cached."""
     from internal_rl.rl import run_internal_rl, run_raw_action_rl
 
@@ -105,8 +124,11 @@ def stage_rl(cfg: PipelineConfig, run_dir: pathlib.Path, mc: dict, clock: StageC
     for task_name in cfg.reproduce.rl_tasks:
         task = task_table(cfg, task_name)
         curves[task_name] = by_method = {}
-        methods = [m for m in cfg.reproduce.methods
-                   if task_name == "heldout" or m in cfg.reproduce.diagnostic_methods]
+        methods = [
+            m
+            for m in cfg.reproduce.methods
+            if task_name == "heldout" or m in cfg.reproduce.diagnostic_methods
+        ]
         for method in methods:
             by_method[method] = []
             for seed in range(cfg.reproduce.rl_seeds):
@@ -115,23 +137,37 @@ def stage_rl(cfg: PipelineConfig, run_dir: pathlib.Path, mc: dict, clock: StageC
                     base, model = _rl_subject(cfg, run_dir, method, mc)
                     rl_seed = stream_seed(cfg.seed, "rl", seed)
                     if method == "raw_action_rl":
-                        rl_cfg = dataclasses.replace(cfg.rl, optim=dataclasses.replace(
-                            cfg.rl.optim, learning_rate=cfg.reproduce.raw_learning_rate))
+                        rl_cfg = dataclasses.replace(
+                            cfg.rl,
+                            optim=dataclasses.replace(
+                                cfg.rl.optim, learning_rate=cfg.reproduce.raw_learning_rate
+                            ),
+                        )
                         res = run_raw_action_rl(rl_cfg, base, env, task, rl_seed, log=log)
                     else:
                         res = run_internal_rl(cfg.rl, base, model, env, task, rl_seed, log=log)
-                    return dict(method=method, seed=seed, episodes=res.episodes.tolist(),
-                                success_rate=res.success_rate.tolist(),
-                                decisions_per_episode=res.decisions_per_episode.tolist(),
-                                wall_seconds=float(res.wall_seconds))
+                    return dict(
+                        method=method,
+                        seed=seed,
+                        episodes=res.episodes.tolist(),
+                        success_rate=res.success_rate.tolist(),
+                        decisions_per_episode=res.decisions_per_episode.tolist(),
+                        wall_seconds=float(res.wall_seconds),
+                    )
 
                 path = rl_cache_path(run_dir, task_name, method, seed)
                 by_method[method].append(clock.cached("rl", path, compute))
     return curves
 
 
-def run_stages(cfg: PipelineConfig, run_dir: str | pathlib.Path, clock: StageClock, *,
-               rl: bool = True, verbose: bool = True) -> dict:
+def run_stages(
+    cfg: PipelineConfig,
+    run_dir: str | pathlib.Path,
+    clock: StageClock,
+    *,
+    rl: bool = True,
+    verbose: bool = True,
+) -> dict:
     """Runs (or reads back) every stage; returns their outputs by stage name (what
     `internal_rl.report.write_report` reads). rl=False stops after the metacontroller."""
     run_dir = pathlib.Path(run_dir)
@@ -142,8 +178,10 @@ def run_stages(cfg: PipelineConfig, run_dir: str | pathlib.Path, clock: StageClo
         before = clock.seconds.get(name, 0.0)
         parts[name] = fn()
         if verbose:
-            print(f"== reproduce: {name} ({clock.seconds.get(name, 0.0) - before:.0f} s of "
-                  "compute)", flush=True)
+            print(
+                f"== reproduce: {name} ({clock.seconds.get(name, 0.0) - before:.0f} s of compute)",
+                flush=True,
+            )
 
     stage("pretrain", lambda: stage_pretrain(cfg, run_dir, clock, verbose))
     stage("probe", lambda: stage_probe(cfg, run_dir, clock))
@@ -154,15 +192,23 @@ def run_stages(cfg: PipelineConfig, run_dir: str | pathlib.Path, clock: StageClo
     return parts
 
 
-def reproduce(cfg: PipelineConfig, run_dir: str | pathlib.Path, *, preset: str | None = None,
-              verbose: bool = True, rl: bool = True, command: str | None = None) -> dict:
+def reproduce(
+    cfg: PipelineConfig,
+    run_dir: str | pathlib.Path,
+    *,
+    preset: str | None = None,
+    verbose: bool = True,
+    rl: bool = True,
+    command: str | None = None,
+) -> dict:
     """Runs (or resumes) every stage and writes report.md + results.json into run_dir;
     returns the results dict (the "results" of results.json). rl=False stops after the
     metacontroller stage (the report then has no Fig. 8)."""
     clock = StageClock()
     parts = run_stages(cfg, run_dir, clock, rl=rl, verbose=verbose)
-    md, js = write_report(cfg, pathlib.Path(run_dir), parts, preset=preset, command=command,
-                          clock=clock)
+    md, js = write_report(
+        cfg, pathlib.Path(run_dir), parts, preset=preset, command=command, clock=clock
+    )
     if verbose:
         print(f"wrote {md} and {js}", flush=True)
     return json.loads(pathlib.Path(js).read_text())["results"]

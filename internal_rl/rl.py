@@ -82,8 +82,13 @@ class RLConfig:
     # AdamW (0.9, 0.999), constant LR, global-norm clipping (Table A13, docs/internal_rl.md
     # D16); total_steps counts PPO updates (episodes // batch_episodes)
     optim: OptimizerConfig = OptimizerConfig(
-        name="adamw", learning_rate=3e-4, schedule="constant", weight_decay=0.0,
-        total_steps=100_000 // 128, grad_clip_norm=1.0)
+        name="adamw",
+        learning_rate=3e-4,
+        schedule="constant",
+        weight_decay=0.0,
+        total_steps=100_000 // 128,
+        grad_clip_norm=1.0,
+    )
     entropy_coef: float = 0.0  # the paper uses none
     adv_eps: float = 1e-3  # δ in (R − mean) / (std + δ)
     policy_width: int = 64  # GRU width of the abstract policy
@@ -94,13 +99,18 @@ class RLConfig:
 
     def __post_init__(self):
         req = functools.partial(require, self)
-        for name in ("batch_episodes", "epochs", "minibatches", "policy_width",
-                     "updates_per_call"):
+        for name in ("batch_episodes", "epochs", "minibatches", "policy_width", "updates_per_call"):
             req(name, getattr(self, name) >= 1, ">= 1")
-        req("episodes", self.episodes >= self.batch_episodes,
-            f">= batch_episodes ({self.batch_episodes})")
-        req("minibatches", self.batch_episodes % self.minibatches == 0,
-            f"a divisor of batch_episodes ({self.batch_episodes})")
+        req(
+            "episodes",
+            self.episodes >= self.batch_episodes,
+            f">= batch_episodes ({self.batch_episodes})",
+        )
+        req(
+            "minibatches",
+            self.batch_episodes % self.minibatches == 0,
+            f"a divisor of batch_episodes ({self.batch_episodes})",
+        )
         req("clip_eps", 0.0 < self.clip_eps < 1.0, "in (0, 1)")
         req("entropy_coef", self.entropy_coef >= 0, ">= 0")
         req("adv_eps", self.adv_eps > 0, "> 0")
@@ -167,8 +177,9 @@ def abstract_rewards(reward: jax.Array, decision: jax.Array) -> jax.Array:
     return jax.vmap(one)(reward.reshape(-1, t), seg.reshape(-1, t)).reshape(reward.shape)
 
 
-def clipped_surrogate(logp: jax.Array, logp_old: jax.Array, adv: jax.Array,
-                      mask: jax.Array, clip_eps: float) -> tuple[jax.Array, dict]:
+def clipped_surrogate(
+    logp: jax.Array, logp_old: jax.Array, adv: jax.Array, mask: jax.Array, clip_eps: float
+) -> tuple[jax.Array, dict]:
     """PPO loss (to minimise) = −mean_τ Σ_{t: mask} min(ρ A_τ, clip(ρ, 1±ε) A_τ).
 
     logp, logp_old f32 [B, T], adv f32 [B], mask bool [B, T] (decision steps).
@@ -243,9 +254,15 @@ def _reset(env, key: jax.Array, tasks: jax.Array):
     return jax.vmap(env.reset)(jax.random.split(key, tasks.shape[0]), tasks)
 
 
-def internal_rollout(env, base: PolicyModel, metacontroller: Metacontroller,
-                     policy: LatentPolicy, key: jax.Array, tasks: jax.Array, **kwargs
-                     ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+def internal_rollout(
+    env,
+    base: PolicyModel,
+    metacontroller: Metacontroller,
+    policy: LatentPolicy,
+    key: jax.Array,
+    tasks: jax.Array,
+    **kwargs,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """Reset B envs on tasks int32 [B, K], then `internal_episodes` (same kwargs)."""
     k_reset, k_run = jax.random.split(key)
     states, obs = _reset(env, k_reset, tasks)
@@ -281,8 +298,15 @@ def internal_episodes(
     """
     n = obs.shape[0]
     h_switch, z0 = metacontroller.initial_state(n)
-    carry0 = (states, obs, base.init_caches(n, horizon), h_switch, z0,
-              policy.initial_carry(n), jnp.int32(0))
+    carry0 = (
+        states,
+        obs,
+        base.init_caches(n, horizon),
+        h_switch,
+        z0,
+        policy.initial_carry(n),
+        jnp.int32(0),
+    )
 
     def body(carry, k):
         states, obs, caches, h_switch, z, h_pi, t = carry
@@ -299,8 +323,16 @@ def internal_episodes(
         head, caches = base.upper_step(metacontroller.control(e, z), caches, layer)
         action = base.sample_action(k_a, head)
         states, next_obs, reward, _, _ = jax.vmap(env.step)(states, action)
-        out = dict(e=e, z=z, logp=logp, decision=decision, beta=beta, action=action,
-                   reward=reward, valid=alive)
+        out = dict(
+            e=e,
+            z=z,
+            logp=logp,
+            decision=decision,
+            beta=beta,
+            action=action,
+            reward=reward,
+            valid=alive,
+        )
         if record_obs:
             out["obs"] = obs
         return (states, next_obs, caches, h_switch, z, h_pi, t + 1), out
@@ -310,16 +342,18 @@ def internal_episodes(
     return traj, _episode_stats(final, traj)
 
 
-def raw_rollout(env, base: PolicyModel, key: jax.Array, tasks: jax.Array, *, horizon: int
-                ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+def raw_rollout(
+    env, base: PolicyModel, key: jax.Array, tasks: jax.Array, *, horizon: int
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """Reset B envs on tasks int32 [B, K], then `raw_episodes`."""
     k_reset, k_run = jax.random.split(key)
     states, obs = _reset(env, k_reset, tasks)
     return raw_episodes(env, base, states, obs, k_run, horizon=horizon)
 
 
-def raw_episodes(env, base: PolicyModel, states: Any, obs: jax.Array, key: jax.Array, *,
-                 horizon: int) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+def raw_episodes(
+    env, base: PolicyModel, states: Any, obs: jax.Array, key: jax.Array, *, horizon: int
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """B episodes sampling the base model's own actions (cached decoding), from reset
     states / obs f32 [B, obs_dim] as in `internal_episodes`.
 
@@ -337,24 +371,35 @@ def raw_episodes(env, base: PolicyModel, states: Any, obs: jax.Array, key: jax.A
         action = base.sample_action(k, head)
         logp = base.action_log_prob(head, action)
         states, next_obs, reward, _, _ = jax.vmap(env.step)(states, action)
-        rec = dict(obs=obs, action=action, logp=jnp.where(alive, logp, 0.0), decision=alive,
-                   reward=reward, valid=alive)
+        rec = dict(
+            obs=obs,
+            action=action,
+            logp=jnp.where(alive, logp, 0.0),
+            decision=alive,
+            reward=reward,
+            valid=alive,
+        )
         return (states, next_obs, caches), rec
 
-    (final, _, _), traj = jax.lax.scan(body, (states, obs, base.init_caches(n, horizon)),
-                                       jax.random.split(key, horizon))
+    (final, _, _), traj = jax.lax.scan(
+        body, (states, obs, base.init_caches(n, horizon)), jax.random.split(key, horizon)
+    )
     traj = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj)
     return traj, _episode_stats(final, traj)
 
 
 def _episode_stats(final_states, traj) -> dict[str, jax.Array]:
-    return dict(success=final_states.success, ret=jnp.sum(traj["reward"], axis=1),
-                decisions=jnp.sum(traj["decision"], axis=1).astype(jnp.float32),
-                length=jnp.sum(traj["valid"], axis=1).astype(jnp.int32))
+    return dict(
+        success=final_states.success,
+        ret=jnp.sum(traj["reward"], axis=1),
+        decisions=jnp.sum(traj["decision"], axis=1).astype(jnp.float32),
+        length=jnp.sum(traj["valid"], axis=1).astype(jnp.int32),
+    )
 
 
-def raw_log_probs(base: PolicyModel, obs: jax.Array, action: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
+def raw_log_probs(
+    base: PolicyModel, obs: jax.Array, action: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Full causal forward: obs f32 [B, T, obs_dim], action [B, T] (int32) or [B, T, A]
     (f32) -> (log p_θ(a_t | o_1:t) f32 [B, T], entropy f32 [B, T] or [])."""
     return base.action_log_probs(obs, action)
@@ -381,8 +426,7 @@ def make_ppo_update(cfg: RLConfig, tx: optax.GradientTransformation, logp_fn: Lo
 
     def loss_fn(params, static, mbatch, madv):
         logp, ent = logp_fn(params, static, mbatch)
-        loss, aux = clipped_surrogate(logp, mbatch["logp"], madv, mbatch["decision"],
-                                      cfg.clip_eps)
+        loss, aux = clipped_surrogate(logp, mbatch["logp"], madv, mbatch["decision"], cfg.clip_eps)
         if cfg.entropy_coef:
             m = mbatch["decision"].astype(jnp.float32)
             ent = jnp.broadcast_to(ent, m.shape)
@@ -397,7 +441,8 @@ def make_ppo_update(cfg: RLConfig, tx: optax.GradientTransformation, logp_fn: Lo
             params, opt_state = carry
             mbatch = jax.tree.map(lambda x: x[idx], batch)
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, static, mbatch, adv[idx])
+                params, static, mbatch, adv[idx]
+            )
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             return (params, opt_state), dict(loss=loss, grad_norm=optax.tree.norm(grads), **aux)
@@ -406,8 +451,9 @@ def make_ppo_update(cfg: RLConfig, tx: optax.GradientTransformation, logp_fn: Lo
             perm = jax.random.permutation(k, b).reshape(cfg.minibatches, size)
             return jax.lax.scan(minibatch_step, carry, perm)
 
-        (params, opt_state), ms = jax.lax.scan(epoch, (params, opt_state),
-                                               jax.random.split(key, cfg.epochs))
+        (params, opt_state), ms = jax.lax.scan(
+            epoch, (params, opt_state), jax.random.split(key, cfg.epochs)
+        )
         metrics = {k: jnp.mean(v) for k, v in ms.items()}
         metrics["loss_first"] = ms["loss"][0, 0]
         return params, opt_state, metrics
@@ -415,8 +461,9 @@ def make_ppo_update(cfg: RLConfig, tx: optax.GradientTransformation, logp_fn: Lo
     return ppo
 
 
-def make_train_chunk(cfg: RLConfig, tx: optax.GradientTransformation,
-                     rollout_fn: RolloutFn, logp_fn: LogpFn):
+def make_train_chunk(
+    cfg: RLConfig, tx: optax.GradientTransformation, rollout_fn: RolloutFn, logp_fn: LogpFn
+):
     """Jitted chunk(params, opt_state, static, keys [K]) -> ((params, opt_state), metrics
     with leaves [K]): K updates, each = one batch of fresh episodes + PPO on it.
     params and opt_state are donated."""
@@ -434,7 +481,8 @@ def make_train_chunk(cfg: RLConfig, tx: optax.GradientTransformation,
                 decisions_per_episode=jnp.mean(ep["decisions"]),
                 mean_return=jnp.mean(ep["ret"]),
                 episode_length=jnp.mean(ep["length"].astype(jnp.float32)),
-                nonzero_advantage=jnp.mean((adv != 0).astype(jnp.float32)))
+                nonzero_advantage=jnp.mean((adv != 0).astype(jnp.float32)),
+            )
             return (params, opt_state), metrics
 
         return jax.lax.scan(update, (params, opt_state), keys)
@@ -470,11 +518,15 @@ def _check_env(env, base: PolicyModel) -> None:
         raise ValueError(f"env.obs_dim={env.obs_dim} but base.cfg.obs_dim={base.cfg.obs_dim}")
     if isinstance(base, HawkModel):
         if env.action_shape != (base.cfg.action_dim,):
-            raise ValueError(f"env.action_shape={env.action_shape} but the Gaussian base model "
-                             f"acts in {base.cfg.action_dim} dimensions")
+            raise ValueError(
+                f"env.action_shape={env.action_shape} but the Gaussian base model "
+                f"acts in {base.cfg.action_dim} dimensions"
+            )
     elif getattr(env, "num_actions", None) != base.cfg.num_actions:
-        raise ValueError(f"env.num_actions={getattr(env, 'num_actions', None)} but "
-                         f"base.cfg.num_actions={base.cfg.num_actions}")
+        raise ValueError(
+            f"env.num_actions={getattr(env, 'num_actions', None)} but "
+            f"base.cfg.num_actions={base.cfg.num_actions}"
+        )
 
 
 class RLProgram(NamedTuple):
@@ -500,13 +552,22 @@ class RLProgram(NamedTuple):
 def _checkpointer(directory, name: str, cfg: RLConfig, seed: int) -> Checkpointer:
     # the budget and the logging period may change between invocations of one run
     config = dict(algorithm=name, seed=seed, rl=dataclasses.asdict(cfg))
-    return Checkpointer(directory, max_to_keep=2, config=config,
-                        ignore_config_keys=["rl.episodes", "rl.updates_per_call",
-                                            "rl.optim.total_steps"])
+    return Checkpointer(
+        directory,
+        max_to_keep=2,
+        config=config,
+        ignore_config_keys=["rl.episodes", "rl.updates_per_call", "rl.optim.total_steps"],
+    )
 
 
-def run_program(name: str, cfg: RLConfig, program: RLProgram, seed: int, log=print,
-                checkpoint_dir: str | os.PathLike | None = None) -> RLResult:
+def run_program(
+    name: str,
+    cfg: RLConfig,
+    program: RLProgram,
+    seed: int,
+    log=print,
+    checkpoint_dir: str | os.PathLike | None = None,
+) -> RLResult:
     """Trains for cfg.num_updates updates in compiled chunks of cfg.updates_per_call
     (a shorter last chunk compiles once more); logs one line per chunk; raises
     FloatingPointError on a non-finite PPO loss.
@@ -516,13 +577,17 @@ def run_program(name: str, cfg: RLConfig, program: RLProgram, seed: int, log=pri
     resumed run gives the same curve as an uninterrupted one.
     """
     t0 = time.perf_counter()
+
     def build():
         return make_train_chunk(cfg, program.tx, program.rollout_fn, program.logp_fn)
 
     # the episode budget and the chunk length do not change the compiled update
     shape = dataclasses.replace(cfg, episodes=cfg.batch_episodes, updates_per_call=1)
-    chunk = (build() if program.key is None
-             else STEPS.get(("internal_rl.rl_chunk", program.key, shape), build))
+    chunk = (
+        build()
+        if program.key is None
+        else STEPS.get(("internal_rl.rl_chunk", program.key, shape), build)
+    )
     # the chunk donates its inputs: copy, so the program's (and a cloned base model's
     # shared) arrays stay valid for the caller
     params = jax.tree.map(jnp.copy, program.params)
@@ -540,23 +605,34 @@ def run_program(name: str, cfg: RLConfig, program: RLProgram, seed: int, log=pri
         while done < total:
             k = min(cfg.updates_per_call, total - done)
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(done, done + k))
-            (params, opt_state), metrics = chunk(state["params"], state["opt_state"],
-                                                 program.static, keys)
+            (params, opt_state), metrics = chunk(
+                state["params"], state["opt_state"], program.static, keys
+            )
             state = dict(params=params, opt_state=opt_state)
             metrics = jax.tree.map(np.asarray, jax.device_get(metrics))
             if not np.all(np.isfinite(metrics["loss"])):
                 raise FloatingPointError(
-                    f"{name}: non-finite PPO loss in updates {done + 1}..{done + k}")
+                    f"{name}: non-finite PPO loss in updates {done + 1}..{done + k}"
+                )
             for m, v in metrics.items():
                 history.setdefault(m, []).extend(float(x) for x in v)
             done += k
             if ckpt is not None:
-                ckpt.save(done, state, dict(updates=done, metrics=history,
-                                            wall_seconds=wall_before + time.perf_counter() - t0))
-            log(f"{name}: update {done}/{total} episodes {done * cfg.batch_episodes} "
+                ckpt.save(
+                    done,
+                    state,
+                    dict(
+                        updates=done,
+                        metrics=history,
+                        wall_seconds=wall_before + time.perf_counter() - t0,
+                    ),
+                )
+            log(
+                f"{name}: update {done}/{total} episodes {done * cfg.batch_episodes} "
                 f"success {metrics['success_rate'].mean():.3f} "
                 f"decisions/ep {metrics['decisions_per_episode'].mean():.2f} "
-                f"loss {metrics['loss'].mean():.4f} ({time.perf_counter() - t0:.0f}s)")
+                f"loss {metrics['loss'].mean():.4f} ({time.perf_counter() - t0:.0f}s)"
+            )
     finally:
         if ckpt is not None:
             ckpt.close()
@@ -566,7 +642,8 @@ def run_program(name: str, cfg: RLConfig, program: RLProgram, seed: int, log=pri
         success_rate=metrics["success_rate"],
         decisions_per_episode=metrics["decisions_per_episode"],
         wall_seconds=wall_before + time.perf_counter() - t0,
-        metrics=metrics)
+        metrics=metrics,
+    )
 
 
 def resolve_metacontroller(metacontroller, base: PolicyModel) -> tuple[Metacontroller, int]:
@@ -574,16 +651,21 @@ def resolve_metacontroller(metacontroller, base: PolicyModel) -> tuple[Metacontr
     if isinstance(metacontroller, MetacontrolledModel):
         return metacontroller.metacontroller, metacontroller.layer
     if not isinstance(metacontroller, Metacontroller):
-        raise TypeError(f"metacontroller: expected a Metacontroller or MetacontrolledModel, "
-                        f"got {type(metacontroller).__name__}")
+        raise TypeError(
+            f"metacontroller: expected a Metacontroller or MetacontrolledModel, "
+            f"got {type(metacontroller).__name__}"
+        )
     if metacontroller.dim != base.cfg.dim:
-        raise ValueError(f"metacontroller.dim={metacontroller.dim} but the base model's "
-                         f"residual width is {base.cfg.dim}")
+        raise ValueError(
+            f"metacontroller.dim={metacontroller.dim} but the base model's "
+            f"residual width is {base.cfg.dim}"
+        )
     return metacontroller, metacontroller.cfg.insertion_layer(base.cfg.depth)
 
 
-def make_internal_rl(cfg: RLConfig, base: PolicyModel, metacontroller, env, task,
-                     seed: int = 0) -> RLProgram:
+def make_internal_rl(
+    cfg: RLConfig, base: PolicyModel, metacontroller, env, task, seed: int = 0
+) -> RLProgram:
     """The internal-RL program: params are a fresh `LatentPolicy`'s (seeded by `seed`);
     the base model and metacontroller are frozen in `static`."""
     _check_env(env, base)
@@ -596,23 +678,38 @@ def make_internal_rl(cfg: RLConfig, base: PolicyModel, metacontroller, env, task
 
     def rollout_fn(params, static, key):
         (b, m), pol = nnx.merge(e_graph, static[0]), nnx.merge(p_graph, params, static[1])
-        traj, ep = internal_rollout(env, b, m, pol, key, tasks, layer=layer, horizon=horizon,
-                                    beta_threshold=cfg.beta_threshold)
+        traj, ep = internal_rollout(
+            env,
+            b,
+            m,
+            pol,
+            key,
+            tasks,
+            layer=layer,
+            horizon=horizon,
+            beta_threshold=cfg.beta_threshold,
+        )
         return {k: traj[k] for k in ("e", "z", "logp", "decision")}, ep
 
     def logp_fn(params, static, batch):
         pol = nnx.merge(p_graph, params, static[1])
         return pol.log_probs(batch["e"], batch["z"], batch["decision"]), pol.entropy()
 
-    key = ("internal", e_graph, p_graph, env, _task_key(tasks), layer, horizon,
-           cfg.beta_threshold)
-    return RLProgram(rollout_fn, logp_fn, params, (e_state, p_rest), p_graph, cfg.optimizer(),
-                     key)
+    key = ("internal", e_graph, p_graph, env, _task_key(tasks), layer, horizon, cfg.beta_threshold)
+    return RLProgram(rollout_fn, logp_fn, params, (e_state, p_rest), p_graph, cfg.optimizer(), key)
 
 
-def run_internal_rl(cfg: RLConfig, base: PolicyModel, metacontroller, env, task: np.ndarray,
-                    seed: int, *, log=print, checkpoint_dir: str | os.PathLike | None = None
-                    ) -> RLResult:
+def run_internal_rl(
+    cfg: RLConfig,
+    base: PolicyModel,
+    metacontroller,
+    env,
+    task: np.ndarray,
+    seed: int,
+    *,
+    log=print,
+    checkpoint_dir: str | os.PathLike | None = None,
+) -> RLResult:
     """Internal RL (Alg. 3) on the held-out `task` (int32 [K], -1 padded) for cfg.episodes.
 
     metacontroller: a trained `Metacontroller` bound to `base` (insertion layer from its
@@ -640,8 +737,7 @@ def make_raw_action_rl(cfg: RLConfig, base: PolicyModel, env, task) -> RLProgram
     graph, params, rest = nnx.split(base, raw_trainable_filter(cfg), ...)
 
     def rollout_fn(params, static, key):
-        traj, ep = raw_rollout(env, nnx.merge(graph, params, static), key, tasks,
-                               horizon=horizon)
+        traj, ep = raw_rollout(env, nnx.merge(graph, params, static), key, tasks, horizon=horizon)
         return {k: traj[k] for k in ("obs", "action", "logp", "decision")}, ep
 
     def logp_fn(params, static, batch):
@@ -651,8 +747,16 @@ def make_raw_action_rl(cfg: RLConfig, base: PolicyModel, env, task) -> RLProgram
     return RLProgram(rollout_fn, logp_fn, params, rest, graph, cfg.optimizer(), key)
 
 
-def run_raw_action_rl(cfg: RLConfig, base: PolicyModel, env, task: np.ndarray, seed: int, *,
-                      log=print, checkpoint_dir: str | os.PathLike | None = None) -> RLResult:
+def run_raw_action_rl(
+    cfg: RLConfig,
+    base: PolicyModel,
+    env,
+    task: np.ndarray,
+    seed: int,
+    *,
+    log=print,
+    checkpoint_dir: str | os.PathLike | None = None,
+) -> RLResult:
     """Raw-action RL baseline (App. C.5.3): PPO on the base model's token policy, one
     decision per raw step; trains cfg.raw_trainable parameters of a copy of `base`.
     checkpoint_dir: see `run_program`."""

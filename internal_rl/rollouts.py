@@ -64,7 +64,8 @@ def closed_loop(
         return (states, obs, caches, ret + reward), None
 
     (final, _, _, ret), _ = jax.lax.scan(
-        body, (states, obs, caches, jnp.zeros(n, jnp.float32)), jax.random.split(k_act, num_steps))
+        body, (states, obs, caches, jnp.zeros(n, jnp.float32)), jax.random.split(k_act, num_steps)
+    )
     return dict(
         success=final.success,
         progress=final.progress.astype(jnp.float32) / task_length(tasks).astype(jnp.float32),
@@ -73,8 +74,16 @@ def closed_loop(
     )
 
 
-def make_policy_eval(env: PinpadEnv, graphdef, tasks, num_episodes: int, *,
-                     horizon: int | None = None, greedy: bool = False, labelled: bool = False):
+def make_policy_eval(
+    env: PinpadEnv,
+    graphdef,
+    tasks,
+    num_episodes: int,
+    *,
+    horizon: int | None = None,
+    greedy: bool = False,
+    labelled: bool = False,
+):
     """Jitted (params, frozen, key) -> episode dict (`closed_loop`) of a model acting with
     its own policy head, on `num_episodes` rows drawn uniformly from tasks int32 [N, K].
 
@@ -85,10 +94,23 @@ def make_policy_eval(env: PinpadEnv, graphdef, tasks, num_episodes: int, *,
     """
     horizon = horizon or env.horizon
     host_tasks = np.asarray(tasks, np.int32)
-    key = ("internal_rl.policy_eval", env, graphdef, host_tasks.tobytes(), host_tasks.shape,
-           num_episodes, horizon, greedy, labelled)
-    return STEPS.get(key, lambda: _build_policy_eval(env, graphdef, host_tasks, num_episodes,
-                                                     horizon, greedy, labelled))
+    key = (
+        "internal_rl.policy_eval",
+        env,
+        graphdef,
+        host_tasks.tobytes(),
+        host_tasks.shape,
+        num_episodes,
+        horizon,
+        greedy,
+        labelled,
+    )
+    return STEPS.get(
+        key,
+        lambda: _build_policy_eval(
+            env, graphdef, host_tasks, num_episodes, horizon, greedy, labelled
+        ),
+    )
 
 
 def _build_policy_eval(env, graphdef, tasks, num_episodes, horizon, greedy, labelled):
@@ -107,8 +129,16 @@ def _build_policy_eval(env, graphdef, tasks, num_episodes, horizon, greedy, labe
                 out, caches = model.decode_step(obs, caches, return_residuals=False)
             return base.policy_head(out), caches
 
-        return closed_loop(env, step_fn, base.init_caches(num_episodes, horizon), k_run, rows,
-                           horizon, greedy, base.sample_action)
+        return closed_loop(
+            env,
+            step_fn,
+            base.init_caches(num_episodes, horizon),
+            k_run,
+            rows,
+            horizon,
+            greedy,
+            base.sample_action,
+        )
 
     return jax.jit(run)
 

@@ -23,8 +23,14 @@ from internal_rl.rollouts import host_array
 
 # Extending a run (more steps, other logging or evaluation periods) must not invalidate its
 # checkpoints: these keys are not compared on restore.
-PRETRAIN_IGNORE = ("pretrain.steps", "pretrain.optim.total_steps", "pretrain.log_every",
-                   "pretrain.save_every", "pretrain.eval_every", "pretrain.eval_episodes")
+PRETRAIN_IGNORE = (
+    "pretrain.steps",
+    "pretrain.optim.total_steps",
+    "pretrain.log_every",
+    "pretrain.save_every",
+    "pretrain.eval_every",
+    "pretrain.eval_episodes",
+)
 
 
 def host_floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -39,11 +45,16 @@ def init_train_state(cfg, build_model: Callable[[], Any], rng: jax.Array):
     return graphdef, state, tx
 
 
-def pretrain_checkpointer(run_dir: pathlib.Path, checkpoint_config: dict,
-                          ignore: tuple[str, ...]) -> Checkpointer:
+def pretrain_checkpointer(
+    run_dir: pathlib.Path, checkpoint_config: dict, ignore: tuple[str, ...]
+) -> Checkpointer:
     """The checkpointer `run_stage` uses for run_dir/pretrain (for restoring outside it)."""
-    return Checkpointer(pathlib.Path(run_dir) / "pretrain" / "checkpoints", max_to_keep=None,
-                        config=checkpoint_config, ignore_config_keys=list(ignore))
+    return Checkpointer(
+        pathlib.Path(run_dir) / "pretrain" / "checkpoints",
+        max_to_keep=None,
+        config=checkpoint_config,
+        ignore_config_keys=list(ignore),
+    )
 
 
 def run_pretrain_stage(
@@ -89,16 +100,32 @@ def run_pretrain_stage(
             last[step] = evaluate(st)
         return last[step]
 
-    res = run_stage("pretrain", state, step_fn, data, p.steps, directory=out_dir,
-                    checkpoint_config=checkpoint_config, ignore_config_keys=ignore,
-                    max_to_keep=None, save_every=p.save_every, eval_fn=eval_fn,
-                    eval_every=p.eval_every, log_every=p.log_every, verbose=verbose)
+    res = run_stage(
+        "pretrain",
+        state,
+        step_fn,
+        data,
+        p.steps,
+        directory=out_dir,
+        checkpoint_config=checkpoint_config,
+        ignore_config_keys=ignore,
+        max_to_keep=None,
+        save_every=p.save_every,
+        eval_fn=eval_fn,
+        eval_every=p.eval_every,
+        log_every=p.log_every,
+        verbose=verbose,
+    )
     final = host_floats(eval_fn(res.state))
     if final_extra is not None:
         final.update(final_extra(res.state))
-    summary = dict(step=int(host_array(res.state.step)), resumed_from=res.start_step,
-                   wall_seconds_this_session=res.wall_seconds,
-                   compile_seconds=res.compile_seconds, **final)
+    summary = dict(
+        step=int(host_array(res.state.step)),
+        resumed_from=res.start_step,
+        wall_seconds_this_session=res.wall_seconds,
+        compile_seconds=res.compile_seconds,
+        **final,
+    )
     if jax.process_index() == 0:  # every process holds the same replicated results
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -111,7 +138,8 @@ def restore_pretrained(graphdef, state, ckpt: Checkpointer, step: int | None, co
         if ckpt.latest_step() is None:
             raise FileNotFoundError(
                 f"no pretraining checkpoint under {ckpt.directory}; run `{command}` with the "
-                "same --run-dir first")
+                "same --run-dir first"
+            )
         state, _ = ckpt.restore(state, step)
     finally:
         ckpt.close()

@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("reproduce", "pretrain"))
     add_config_args(parser, default_preset="tiny")
     parser.add_argument("--run-dir", required=True, help="output directory")
-    parser.add_argument("--pretrain-cache", default=None,
-                        help="phase-P cache root (default: RUN_DIR/../lir_pretrain_cache)")
+    parser.add_argument(
+        "--pretrain-cache",
+        default=None,
+        help="phase-P cache root (default: RUN_DIR/../lir_pretrain_cache)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     try:
@@ -53,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     start_process()
     run_dir = start_run_dir(args.run_dir, cfg)
-    cache = pathlib.Path(args.pretrain_cache) if args.pretrain_cache else (
-        run_dir.resolve().parent / "lir_pretrain_cache")
+    cache = (
+        pathlib.Path(args.pretrain_cache)
+        if args.pretrain_cache
+        else (run_dir.resolve().parent / "lir_pretrain_cache")
+    )
     # Imported after parsing so `--help` and config errors do not pay for JAX start-up.
     from lir import reproduce, train
 
@@ -62,8 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         pre = train.pretrain(cfg, cache, verbose=not args.quiet)
         print(json.dumps({"directory": str(pre.directory), **pre.metrics}, indent=1))
         return 0
-    reproduce.reproduce(cfg, run_dir, preset=args.preset, cache_root=cache,
-                        verbose=not args.quiet, command=command_line())
+    reproduce.reproduce(
+        cfg,
+        run_dir,
+        preset=args.preset,
+        cache_root=cache,
+        verbose=not args.quiet,
+        command=command_line(),
+    )
     return 0
 
 
@@ -71,13 +83,17 @@ def plan(argv: list[str]) -> int:
     """``python -m lir plan``: see the module docstring."""
     from common import plan as cp
 
-    parser = argparse.ArgumentParser(prog="python -m lir plan",
-                                     description="plan every training stage of a preset")
+    parser = argparse.ArgumentParser(
+        prog="python -m lir plan", description="plan every training stage of a preset"
+    )
     add_config_args(parser, default_preset="paper")
     cp.add_plan_args(parser)
-    parser.add_argument("--models", default="lmm,qwen2_5_vl",
-                        help="comma-separated planners: lmm (this suite's LMM, phases P and F) "
-                             "and qwen2_5_vl (the pretrained 3B/7B fine-tuning, --devices 1)")
+    parser.add_argument(
+        "--models",
+        default="lmm,qwen2_5_vl",
+        help="comma-separated planners: lmm (this suite's LMM, phases P and F) "
+        "and qwen2_5_vl (the pretrained 3B/7B fine-tuning, --devices 1)",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(PRESETS, args)

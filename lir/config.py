@@ -52,14 +52,14 @@ class PretrainConfig:
 
     batch_size: int = 32
     n_examples: int = 6000
-    optim: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, warmup_steps=100,
-                                             total_steps=3000, weight_decay=0.01)
+    optim: OptimizerConfig = OptimizerConfig(
+        learning_rate=1e-3, warmup_steps=100, total_steps=3000, weight_decay=0.01
+    )
 
     def __post_init__(self):
         req = functools.partial(require, self)
         req("batch_size", self.batch_size >= 1, ">= 1")
-        req("n_examples", self.n_examples >= self.batch_size,
-            f">= batch_size ({self.batch_size})")
+        req("n_examples", self.n_examples >= self.batch_size, f">= batch_size ({self.batch_size})")
 
     @property
     def calls(self) -> int:
@@ -69,8 +69,11 @@ class PretrainConfig:
 
 # The fields of ``finetune.optim`` that :func:`stage_optimizer` sets per stage, and the
 # FinetuneConfig field that says how.
-_PER_STAGE = {"warmup_steps": "warmup_fraction", "total_steps": "the epoch counts",
-              "accumulation_steps": "accumulation_steps"}
+_PER_STAGE = {
+    "warmup_steps": "warmup_fraction",
+    "total_steps": "the epoch counts",
+    "accumulation_steps": "accumulation_steps",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +112,12 @@ class FinetuneConfig:
 
     def __post_init__(self):
         req = functools.partial(require, self)
-        req("stage1_epochs", self.stage1_epochs + self.stage2_epochs == self.sft_epochs,
+        req(
+            "stage1_epochs",
+            self.stage1_epochs + self.stage2_epochs == self.sft_epochs,
             f"stage1_epochs + stage2_epochs ({self.stage2_epochs}) == sft_epochs "
-            f"({self.sft_epochs}), so LIVR and SFT get the same budget")
+            f"({self.sft_epochs}), so LIVR and SFT get the same budget",
+        )
         req("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)")
         req("batch_size", self.batch_size >= 1, ">= 1")
         req("accumulation_steps", self.accumulation_steps >= 1, ">= 1")
@@ -119,9 +125,12 @@ class FinetuneConfig:
         for section in ("optim", "prompt_tuning_optim"):
             opt = getattr(self, section)
             for name, how in _PER_STAGE.items():
-                req(section, getattr(opt, name) == getattr(default, name),
+                req(
+                    section,
+                    getattr(opt, name) == getattr(default, name),
                     f"{section}.{name} left at its default {getattr(default, name)}: it is set "
-                    f"for each stage from {how}")
+                    f"for each stage from {how}",
+                )
 
 
 LATENT_DESIGNS = ("before_prompt", "shared")
@@ -132,8 +141,11 @@ class SweepConfig:
     """Ablation sweeps (LIVR Table 4(b-c), docs/lir.md D17): stage-1 epochs at a fixed total,
     and K."""
 
-    tasks: tuple[str, ...] = ("localization", "semantic_correspondence",
-                              "functional_correspondence")
+    tasks: tuple[str, ...] = (
+        "localization",
+        "semantic_correspondence",
+        "functional_correspondence",
+    )
     stage1_epochs: tuple[int, ...] = (0, 2, 4, 6, 8)
     num_latents: tuple[int, ...] = (4, 8, 16, 32)
     # stage-1 mask variants besides the default bottleneck (LIVR Table 4(a))
@@ -145,8 +157,12 @@ class SweepConfig:
     multitask_seeds: tuple[int, ...] = ()
 
     def __post_init__(self):
-        require(self, "latent_designs", all(d in LATENT_DESIGNS for d in self.latent_designs),
-                f"names from {LATENT_DESIGNS}")
+        require(
+            self,
+            "latent_designs",
+            all(d in LATENT_DESIGNS for d in self.latent_designs),
+            f"names from {LATENT_DESIGNS}",
+        )
 
 
 ARM_NAMES = ("sft", "livr", "latents_only", "mask_only", "prompt_tuning")
@@ -168,36 +184,63 @@ class LIRConfig:
     def __post_init__(self):
         req = functools.partial(require, self)
         req("tasks", all(t in TASK_NAMES for t in self.tasks), f"task names from {TASK_NAMES}")
-        require(self.sweep, "tasks", all(t in TASK_NAMES for t in self.sweep.tasks),
-                f"task names from {TASK_NAMES}")
+        require(
+            self.sweep,
+            "tasks",
+            all(t in TASK_NAMES for t in self.sweep.tasks),
+            f"task names from {TASK_NAMES}",
+        )
         req("arms", all(a in ARM_NAMES for a in self.arms), f"arm names from {ARM_NAMES}")
-        require(self.model, "image_size", self.model.image_size == self.data.image_size,
-                f"== data.image_size ({self.data.image_size})")
-        require(self.model, "max_images", self.model.max_images >= self.data.max_images,
-                f">= data.max_images ({self.data.max_images})")
+        require(
+            self.model,
+            "image_size",
+            self.model.image_size == self.data.image_size,
+            f"== data.image_size ({self.data.image_size})",
+        )
+        require(
+            self.model,
+            "max_images",
+            self.model.max_images >= self.data.max_images,
+            f">= data.max_images ({self.data.max_images})",
+        )
         k_max = max((self.finetune.num_latents,) + self.sweep.num_latents)
-        require(self.data, "max_latents", k_max <= self.data.max_latents,
-                f">= every K used (finetune.num_latents and sweep.num_latents; largest {k_max})")
+        require(
+            self.data,
+            "max_latents",
+            k_max <= self.data.max_latents,
+            f">= every K used (finetune.num_latents and sweep.num_latents; largest {k_max})",
+        )
 
 
-def layout(cfg: LIRConfig, num_latents: int, n_images: int | None = None,
-           latent_placement: str = "after_prompt") -> Layout:
+def layout(
+    cfg: LIRConfig,
+    num_latents: int,
+    n_images: int | None = None,
+    latent_placement: str = "after_prompt",
+) -> Layout:
     """The batch :class:`lir.data.Layout` of this run for ``num_latents`` latent slots."""
-    return Layout(n_images=n_images or cfg.data.max_images, image_size=cfg.data.image_size,
-                  patch_size=cfg.model.patch_size, max_prompt_len=cfg.data.max_prompt_len,
-                  num_latents=num_latents, max_latents=cfg.data.max_latents,
-                  latent_placement=latent_placement)
+    return Layout(
+        n_images=n_images or cfg.data.max_images,
+        image_size=cfg.data.image_size,
+        patch_size=cfg.model.patch_size,
+        max_prompt_len=cfg.data.max_prompt_len,
+        num_latents=num_latents,
+        max_latents=cfg.data.max_latents,
+        latent_placement=latent_placement,
+    )
 
 
 def model_config(cfg: LIRConfig, num_latents: int | None = None) -> ModelConfig:
     """``cfg.model`` with its latent table sized for ``num_latents`` (default the run's K)."""
     k = cfg.finetune.num_latents if num_latents is None else num_latents
-    return dataclasses.replace(cfg.model, num_latents=k,
-                               latent_init_std=cfg.finetune.latent_init_std)
+    return dataclasses.replace(
+        cfg.model, num_latents=k, latent_init_std=cfg.finetune.latent_init_std
+    )
 
 
-def stage_optimizer(ft: FinetuneConfig, steps: int, optim: OptimizerConfig | None = None
-                    ) -> OptimizerConfig:
+def stage_optimizer(
+    ft: FinetuneConfig, steps: int, optim: OptimizerConfig | None = None
+) -> OptimizerConfig:
     """The ``common.train.OptimizerConfig`` of one fine-tuning stage of ``steps`` optimizer
     updates: ``optim`` (default ``ft.optim``; AdamW, cosine to 0 in every preset) with
     ceil(warmup_fraction * steps) warmup and ``ft.accumulation_steps``
@@ -205,8 +248,12 @@ def stage_optimizer(ft: FinetuneConfig, steps: int, optim: OptimizerConfig | Non
     if steps < 1:
         raise ValueError(f"a stage needs >= 1 optimizer step; got {steps}")
     warmup = min(math.ceil(ft.warmup_fraction * steps), steps - 1)
-    return dataclasses.replace(ft.optim if optim is None else optim, warmup_steps=warmup,
-                               total_steps=steps, accumulation_steps=ft.accumulation_steps)
+    return dataclasses.replace(
+        ft.optim if optim is None else optim,
+        warmup_steps=warmup,
+        total_steps=steps,
+        accumulation_steps=ft.accumulation_steps,
+    )
 
 
 def steps_per_epoch(ft: FinetuneConfig, n_train: int) -> int:
@@ -220,15 +267,37 @@ def tiny() -> LIRConfig:
     phase P, three tasks (relative reflectance, localization and the negative control), the
     four trained arms of Table 1, 2 seeds, 320 training examples, no ablation sweeps."""
     return LIRConfig(
-        model=ModelConfig(image_size=32, patch_size=8, vit_dim=64, vit_depth=2, vit_heads=4,
-                          lm_dim=64, lm_depth=2, lm_heads=4, max_images=1, num_latents=8),
-        data=DataConfig(image_size=32, n_train=320, n_val=100, n_test=300, max_images=1,
-                        max_latents=8),
-        pretrain=PretrainConfig(batch_size=32, n_examples=2400, optim=OptimizerConfig(
-            learning_rate=1e-3, warmup_steps=50, total_steps=600, weight_decay=0.01)),
+        model=ModelConfig(
+            image_size=32,
+            patch_size=8,
+            vit_dim=64,
+            vit_depth=2,
+            vit_heads=4,
+            lm_dim=64,
+            lm_depth=2,
+            lm_heads=4,
+            max_images=1,
+            num_latents=8,
+        ),
+        data=DataConfig(
+            image_size=32, n_train=320, n_val=100, n_test=300, max_images=1, max_latents=8
+        ),
+        pretrain=PretrainConfig(
+            batch_size=32,
+            n_examples=2400,
+            optim=OptimizerConfig(
+                learning_rate=1e-3, warmup_steps=50, total_steps=600, weight_decay=0.01
+            ),
+        ),
         finetune=FinetuneConfig(num_latents=8, lora=LoRAConfig(rank=8, alpha=16.0)),
-        sweep=SweepConfig(tasks=(), stage1_epochs=(0, 4, 8), num_latents=(4, 8),
-                          mask_variants=(), latent_designs=(), seeds=(0,)),
+        sweep=SweepConfig(
+            tasks=(),
+            stage1_epochs=(0, 4, 8),
+            num_latents=(4, 8),
+            mask_variants=(),
+            latent_designs=(),
+            seeds=(0,),
+        ),
         tasks=("relative_reflectance", "localization", "colour_control"),
         arms=("sft", "livr", "latents_only", "mask_only"),
         seeds=(0, 1),
@@ -249,11 +318,21 @@ def small() -> LIRConfig:
     return LIRConfig(
         model=ModelConfig(image_size=32, vit_depth=2, lm_dim=64, lm_depth=3, num_latents=8),
         data=DataConfig(image_size=32, max_latents=16),
-        pretrain=PretrainConfig(batch_size=32, n_examples=12000, optim=OptimizerConfig(
-            learning_rate=1e-3, warmup_steps=100, total_steps=3000, weight_decay=0.01)),
+        pretrain=PretrainConfig(
+            batch_size=32,
+            n_examples=12000,
+            optim=OptimizerConfig(
+                learning_rate=1e-3, warmup_steps=100, total_steps=3000, weight_decay=0.01
+            ),
+        ),
         finetune=FinetuneConfig(num_latents=8, lora=LoRAConfig(rank=8, alpha=16.0)),
-        sweep=SweepConfig(tasks=("localization",), stage1_epochs=(0, 2, 4, 6, 8),
-                          num_latents=(4, 8, 16), seeds=(0, 1, 2), multitask_seeds=(0, 1, 2)),
+        sweep=SweepConfig(
+            tasks=("localization",),
+            stage1_epochs=(0, 2, 4, 6, 8),
+            num_latents=(4, 8, 16),
+            seeds=(0, 1, 2),
+            multitask_seeds=(0, 1, 2),
+        ),
         tasks=("localization", "relative_reflectance", "counting", "colour_control"),
         arms=("sft", "livr", "latents_only", "mask_only"),
         seeds=(0, 1, 2, 3, 4),
@@ -269,11 +348,25 @@ def paper() -> LIRConfig:
         model=ModelConfig(num_latents=16),
         data=DataConfig(max_latents=32),
         finetune=FinetuneConfig(
-            optim=OptimizerConfig(name="adamw", learning_rate=1e-4, weight_decay=0.01, b1=0.9,
-                                  b2=0.999, eps=1e-8, schedule="cosine", end_lr_fraction=0.0),
-            warmup_fraction=0.05, batch_size=8, accumulation_steps=1, sft_epochs=10,
-            stage1_epochs=4, stage2_epochs=6, num_latents=16,
-            lora=LoRAConfig(rank=16, alpha=32.0, dropout=0.05, targets=LM_LORA_TARGETS)),
+            optim=OptimizerConfig(
+                name="adamw",
+                learning_rate=1e-4,
+                weight_decay=0.01,
+                b1=0.9,
+                b2=0.999,
+                eps=1e-8,
+                schedule="cosine",
+                end_lr_fraction=0.0,
+            ),
+            warmup_fraction=0.05,
+            batch_size=8,
+            accumulation_steps=1,
+            sft_epochs=10,
+            stage1_epochs=4,
+            stage2_epochs=6,
+            num_latents=16,
+            lora=LoRAConfig(rank=16, alpha=32.0, dropout=0.05, targets=LM_LORA_TARGETS),
+        ),
         sweep=SweepConfig(seeds=(42,), multitask_seeds=(42,)),
         seeds=(42,),
         seed=42,

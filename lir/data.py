@@ -69,14 +69,19 @@ class Layout:
 
     def __post_init__(self):
         if self.latent_placement not in LATENT_PLACEMENTS:
-            raise ValueError(f"latent_placement must be one of {LATENT_PLACEMENTS}; got "
-                             f"{self.latent_placement!r}")
+            raise ValueError(
+                f"latent_placement must be one of {LATENT_PLACEMENTS}; got "
+                f"{self.latent_placement!r}"
+            )
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
-                             f"{self.patch_size}")
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
         if not 0 <= self.num_latents <= self.max_latents:
-            raise ValueError(f"num_latents must be in [0, max_latents={self.max_latents}]; "
-                             f"got {self.num_latents}")
+            raise ValueError(
+                f"num_latents must be in [0, max_latents={self.max_latents}]; "
+                f"got {self.num_latents}"
+            )
         if self.n_images < 1 or self.max_prompt_len < 1 or self.answer_len < 1:
             raise ValueError(f"n_images, max_prompt_len and answer_len must be >= 1: {self}")
 
@@ -168,17 +173,24 @@ class Batch(NamedTuple):
 def _check_record(i: int, r: Record, layout: Layout) -> None:
     n, h, w, c = r.images.shape
     if n > layout.n_images:
-        raise ValueError(f"record {i} ({r.task}) has {n} images; layout allows "
-                         f"n_images={layout.n_images}")
+        raise ValueError(
+            f"record {i} ({r.task}) has {n} images; layout allows n_images={layout.n_images}"
+        )
     if (h, w, c) != (layout.image_size, layout.image_size, 3):
-        raise ValueError(f"record {i} ({r.task}) images have shape {(h, w, c)}; expected "
-                         f"{(layout.image_size, layout.image_size, 3)}")
+        raise ValueError(
+            f"record {i} ({r.task}) images have shape {(h, w, c)}; expected "
+            f"{(layout.image_size, layout.image_size, 3)}"
+        )
     if len(r.prompt) > layout.max_prompt_len:
-        raise ValueError(f"record {i} ({r.task}) prompt has {len(r.prompt)} tokens; layout "
-                         f"allows max_prompt_len={layout.max_prompt_len}")
+        raise ValueError(
+            f"record {i} ({r.task}) prompt has {len(r.prompt)} tokens; layout "
+            f"allows max_prompt_len={layout.max_prompt_len}"
+        )
     if len(r.answer) != layout.answer_len:
-        raise ValueError(f"record {i} ({r.task}) answer has {len(r.answer)} tokens; expected "
-                         f"answer_len={layout.answer_len}")
+        raise ValueError(
+            f"record {i} ({r.task}) answer has {len(r.answer)} tokens; expected "
+            f"answer_len={layout.answer_len}"
+        )
 
 
 def _row_template(layout: Layout):
@@ -192,21 +204,25 @@ def _row_template(layout: Layout):
     tokens[0], roles[0] = BOS, Role.SYSTEM
     for j in range(layout.n_images):
         a = 1 + j * (n + 2)
-        tokens[a], tokens[a + 1:a + 1 + n], tokens[a + 1 + n] = VISION_START, IMAGE_PAD, VISION_END
-        slots[a + 1:a + 1 + n] = j * n + np.arange(n)
-        img_ids[a:a + n + 2] = j
+        tokens[a], tokens[a + 1 : a + 1 + n], tokens[a + 1 + n] = (
+            VISION_START,
+            IMAGE_PAD,
+            VISION_END,
+        )
+        slots[a + 1 : a + 1 + n] = j * n + np.arange(n)
+        img_ids[a : a + n + 2] = j
     l0, k = layout.latent_start, layout.num_latents
-    roles[l0:l0 + k] = Role.LATENT
-    lat_ids[l0:l0 + k] = np.arange(k)
+    roles[l0 : l0 + k] = Role.LATENT
+    lat_ids[l0 : l0 + k] = np.arange(k)
     t0 = layout.tail_index
     tokens[t0], roles[t0] = ANSWER_HEADER, Role.TAIL
-    roles[t0 + 1:] = Role.ANSWER
+    roles[t0 + 1 :] = Role.ANSWER
     # role-anchored positions: system and images at their index, prompt slots at
     # images_end + i, latents in their reserved range, TAIL/answer after the whole range
     positions = np.arange(s, dtype=np.int32)
     e, p0, pmax = layout.images_end, layout.prompt_start, layout.max_prompt_len
-    positions[p0:p0 + pmax] = e + np.arange(pmax)
-    positions[l0:l0 + k] = layout.latent_position_start + np.arange(k)
+    positions[p0 : p0 + pmax] = e + np.arange(pmax)
+    positions[l0 : l0 + k] = layout.latent_position_start + np.arange(k)
     positions[t0:] = layout.tail_position + np.arange(s - t0)
     return tokens, roles, positions, slots, img_ids, lat_ids
 
@@ -233,25 +249,37 @@ def collate(records: Sequence[Record], layout: Layout) -> Batch:
         valid[i, :k] = True
         for j in range(k):
             a = 1 + j * (n + 2)
-            roles[i, a:a + n + 2] = Role.IMAGE
+            roles[i, a : a + n + 2] = Role.IMAGE
         for j in range(k, m):  # absent image slots are padding, invisible to everyone
             a = 1 + j * (n + 2)
-            tokens[i, a:a + n + 2] = PAD
-            slots[i, a:a + n + 2] = -1
-            img_ids[i, a:a + n + 2] = -1
-            positions[i, a:a + n + 2] = 0
+            tokens[i, a : a + n + 2] = PAD
+            slots[i, a : a + n + 2] = -1
+            img_ids[i, a : a + n + 2] = -1
+            positions[i, a : a + n + 2] = 0
         lp = len(r.prompt)
-        tokens[i, p0 + pmax - lp:p0 + pmax] = r.prompt
-        roles[i, p0 + pmax - lp:p0 + pmax] = Role.PROMPT
-        positions[i, p0:p0 + pmax - lp] = 0
-        tokens[i, t0 + 1:] = r.answer
+        tokens[i, p0 + pmax - lp : p0 + pmax] = r.prompt
+        roles[i, p0 + pmax - lp : p0 + pmax] = Role.PROMPT
+        positions[i, p0 : p0 + pmax - lp] = 0
+        tokens[i, t0 + 1 :] = r.answer
         choice_mask[i, r.choices] = True
     positions[roles == Role.PAD] = 0
     targets = np.concatenate([tokens[:, 1:], np.full((b, 1), PAD, np.int32)], axis=1)
     loss_mask = np.concatenate([roles[:, 1:] == Role.ANSWER, np.zeros((b, 1), bool)], axis=1)
-    return Batch(tokens, roles, positions, slots, img_ids, lat_ids, images, valid, targets,
-                 loss_mask.astype(np.float32), np.full(b, t0, np.int32),
-                 tokens[:, t0 + 1].copy(), choice_mask)
+    return Batch(
+        tokens,
+        roles,
+        positions,
+        slots,
+        img_ids,
+        lat_ids,
+        images,
+        valid,
+        targets,
+        loss_mask.astype(np.float32),
+        np.full(b, t0, np.int32),
+        tokens[:, t0 + 1].copy(),
+        choice_mask,
+    )
 
 
 def drop_latents(batch: Batch) -> Batch:
@@ -260,9 +288,11 @@ def drop_latents(batch: Batch) -> Batch:
     this equals deleting the latent tokens from the sequence. Works on NumPy or jax arrays."""
     is_lat = batch.roles == Role.LATENT
     xp = np if isinstance(batch.roles, np.ndarray) else _jnp()
-    return batch._replace(roles=xp.where(is_lat, int(Role.PAD), batch.roles),
-                          latent_ids=xp.where(is_lat, -1, batch.latent_ids),
-                          positions=xp.where(is_lat, 0, batch.positions))
+    return batch._replace(
+        roles=xp.where(is_lat, int(Role.PAD), batch.roles),
+        latent_ids=xp.where(is_lat, -1, batch.latent_ids),
+        positions=xp.where(is_lat, 0, batch.positions),
+    )
 
 
 def _jnp():
@@ -281,8 +311,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def iterate_batches(data: Batch, batch_size: int, seed: int, epoch: int,
-                    drop_remainder: bool = True):
+def iterate_batches(
+    data: Batch, batch_size: int, seed: int, epoch: int, drop_remainder: bool = True
+):
     """Yield shuffled fixed-size batches of ``data`` for one epoch. With
     ``drop_remainder=False`` the last batch is padded by repeating rows, and its extra rows
     get ``loss_mask`` 0 and ``weight`` 0 (yields ``(batch, weight float32[batch_size])``)."""
@@ -290,24 +321,36 @@ def iterate_batches(data: Batch, batch_size: int, seed: int, epoch: int,
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     order = epoch_order(data.batch_size, seed, epoch)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         weight = np.ones(batch_size, np.float32)
         if len(idx) < batch_size:
             if drop_remainder:
                 return
-            weight[len(idx):] = 0
+            weight[len(idx) :] = 0
             idx = np.concatenate([idx, np.resize(order, batch_size - len(idx))])
         out = take(data, idx)
         yield out._replace(loss_mask=out.loss_mask * weight[:, None]), weight
 
 
-def layout_for(records: Sequence[Record], image_size: int, patch_size: int,
-               num_latents: int = 0, max_latents: int = 16, max_prompt_len: int = 12,
-               n_images: int | None = None) -> Layout:
+def layout_for(
+    records: Sequence[Record],
+    image_size: int,
+    patch_size: int,
+    num_latents: int = 0,
+    max_latents: int = 16,
+    max_prompt_len: int = 12,
+    n_images: int | None = None,
+) -> Layout:
     """A :class:`Layout` large enough for ``records`` (n_images = the most any record has,
     unless given)."""
     if n_images is None:
         n_images = max(r.images.shape[0] for r in records)
-    return Layout(n_images=n_images, image_size=image_size, patch_size=patch_size,
-                  max_prompt_len=max_prompt_len, num_latents=num_latents,
-                  max_latents=max_latents, answer_len=len(records[0].answer))
+    return Layout(
+        n_images=n_images,
+        image_size=image_size,
+        patch_size=patch_size,
+        max_prompt_len=max_prompt_len,
+        num_latents=num_latents,
+        max_latents=max_latents,
+        answer_len=len(records[0].answer),
+    )

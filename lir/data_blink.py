@@ -45,7 +45,7 @@ class Record:
 
     @property
     def kind(self) -> str:
-        """"mcq" (letter answer) or "count" (integer answer)."""
+        """ "mcq" (letter answer) or "count" (integer answer)."""
         return "mcq" if self.choices else "count"
 
 
@@ -60,24 +60,26 @@ def normalise_answer(answer, n_choices: int, where: str = "record") -> str:
         m = re.fullmatch(r"\(?([A-Za-z])\)?\.?", text)
         letter = m.group(1).upper() if m else None
         if letter is None or letter not in LETTERS[:n_choices]:
-            raise _record_error(where, f"answer {answer!r} is not one of the letters "
-                                       f"{list(LETTERS[:n_choices])}")
+            raise _record_error(
+                where, f"answer {answer!r} is not one of the letters {list(LETTERS[:n_choices])}"
+            )
         return letter
     if not re.fullmatch(r"-?\d+", text):
-        raise _record_error(where, f"answer {answer!r} of a record without choices must be an "
-                                   "integer")
+        raise _record_error(
+            where, f"answer {answer!r} of a record without choices must be an integer"
+        )
     return str(int(text))
 
 
-def parse_record(raw: dict, root: pathlib.Path, where: str, check_images: bool = True
-                 ) -> Record:
+def parse_record(raw: dict, root: pathlib.Path, where: str, check_images: bool = True) -> Record:
     """One raw JSON record -> :class:`Record` (image paths resolved against ``root``)."""
     if not isinstance(raw, dict):
         raise _record_error(where, f"expected a JSON object; got {type(raw).__name__}")
     images = raw.get("images")
     if images is None:
-        images = [raw[k] for k in ("image", "image_1", "image_2", "image_3", "image_4")
-                  if raw.get(k)]
+        images = [
+            raw[k] for k in ("image", "image_1", "image_2", "image_3", "image_4") if raw.get(k)
+        ]
     if isinstance(images, str):
         images = [images]
     if not images:
@@ -87,8 +89,9 @@ def parse_record(raw: dict, root: pathlib.Path, where: str, check_images: bool =
         raise _record_error(where, "missing 'prompt' (or 'question') text")
     choices = raw.get("choices") or []
     if not isinstance(choices, list) or len(choices) > len(LETTERS):
-        raise _record_error(where, f"'choices' must be a list of at most {len(LETTERS)} "
-                                   f"strings; got {choices!r}")
+        raise _record_error(
+            where, f"'choices' must be a list of at most {len(LETTERS)} strings; got {choices!r}"
+        )
     if "answer" not in raw:
         raise _record_error(where, "missing 'answer'")
     paths = tuple(root / str(p) for p in images)
@@ -96,10 +99,14 @@ def parse_record(raw: dict, root: pathlib.Path, where: str, check_images: bool =
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"{where}: image files not found: {missing}")
-    return Record(id=str(raw.get("id", raw.get("idx", where))),
-                  task=str(raw.get("task", raw.get("sub_task", ""))), images=paths,
-                  prompt=prompt, choices=tuple(str(c) for c in choices),
-                  answer=normalise_answer(raw["answer"], len(choices), where))
+    return Record(
+        id=str(raw.get("id", raw.get("idx", where))),
+        task=str(raw.get("task", raw.get("sub_task", ""))),
+        images=paths,
+        prompt=prompt,
+        choices=tuple(str(c) for c in choices),
+        answer=normalise_answer(raw["answer"], len(choices), where),
+    )
 
 
 def split_file(folder: str | pathlib.Path, split: str) -> pathlib.Path | None:
@@ -112,8 +119,7 @@ def split_file(folder: str | pathlib.Path, split: str) -> pathlib.Path | None:
     return None
 
 
-def load_split(folder: str | pathlib.Path, split: str, check_images: bool = True
-               ) -> list[Record]:
+def load_split(folder: str | pathlib.Path, split: str, check_images: bool = True) -> list[Record]:
     """Every record of ``split`` in ``folder``; clear errors for a missing folder / split,
     malformed JSON, malformed records and missing images."""
     folder = pathlib.Path(folder)
@@ -121,8 +127,10 @@ def load_split(folder: str | pathlib.Path, split: str, check_images: bool = True
         raise FileNotFoundError(f"task data folder {str(folder)!r} does not exist")
     path = split_file(folder, split)
     if path is None:
-        raise FileNotFoundError(f"no {split!r} split in {str(folder)!r} (expected one of "
-                                f"{[p.format(split=split) for p in SPLIT_FILES]})")
+        raise FileNotFoundError(
+            f"no {split!r} split in {str(folder)!r} (expected one of "
+            f"{[p.format(split=split) for p in SPLIT_FILES]})"
+        )
     if path.suffix == ".json":
         try:
             rows = json.loads(path.read_text())
@@ -155,7 +163,7 @@ def parse_prediction(text: str, kind: str, n_choices: int = 4) -> str | None:
     """The answer in a generation: the first standalone choice letter (MCQ) or the first
     integer (counting); None if there is none (LIVR App. A, docs/lir.md D9)."""
     if kind == "mcq":
-        letters = LETTERS[:max(n_choices, 1)]
+        letters = LETTERS[: max(n_choices, 1)]
         m = re.search(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", text)
         return m.group(1) if m else None
     if kind == "count":
@@ -170,8 +178,10 @@ def accuracy(predictions: Sequence[str], records: Sequence[Record]) -> float:
         raise ValueError(f"{len(predictions)} predictions for {len(records)} records")
     if not records:
         return float("nan")
-    hits = [parse_prediction(p, r.kind, len(r.choices)) == r.answer
-            for p, r in zip(predictions, records, strict=True)]
+    hits = [
+        parse_prediction(p, r.kind, len(r.choices)) == r.answer
+        for p, r in zip(predictions, records, strict=True)
+    ]
     return float(np.mean(hits))
 
 
@@ -185,8 +195,12 @@ def load_image(path: pathlib.Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def write_colour_pairs(folder: str | pathlib.Path, sizes: dict[str, int], seed: int = 0,
-                       image_size: tuple[int, int] = (56, 84)) -> pathlib.Path:
+def write_colour_pairs(
+    folder: str | pathlib.Path,
+    sizes: dict[str, int],
+    seed: int = 0,
+    image_size: tuple[int, int] = (56, 84),
+) -> pathlib.Path:
     """Write a tiny synthetic BLINK-format task to ``folder`` (for smoke runs of the CLI):
     two flat-colour images per record with pixel noise, "same colour (A) or different (B)?",
     balanced labels. ``sizes``: records per split, e.g. {"train": 16, "val": 8}."""
@@ -208,9 +222,17 @@ def write_colour_pairs(folder: str | pathlib.Path, sizes: dict[str, int], seed: 
                     name = f"img/{split}_{i}_{j}.png"
                     Image.fromarray(px).save(folder / name)
                     names.append(name)
-                f.write(json.dumps({"id": f"{split}-{i}", "task": "colour_pairs",
-                                    "images": names,
-                                    "prompt": "Do the two images have the same colour?",
-                                    "choices": ["same", "different"],
-                                    "answer": "A" if same else "B"}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "id": f"{split}-{i}",
+                            "task": "colour_pairs",
+                            "images": names,
+                            "prompt": "Do the two images have the same colour?",
+                            "choices": ["same", "different"],
+                            "answer": "A" if same else "B",
+                        }
+                    )
+                    + "\n"
+                )
     return folder

@@ -56,8 +56,13 @@ _CACHE: dict = {}
 def _eval_state(model: LMM) -> tuple[nnx.GraphDef, TrainState]:
     """(graphdef, TrainState holding the whole model state in ``params``)."""
     graphdef, state = nnx.split(model)
-    return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=state,
-                                frozen=nnx.State({}), opt_state=(), rng=jax.random.key(0))
+    return graphdef, TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=state,
+        frozen=nnx.State({}),
+        opt_state=(),
+        rng=jax.random.key(0),
+    )
 
 
 def _predict_fn(model, batch, key):
@@ -97,7 +102,7 @@ def chunks(data: Batch, batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
         idx = np.arange(start, min(start + bs, n))
         w = np.ones(bs, np.float32)
         if len(idx) < bs:
-            w[len(idx):] = 0
+            w[len(idx) :] = 0
             idx = np.concatenate([idx, np.zeros(bs - len(idx), idx.dtype)])
         yield take(data, idx), w
 
@@ -130,8 +135,7 @@ def diagnostics(model: LMM, data: Batch, batch_size: int = 100) -> dict[str, flo
     return {**{k: v / n for k, v in sums.items()}, "n": n}
 
 
-def latent_image_attention(model: LMM, batch: Batch, mask_variant: str = "causal"
-                           ) -> np.ndarray:
+def latent_image_attention(model: LMM, batch: Batch, mask_variant: str = "causal") -> np.ndarray:
     """Mean attention of the latent queries to each image patch, averaged over layers, heads
     and latents: float32[B, M, n, n] (M image slots, n x n patch grid; LIVR Fig. 3)."""
     n_img = batch.images.shape[1]
@@ -145,8 +149,7 @@ def latent_image_attention(model: LMM, batch: Batch, mask_variant: str = "causal
         probs = attention_probs(m, batch, mask_variant)
         q = query_image_attention(probs, batch, n_img, side * side)  # [B, S, M, N]
         is_lat = (batch.roles == Role.LATENT).astype(q.dtype)
-        per = jnp.einsum("bsmn,bs->bmn", q, is_lat) / jnp.maximum(is_lat.sum(1), 1)[:, None,
-                                                                                      None]
+        per = jnp.einsum("bsmn,bs->bmn", q, is_lat) / jnp.maximum(is_lat.sum(1), 1)[:, None, None]
         return per.reshape(per.shape[0], n_img, side, side)
 
     return np.asarray(maps(state, batch))

@@ -49,8 +49,9 @@ def backbone_config(backbone: str, preset: str, overrides: Sequence[str]):
     if any(o.split("=", 1)[0].strip() in _BATCH_KEYS for o in overrides):
         for key in _BATCH_KEYS:
             extra.pop(key, None)
-    return override(get_preset(PRESETS, preset), [f"{k}={v}" for k, v in extra.items()]
-                    + list(overrides))
+    return override(
+        get_preset(PRESETS, preset), [f"{k}={v}" for k, v in extra.items()] + list(overrides)
+    )
 
 
 class ByteTokenizer:
@@ -86,8 +87,10 @@ def load_tokenizer(checkpoint: pathlib.Path, kind: str):
     if kind == "bytes":
         return ByteTokenizer()
     if not any((checkpoint / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise FileNotFoundError(f"{str(checkpoint)!r} has no tokenizer files; pass "
-                                "--tokenizer bytes for a random test checkpoint")
+        raise FileNotFoundError(
+            f"{str(checkpoint)!r} has no tokenizer files; pass "
+            "--tokenizer bytes for a random test checkpoint"
+        )
     return HFTokenizer(checkpoint)
 
 
@@ -115,8 +118,7 @@ class Encoder:
     """Records -> :class:`Example` s -> fixed-shape :class:`QwenBatch` es for one model /
     tokenizer / K, with the frozen vision features from a ``VisionFeatureCache``."""
 
-    def __init__(self, model_cfg, tokenizer, num_latents: int, pcfg, latent_token_id: int,
-                 cache):
+    def __init__(self, model_cfg, tokenizer, num_latents: int, pcfg, latent_token_id: int, cache):
         self.cfg, self.tok, self.k, self.pcfg = model_cfg, tokenizer, num_latents, pcfg
         self.latent_token_id = latent_token_id
         self.cache = cache
@@ -132,25 +134,31 @@ class Encoder:
         out = []
         for r in records:
             key = example_key(r.id, r.images)
-            grid = self.cache.ensure(key, lambda r=r: preprocess_images(
-                [load_image(p) for p in r.images], self.pcfg))
-            ex = encode_example(self.tok.encode, build_prompt(r),
-                                image_token_counts(grid, self.pcfg.merge_size),
-                                r.answer if with_answer else None, self.k,
-                                vision_start=self.cfg.vision_start_token_id,
-                                vision_end=self.cfg.vision_end_token_id,
-                                image_pad=self.cfg.image_token_id,
-                                latent_token_id=self.latent_token_id)
+            grid = self.cache.ensure(
+                key, lambda r=r: preprocess_images([load_image(p) for p in r.images], self.pcfg)
+            )
+            ex = encode_example(
+                self.tok.encode,
+                build_prompt(r),
+                image_token_counts(grid, self.pcfg.merge_size),
+                r.answer if with_answer else None,
+                self.k,
+                vision_start=self.cfg.vision_start_token_id,
+                vision_end=self.cfg.vision_end_token_id,
+                image_pad=self.cfg.image_token_id,
+                latent_token_id=self.latent_token_id,
+            )
             out.append(Example(ex, grid, key))
         return out
 
-    def batches(self, examples: Sequence[Example], batch_size: int, seq_len: int,
-                n_tokens: int) -> tuple[Batches, list[int]]:
+    def batches(
+        self, examples: Sequence[Example], batch_size: int, seq_len: int, n_tokens: int
+    ) -> tuple[Batches, list[int]]:
         """Batches of ``batch_size`` rows (the last one padded by repeating its first row),
         built on access; returns (batches, number of real rows per batch)."""
         groups, real = [], []
         for i in range(0, len(examples), batch_size):
-            rows = list(examples[i:i + batch_size])
+            rows = list(examples[i : i + batch_size])
             real.append(len(rows))
             groups.append(rows + [rows[0]] * (batch_size - len(rows)))
         return Batches(self, groups, seq_len, n_tokens), real
@@ -160,10 +168,8 @@ class Batches(Sequence):
     """A sequence of :class:`QwenBatch` es whose visual tokens are read from the feature
     cache when a batch is indexed: one batch's features are in host memory at a time."""
 
-    def __init__(self, encoder: Encoder, groups: list[list[Example]], seq_len: int,
-                 n_tokens: int):
-        self.encoder, self.groups, self.seq_len, self.n_tokens = encoder, groups, seq_len, \
-            n_tokens
+    def __init__(self, encoder: Encoder, groups: list[list[Example]], seq_len: int, n_tokens: int):
+        self.encoder, self.groups, self.seq_len, self.n_tokens = encoder, groups, seq_len, n_tokens
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -176,8 +182,9 @@ class Batches(Sequence):
         rows = self.groups[i]
         feats = np.concatenate([self.encoder.cache.get(e.key)[0] for e in rows])
         grid = np.concatenate([e.grid for e in rows])
-        return make_feature_batch([e.encoded for e in rows], feats, grid, self.encoder.cfg,
-                                  self.seq_len, self.n_tokens)
+        return make_feature_batch(
+            [e.encoded for e in rows], feats, grid, self.encoder.cfg, self.seq_len, self.n_tokens
+        )
 
 
 def _shapes(examples: Sequence[Example], batch_size: int) -> tuple[int, int]:
@@ -187,12 +194,13 @@ def _shapes(examples: Sequence[Example], batch_size: int) -> tuple[int, int]:
 
     seq = max(len(e.encoded.ids) for e in examples)
     counts = [int(image_token_counts(e.grid).sum()) for e in examples]
-    tokens = max(sum(counts[i:i + batch_size]) for i in range(0, len(counts), batch_size))
+    tokens = max(sum(counts[i : i + batch_size]) for i in range(0, len(counts), batch_size))
     return _round_up(seq, 64), _round_up(tokens, 64)
 
 
-def predict(model, encoder: Encoder, examples: Sequence[Example], batch_size: int,
-            max_new_tokens: int) -> list[str]:
+def predict(
+    model, encoder: Encoder, examples: Sequence[Example], batch_size: int, max_new_tokens: int
+) -> list[str]:
     """Greedy generations (decoded text) for prompt-only ``examples`` (``encode(records,
     with_answer=False)``), latents in place, causal mask."""
     from flax import nnx
@@ -240,10 +248,10 @@ def load_adapter(model, path: pathlib.Path) -> None:
     flat = _adapter_state(model)
     missing = ["/".join(map(str, p)) for p, _ in flat if "/".join(map(str, p)) not in data]
     if missing:
-        raise ValueError(f"adapter {path} lacks {missing[:4]} (was it trained with other "
-                         "LoRA targets or K?)")
-    new = [(p, v.replace(jnp.asarray(data["/".join(map(str, p))], v[...].dtype)))
-           for p, v in flat]
+        raise ValueError(
+            f"adapter {path} lacks {missing[:4]} (was it trained with other LoRA targets or K?)"
+        )
+    new = [(p, v.replace(jnp.asarray(data["/".join(map(str, p))], v[...].dtype))) for p, v in flat]
     nnx.update(model, nnx.from_flat_state(new))
 
 
@@ -262,8 +270,9 @@ def build_model(args, cfg, num_latents: int, with_lora: bool, cache_dir: pathlib
     from lir.backbones.qwen2_5_vl.weights import load_checkpoint
 
     ckpt = pathlib.Path(args.checkpoint)
-    qcfg = dataclasses.replace(read_config(ckpt), remat=not args.no_remat,
-                               attention_chunk=args.attention_chunk or None)
+    qcfg = dataclasses.replace(
+        read_config(ckpt), remat=not args.no_remat, attention_chunk=args.attention_chunk or None
+    )
     tok = load_tokenizer(ckpt, args.tokenizer)
     place = fsdp_sharding() if jax.device_count() > 1 else None
     base = load_checkpoint(ckpt, dtype=jnp.dtype(args.dtype), cfg=qcfg, sharding=place)
@@ -271,10 +280,13 @@ def build_model(args, cfg, num_latents: int, with_lora: bool, cache_dir: pathlib
     model = QwenLIVR(base, num_latents, key=jax.random.key(cfg.seed), vocab_rows=vocab_rows)
     if with_lora:
         add_lora(model, cfg.finetune.lora, rngs=nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
-    pcfg = ProcessorConfig(min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                           patch_size=qcfg.vision.patch_size,
-                           temporal_patch_size=qcfg.vision.temporal_patch_size,
-                           merge_size=qcfg.vision.spatial_merge_size)
+    pcfg = ProcessorConfig(
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        patch_size=qcfg.vision.patch_size,
+        temporal_patch_size=qcfg.vision.temporal_patch_size,
+        merge_size=qcfg.vision.spatial_merge_size,
+    )
     latent_id = tok.size if tok.size < qcfg.text.vocab_size else 0
     cache = VisionFeatureCache(model.base.visual, pcfg, cache_dir)
     return model, tok, Encoder(qcfg, tok, num_latents, pcfg, latent_id, cache)
@@ -293,13 +305,20 @@ def run_finetune(args, cfg, run_dir: pathlib.Path) -> dict:
 
     ft = cfg.finetune
     k = ft.num_latents if args.method == "livr" else 0
-    model, _, encoder = build_model(args, cfg, k, with_lora=True,
-                                    cache_dir=_cache_dir(args, run_dir))
+    model, _, encoder = build_model(
+        args, cfg, k, with_lora=True, cache_dir=_cache_dir(args, run_dir)
+    )
     train = load_split(args.task_data, "train")[: args.limit or None]
-    val = (load_split(args.task_data, "val")[: args.limit or None]
-           if split_file(args.task_data, "val") else [])
-    test = (load_split(args.task_data, "test")[: args.limit or None]
-            if split_file(args.task_data, "test") else [])
+    val = (
+        load_split(args.task_data, "val")[: args.limit or None]
+        if split_file(args.task_data, "val")
+        else []
+    )
+    test = (
+        load_split(args.task_data, "test")[: args.limit or None]
+        if split_file(args.task_data, "test")
+        else []
+    )
     # every split's vision features are computed here, before training: the train steps
     # donate the model's buffers, the frozen tower's included
     enc = encoder.encode(train, with_answer=True)
@@ -313,32 +332,50 @@ def run_finetune(args, cfg, run_dir: pathlib.Path) -> dict:
     def on_epoch(m, stage, epoch):
         if not val:
             return None
-        acc = accuracy(predict(m, encoder, enc_val, args.eval_batch_size,
-                               args.max_new_tokens), val)
+        acc = accuracy(predict(m, encoder, enc_val, args.eval_batch_size, args.max_new_tokens), val)
         print(json.dumps({"stage": stage, "epoch": epoch, "val_accuracy": acc}), flush=True)
         return acc
 
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log_file:
+
         def log(row):
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
             if not args.quiet:
                 print(json.dumps(row), flush=True)
 
-        hist = finetune(model, args.method, ft, batches, seed=cfg.seed,
-                        max_answer_tokens=max_answer, on_epoch=on_epoch, log=log)
+        hist = finetune(
+            model,
+            args.method,
+            ft,
+            batches,
+            seed=cfg.seed,
+            max_answer_tokens=max_answer,
+            on_epoch=on_epoch,
+            log=log,
+        )
     model = hist.pop("model")
     save_adapter(model, run_dir / "adapter.npz", {"method": args.method, "num_latents": k})
-    result = {"method": args.method, "num_latents": k, "train_examples": len(train),
-              "steps": len(hist["losses"]), "first_loss": hist["losses"][0],
-              "last_loss": hist["losses"][-1], "val": hist["val"],
-              "best_epoch": hist["best_epoch"], "seq_len": seq, "n_visual_tokens": ntok,
-              "max_answer_tokens": max_answer, "batch_size": ft.batch_size,
-              "accumulation_steps": ft.accumulation_steps,
-              "vision_tower_calls": encoder.cache.calls}
+    result = {
+        "method": args.method,
+        "num_latents": k,
+        "train_examples": len(train),
+        "steps": len(hist["losses"]),
+        "first_loss": hist["losses"][0],
+        "last_loss": hist["losses"][-1],
+        "val": hist["val"],
+        "best_epoch": hist["best_epoch"],
+        "seq_len": seq,
+        "n_visual_tokens": ntok,
+        "max_answer_tokens": max_answer,
+        "batch_size": ft.batch_size,
+        "accumulation_steps": ft.accumulation_steps,
+        "vision_tower_calls": encoder.cache.calls,
+    }
     if test:
         result["test_accuracy"] = accuracy(
-            predict(model, encoder, enc_test, args.eval_batch_size, args.max_new_tokens), test)
+            predict(model, encoder, enc_test, args.eval_batch_size, args.max_new_tokens), test
+        )
     write_json(run_dir / "results.json", result)
     return result
 
@@ -353,18 +390,29 @@ def run_evaluate(args, cfg, run_dir: pathlib.Path) -> dict:
         if not adapter.is_file():
             raise FileNotFoundError(f"adapter file {str(adapter)!r} not found")
         k = int(json.loads(adapter.with_suffix(".json").read_text())["num_latents"])
-    model, _, encoder = build_model(args, cfg, k, with_lora=adapter is not None,
-                                    cache_dir=_cache_dir(args, run_dir))
+    model, _, encoder = build_model(
+        args, cfg, k, with_lora=adapter is not None, cache_dir=_cache_dir(args, run_dir)
+    )
     if adapter is not None:
         load_adapter(model, adapter)
     records = load_split(args.task_data, args.split)[: args.limit or None]
-    texts = predict(model, encoder, encoder.encode(records, with_answer=False),
-                    args.eval_batch_size, args.max_new_tokens)
-    result = {"split": args.split, "n": len(records), "num_latents": k,
-              "adapter": str(adapter) if adapter else None,
-              "accuracy": accuracy(texts, records),
-              "predictions": [{"id": r.id, "gold": r.answer, "text": t}
-                              for r, t in zip(records, texts, strict=True)]}
+    texts = predict(
+        model,
+        encoder,
+        encoder.encode(records, with_answer=False),
+        args.eval_batch_size,
+        args.max_new_tokens,
+    )
+    result = {
+        "split": args.split,
+        "n": len(records),
+        "num_latents": k,
+        "adapter": str(adapter) if adapter else None,
+        "accuracy": accuracy(texts, records),
+        "predictions": [
+            {"id": r.id, "gold": r.answer, "text": t} for r, t in zip(records, texts, strict=True)
+        ],
+    }
     write_json(run_dir / f"eval_{args.split}.json", result)
     return result
 
@@ -386,17 +434,28 @@ def main(argv: list[str] | None = None) -> int:
     # docs/lir.md D7: at most 1,280 merged visual tokens per image
     parser.add_argument("--max-pixels", type=int, default=1280 * 28 * 28)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--eval-batch-size", type=int, default=8,
-                        help="rows per generation call (validation, test, evaluate)")
-    parser.add_argument("--feature-cache", default=None,
-                        help="directory of the per-example vision feature cache (default "
-                             "RUN_DIR/vision_features; entries are keyed by the vision "
-                             "weights, so one directory can serve several runs), or 'memory'")
+    parser.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=8,
+        help="rows per generation call (validation, test, evaluate)",
+    )
+    parser.add_argument(
+        "--feature-cache",
+        default=None,
+        help="directory of the per-example vision feature cache (default "
+        "RUN_DIR/vision_features; entries are keyed by the vision "
+        "weights, so one directory can serve several runs), or 'memory'",
+    )
     parser.add_argument("--limit", type=int, default=0, help="use the first N records per split")
     parser.add_argument("--no-remat", action="store_true", help="keep activations (no remat)")
-    parser.add_argument("--attention-chunk", type=int, default=512,
-                        help="LM query rows per attention chunk in training (0: one pass); "
-                             "bounds each layer's softmax to [H, chunk, S]")
+    parser.add_argument(
+        "--attention-chunk",
+        type=int,
+        default=512,
+        help="LM query rows per attention chunk in training (0: one pass); "
+        "bounds each layer's softmax to [H, chunk, S]",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -405,8 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     ckpt = pathlib.Path(args.checkpoint)
     if not ckpt.is_dir():
-        parser.error(f"--checkpoint {str(ckpt)!r} is not a directory (weights are never "
-                     "downloaded; pass a local Hugging Face checkpoint)")
+        parser.error(
+            f"--checkpoint {str(ckpt)!r} is not a directory (weights are never "
+            "downloaded; pass a local Hugging Face checkpoint)"
+        )
     if not pathlib.Path(args.task_data).is_dir():
         parser.error(f"--task-data {args.task_data!r} is not a directory")
     from common.runtime import start_process, start_run_dir

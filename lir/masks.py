@@ -163,7 +163,7 @@ def bottleneck_mask(roles):
 
 
 def answer_only_mask(roles):
-    """"Ans->Vis only" / mask-only arm: TAIL and ANSWER queries cannot see IMAGE keys."""
+    """ "Ans->Vis only" / mask-only arm: TAIL and ANSWER queries cannot see IMAGE keys."""
     return attention_mask(roles, "answer_only")
 
 
@@ -181,6 +181,13 @@ def allowed_role_pairs(variant: str) -> set[tuple[Role, Role]]:
 
 def roles_to_string(roles: np.ndarray) -> str:
     """Compact one-letter rendering of a role row, e.g. ``'SIIIIPPPLLTA_'`` (debugging aid)."""
-    letters = {Role.PAD: "_", Role.SYSTEM: "S", Role.IMAGE: "I", Role.PROMPT: "P",
-               Role.LATENT: "L", Role.TAIL: "T", Role.ANSWER: "A"}
+    letters = {
+        Role.PAD: "_",
+        Role.SYSTEM: "S",
+        Role.IMAGE: "I",
+        Role.PROMPT: "P",
+        Role.LATENT: "L",
+        Role.TAIL: "T",
+        Role.ANSWER: "A",
+    }
     return "".join(letters[Role(int(r))] for r in np.asarray(roles).reshape(-1))

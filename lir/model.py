@@ -81,10 +81,16 @@ class ModelConfig:
 
     def __post_init__(self):
         req = functools.partial(require, self)
-        req("image_size", self.image_size % self.patch_size == 0,
-            f"a multiple of patch_size={self.patch_size}")
-        req("lm_dim", self.lm_dim % self.lm_heads == 0 and (self.lm_dim // self.lm_heads) % 2 == 0,
-            f"to split into lm_heads={self.lm_heads} heads of even size (RoPE)")
+        req(
+            "image_size",
+            self.image_size % self.patch_size == 0,
+            f"a multiple of patch_size={self.patch_size}",
+        )
+        req(
+            "lm_dim",
+            self.lm_dim % self.lm_heads == 0 and (self.lm_dim // self.lm_heads) % 2 == 0,
+            f"to split into lm_heads={self.lm_heads} heads of even size (RoPE)",
+        )
         req("num_latents", self.num_latents >= 0, ">= 0")
 
     @property
@@ -110,23 +116,41 @@ class LMM(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.vit = ViTEncoder(cfg.image_size, cfg.patch_size, 3, cfg.vit_dim, cfg.vit_depth,
-                              cfg.vit_heads, cfg.vit_mlp_ratio * cfg.vit_dim, rngs=rngs)
+        self.vit = ViTEncoder(
+            cfg.image_size,
+            cfg.patch_size,
+            3,
+            cfg.vit_dim,
+            cfg.vit_depth,
+            cfg.vit_heads,
+            cfg.vit_mlp_ratio * cfg.vit_dim,
+            rngs=rngs,
+        )
         self.projector_norm = LayerNorm(cfg.vit_dim, rngs=rngs)
         self.projector = dense(cfg.vit_dim, cfg.lm_dim, rngs=rngs)
-        self.embed = nnx.Embed(cfg.vocab_size, cfg.lm_dim,
-                               embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        self.image_index = nnx.Embed(cfg.max_images, cfg.lm_dim,
-                                     embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.embed = nnx.Embed(
+            cfg.vocab_size, cfg.lm_dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs
+        )
+        self.image_index = nnx.Embed(
+            cfg.max_images, cfg.lm_dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs
+        )
         # latent init N(0, 0.02) (docs/lir.md D2); reset_latents re-draws them around the mean
         # embedding row before fine-tuning (docs/lir.md D2)
         rows = min(cfg.num_latents, 1) if cfg.shared_latents else cfg.num_latents
         self.latents = LatentParam(
-            cfg.latent_init_std * jax.random.normal(rngs.params(), (rows, cfg.lm_dim)))
-        self.lm = TransformerStack(cfg.lm_depth, cfg.lm_dim, cfg.lm_heads,
-                                   cfg.lm_mlp_ratio * cfg.lm_dim, activation=cfg.lm_activation,
-                                   norm=cfg.lm_norm, position="rope", rope_theta=cfg.rope_theta,
-                                   rngs=rngs)
+            cfg.latent_init_std * jax.random.normal(rngs.params(), (rows, cfg.lm_dim))
+        )
+        self.lm = TransformerStack(
+            cfg.lm_depth,
+            cfg.lm_dim,
+            cfg.lm_heads,
+            cfg.lm_mlp_ratio * cfg.lm_dim,
+            activation=cfg.lm_activation,
+            norm=cfg.lm_norm,
+            position="rope",
+            rope_theta=cfg.rope_theta,
+            rngs=rngs,
+        )
 
     def image_features(self, images: jax.Array) -> jax.Array:
         """uint8|float[B, M, H, W, 3] -> projected patch features float32[B, M * N, lm_dim].
@@ -134,8 +158,9 @@ class LMM(nnx.Module):
         b, m, h, w, c = images.shape
         want = (self.cfg.image_size, self.cfg.image_size, 3)
         if (h, w, c) != want:
-            raise ValueError(f"images must be [B, M, {want[0]}, {want[1]}, 3]; got "
-                             f"{tuple(images.shape)}")
+            raise ValueError(
+                f"images must be [B, M, {want[0]}, {want[1]}, 3]; got {tuple(images.shape)}"
+            )
         x = images.astype(jnp.float32)
         if images.dtype == jnp.uint8:
             x = x / 255.0
@@ -256,8 +281,9 @@ def answer_latent_attention(model: LMM, batch: Batch, mask_variant: str = "causa
     return jnp.mean(jnp.sum(jnp.where(is_lat, rows, 0.0), axis=-1), axis=(0, 2))
 
 
-def query_image_attention(probs: jax.Array, batch: Batch, n_images: int,
-                          tokens_per_image: int) -> jax.Array:
+def query_image_attention(
+    probs: jax.Array, batch: Batch, n_images: int, tokens_per_image: int
+) -> jax.Array:
     """Attention of every query to every image patch, averaged over layers and heads
     (latent->image maps, LIVR Fig. 3): probs [L, B, H, S, S] -> float32[B, S, M, N], where
     [b, q, j] reshaped to the patch grid is query q's map over image j."""

@@ -43,8 +43,10 @@ def divisible_batch(batch: int, devices: int) -> tuple[int, str]:
     lower = batch // devices * devices
     upper = lower + devices
     planned = upper if lower == 0 or upper - batch <= batch - lower else lower
-    return planned, (f"the preset's batch {batch} is not divisible by {devices} devices: "
-                     f"planned at batch {planned}")
+    return planned, (
+        f"the preset's batch {batch} is not divisible by {devices} devices: "
+        f"planned at batch {planned}"
+    )
 
 
 def _batch_spec(records, lay, batch: int, drop: bool = False) -> dict[str, Any]:
@@ -53,8 +55,7 @@ def _batch_spec(records, lay, batch: int, drop: bool = False) -> dict[str, Any]:
     one = collate(records[:1], lay)
     if drop:
         one = drop_latents(one)
-    return abstract_batch({k: ((batch,) + v.shape[1:], v.dtype)
-                           for k, v in one._asdict().items()})
+    return abstract_batch({k: ((batch,) + v.shape[1:], v.dtype) for k, v in one._asdict().items()})
 
 
 def _finetune_model(cfg: LIRConfig) -> Callable[[], LMM]:
@@ -68,17 +69,38 @@ def _finetune_model(cfg: LIRConfig) -> Callable[[], LMM]:
     return build
 
 
-def _row(stage: str, build: Callable[[], Any], trainable, opt: OptimizerConfig, step_for,
-         batch_spec: dict, mesh, *, steps: int, note: str, accelerator) -> PlanRow:
+def _row(
+    stage: str,
+    build: Callable[[], Any],
+    trainable,
+    opt: OptimizerConfig,
+    step_for,
+    batch_spec: dict,
+    mesh,
+    *,
+    steps: int,
+    note: str,
+    accelerator,
+) -> PlanRow:
     graphdef, state = abstract_train_state(build, STEPS.optimizer(opt), trainable)
     b, s = batch_spec["tokens"].shape
-    return plan_step(stage, step_for(graphdef), state, batch_spec, mesh, steps=steps,
-                     items_per_step=f"{b} sequences × {s} tokens", dtype="float32",
-                     note=note, accelerator=accelerator)
+    return plan_step(
+        stage,
+        step_for(graphdef),
+        state,
+        batch_spec,
+        mesh,
+        steps=steps,
+        items_per_step=f"{b} sequences × {s} tokens",
+        dtype="float32",
+        note=note,
+        accelerator=accelerator,
+    )
 
 
-def lmm_plan_rows(cfg: LIRConfig, mesh, *, accelerator, n_train: int | None = None
-                  ) -> list[PlanRow]:
+def lmm_plan_rows(
+    cfg: LIRConfig, mesh, *, accelerator, n_train: int | None = None
+) -> list[PlanRow]:
     """One :class:`common.plan.PlanRow` per training stage of lir's LMM under ``cfg`` (module
     docstring), on ``mesh``. ``n_train``: examples per task for the phase-F step counts
     (default ``cfg.data.n_train``)."""
@@ -89,24 +111,37 @@ def lmm_plan_rows(cfg: LIRConfig, mesh, *, accelerator, n_train: int | None = No
 
     # phase P
     pb, pnote = divisible_batch(p.batch_size, devices)
-    recs = generate(PRETRAIN_NAMES[0], 1, stream_seed(cfg.seed, "plan"), "train",
-                    cfg.data.image_size)
+    recs = generate(
+        PRETRAIN_NAMES[0], 1, stream_seed(cfg.seed, "plan"), "train", cfg.data.image_size
+    )
     spec = _batch_spec(recs, layout(cfg, 0), pb)
     acc = p.optim.accumulation_steps
-    rows.append(_row(
-        "phase P: pretrain (whole LMM, causal)", lambda: _pretrain_model(cfg), PRETRAIN_FILTER,
-        p.optim, lambda gd: STEPS.train_step(gd, p.optim, _batch_loss("causal"),
-                                             loss_key=("lir.pretrain", "causal")),
-        spec, mesh, steps=p.calls, accelerator=accelerator,
-        note="; ".join(n for n in [pnote, *notes] + (
-            [f"× {acc} accumulation"] if acc > 1 else []) if n)))
+    rows.append(
+        _row(
+            "phase P: pretrain (whole LMM, causal)",
+            lambda: _pretrain_model(cfg),
+            PRETRAIN_FILTER,
+            p.optim,
+            lambda gd: STEPS.train_step(
+                gd, p.optim, _batch_loss("causal"), loss_key=("lir.pretrain", "causal")
+            ),
+            spec,
+            mesh,
+            steps=p.calls,
+            accelerator=accelerator,
+            note="; ".join(
+                n for n in [pnote, *notes] + ([f"× {acc} accumulation"] if acc > 1 else []) if n
+            ),
+        )
+    )
 
     # phase F: one (task, arm, seed) run
     fb, fnote = divisible_batch(ft.batch_size, devices)
     spe = steps_per_epoch(ft, cfg.data.n_train if n_train is None else n_train)
     if spe < 1:
-        raise ValueError(f"n_train gives no full batch of {ft.batch_size} × "
-                         f"{ft.accumulation_steps}")
+        raise ValueError(
+            f"n_train gives no full batch of {ft.batch_size} × {ft.accumulation_steps}"
+        )
     calls = spe * ft.accumulation_steps
     task = cfg.tasks[0] if cfg.tasks else "jigsaw"
     recs = generate(task, 1, stream_seed(cfg.seed, "plan"), "train", cfg.data.image_size)
@@ -114,22 +149,50 @@ def lmm_plan_rows(cfg: LIRConfig, mesh, *, accelerator, n_train: int | None = No
     per_run = f"per (task, seed) run: {spe} updates/epoch"
     extra = [f"× {ft.accumulation_steps} accumulation"] if ft.accumulation_steps > 1 else []
     for stage, variant, epochs, trainable, name, drop in (
-            (f"phase F: LIVR stage 1 (bottleneck, K={ft.num_latents})", "bottleneck",
-             ft.stage1_epochs, LIVR_FILTER, "livr", False),
-            (f"phase F: LIVR stage 2 (causal, K={ft.num_latents})", "causal",
-             ft.stage2_epochs, LIVR_FILTER, "livr", False),
-            ("phase F: SFT (causal, LoRA only, latents dropped)", "causal", ft.sft_epochs,
-             LORA_FILTER, "lora", True)):
+        (
+            f"phase F: LIVR stage 1 (bottleneck, K={ft.num_latents})",
+            "bottleneck",
+            ft.stage1_epochs,
+            LIVR_FILTER,
+            "livr",
+            False,
+        ),
+        (
+            f"phase F: LIVR stage 2 (causal, K={ft.num_latents})",
+            "causal",
+            ft.stage2_epochs,
+            LIVR_FILTER,
+            "livr",
+            False,
+        ),
+        (
+            "phase F: SFT (causal, LoRA only, latents dropped)",
+            "causal",
+            ft.sft_epochs,
+            LORA_FILTER,
+            "lora",
+            True,
+        ),
+    ):
         if epochs == 0:
             continue
         opt = stage_optimizer(ft, epochs * spe)
-        rows.append(_row(
-            stage, _finetune_model(cfg), trainable, opt,
-            lambda gd, _n=name, _v=variant, _o=opt: finetune_step(gd, _n, _v, _o),
-            _batch_spec(recs, lay, fb, drop), mesh, steps=epochs * calls,
-            accelerator=accelerator,
-            note="; ".join(n for n in [fnote, f"{per_run}, {epochs} epochs", *notes, *extra]
-                           if n)))
+        rows.append(
+            _row(
+                stage,
+                _finetune_model(cfg),
+                trainable,
+                opt,
+                lambda gd, _n=name, _v=variant, _o=opt: finetune_step(gd, _n, _v, _o),
+                _batch_spec(recs, lay, fb, drop),
+                mesh,
+                steps=epochs * calls,
+                accelerator=accelerator,
+                note="; ".join(
+                    n for n in [fnote, f"{per_run}, {epochs} epochs", *notes, *extra] if n
+                ),
+            )
+        )
     return rows
 
 
@@ -142,15 +205,23 @@ def qwen_plan_rows(cfg: LIRConfig, args, mesh, accelerator) -> list[PlanRow]:
     if mesh.size != 1:
         raise NotImplementedError(
             "the Qwen2.5-VL fine-tuning runs on one GPU per job (LIVR App. B): plan it with "
-            "--devices 1")
+            "--devices 1"
+        )
     from lir.backbones.qwen2_5_vl import plan as qwen_plan
 
     shapes = qwen_plan.Shapes()
-    ft = dataclasses.replace(cfg.finetune, batch_size=shapes.batch,
-                             accumulation_steps=shapes.accumulation)
+    ft = dataclasses.replace(
+        cfg.finetune, batch_size=shapes.batch, accumulation_steps=shapes.accumulation
+    )
     opt = stage_optimizer(ft, shapes.train_examples // shapes.accumulation)
-    return qwen_plan.plan_rows(mesh, accelerator, opt, cfg.finetune.lora,
-                               num_latents=cfg.finetune.num_latents, shapes=shapes)
+    return qwen_plan.plan_rows(
+        mesh,
+        accelerator,
+        opt,
+        cfg.finetune.lora,
+        num_latents=cfg.finetune.num_latents,
+        shapes=shapes,
+    )
 
 
 #: The row builders of ``python -m lir plan``: ``(name, fn(cfg, args, mesh, accelerator))``.
@@ -168,8 +239,10 @@ def run_plan(cfg: LIRConfig, args, mesh, accelerator, log=print) -> list[PlanRow
     wanted = None if wanted is None else {m.strip() for m in wanted.split(",") if m.strip()}
     unknown = (wanted or set()) - {name for name, _ in PLANNERS}
     if unknown:
-        raise ValueError(f"--models: unknown {sorted(unknown)}; expected some of "
-                         f"{[name for name, _ in PLANNERS]}")
+        raise ValueError(
+            f"--models: unknown {sorted(unknown)}; expected some of "
+            f"{[name for name, _ in PLANNERS]}"
+        )
     for name, planner in PLANNERS:
         if wanted is not None and name not in wanted:
             continue

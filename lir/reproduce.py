@@ -57,7 +57,7 @@ def sign_test(diffs) -> dict:
         p = 1.0
     else:
         k = min(wins, losses)
-        p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+        p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
     return {"wins": wins, "losses": losses, "ties": int(len(d) - n), "p_value": p}
 
 
@@ -76,8 +76,14 @@ class Runner:
     (each result file is read or computed once per invocation, so a run shared by two tables
     is counted once); task data is built once per (task, K)."""
 
-    def __init__(self, cfg: LIRConfig, pretrained: T.Pretrained, run_dir: pathlib.Path,
-                 log: Callable[[str], None], clock: StageClock):
+    def __init__(
+        self,
+        cfg: LIRConfig,
+        pretrained: T.Pretrained,
+        run_dir: pathlib.Path,
+        log: Callable[[str], None],
+        clock: StageClock,
+    ):
         self.cfg, self.pre, self.dir, self.log = cfg, pretrained, run_dir / "runs", log
         self.clock = clock
         self._data: dict = {}
@@ -91,29 +97,46 @@ class Runner:
             self._data[key] = T.task_data(self.cfg, task, k, placement)
         return self._data[key]
 
-    def _cached(self, stage: str, path: pathlib.Path, compute: Callable[[], T.RunResult]
-                ) -> dict:
+    def _cached(self, stage: str, path: pathlib.Path, compute: Callable[[], T.RunResult]) -> dict:
         if path not in self._results:
             self._results[path] = self.clock.cached(stage, path, lambda: compute().to_json())
         return self._results[path]
 
     def zero_shot(self, task: str) -> dict:
         path = self.dir / task / "zero_shot" / "seed0.json"
-        return self._cached("table1", path, lambda: T.zero_shot(
-            self.cfg, self.pre, self.data(task, self.cfg.finetune.num_latents)))
+        return self._cached(
+            "table1",
+            path,
+            lambda: T.zero_shot(self.cfg, self.pre, self.data(task, self.cfg.finetune.num_latents)),
+        )
 
-    def run(self, task: str, arm: T.Arm, seed: int, k: int | None = None, tag: str | None = None,
-            stage: str = "table1") -> dict:
+    def run(
+        self,
+        task: str,
+        arm: T.Arm,
+        seed: int,
+        k: int | None = None,
+        tag: str | None = None,
+        stage: str = "table1",
+    ) -> dict:
         k = self.cfg.finetune.num_latents if k is None else k
         path = self.dir / task / (tag or arm.name) / f"seed{seed}.json"
 
         def go():
             t0 = time.time()
-            r = T.finetune(self.cfg, self.pre, self.data(task, k, arm.placement), arm, seed,
-                           metrics_dir=path.parent / f"seed{seed}")
-            self.log(f"{task:26s} {tag or arm.name:22s} seed {seed}: test "
-                     f"{r.test['accuracy']:.3f} (best epoch {r.best_epoch}, "
-                     f"{time.time() - t0:.0f} s)")
+            r = T.finetune(
+                self.cfg,
+                self.pre,
+                self.data(task, k, arm.placement),
+                arm,
+                seed,
+                metrics_dir=path.parent / f"seed{seed}",
+            )
+            self.log(
+                f"{task:26s} {tag or arm.name:22s} seed {seed}: test "
+                f"{r.test['accuracy']:.3f} (best epoch {r.best_epoch}, "
+                f"{time.time() - t0:.0f} s)"
+            )
             return r
 
         return self._cached(stage, path, go)
@@ -126,17 +149,27 @@ class Runner:
         def go():
             cfg, t0 = self.cfg, time.time()
             data = T.multitask_data(cfg, cfg.tasks)
-            r, model = T.finetune(cfg, self.pre, data, arm, seed, select="final",
-                                  metrics_dir=path.parent / f"seed{seed}", return_model=True)
+            r, model = T.finetune(
+                cfg,
+                self.pre,
+                data,
+                arm,
+                seed,
+                select="final",
+                metrics_dir=path.parent / f"seed{seed}",
+                return_model=True,
+            )
             per_task = {}
             for task in cfg.tasks:
                 d = T.task_data(cfg, task)
                 d = d if arm.latents else d.without_latents()
                 per_task[task] = ev.diagnostics(model, d.test, cfg.finetune.eval_batch_size)
             r.test = {"all": r.test, **per_task}
-            self.log(f"{'multi-task':26s} {arm.name:22s} seed {seed}: mean test "
-                     f"{np.mean([v['accuracy'] for v in per_task.values()]):.3f} "
-                     f"({time.time() - t0:.0f} s)")
+            self.log(
+                f"{'multi-task':26s} {arm.name:22s} seed {seed}: mean test "
+                f"{np.mean([v['accuracy'] for v in per_task.values()]):.3f} "
+                f"({time.time() - t0:.0f} s)"
+            )
             return r
 
         return self._cached("table2", path, go)
@@ -147,16 +180,21 @@ class Runner:
 # --------------------------------------------------------------------------------------------
 
 
-def reproduce(cfg: LIRConfig, run_dir: str | pathlib.Path, *, preset: str = "custom",
-              verbose: bool = True, cache_root: str | pathlib.Path | None = None,
-              command: str | None = None) -> dict:
+def reproduce(
+    cfg: LIRConfig,
+    run_dir: str | pathlib.Path,
+    *,
+    preset: str = "custom",
+    verbose: bool = True,
+    cache_root: str | pathlib.Path | None = None,
+    command: str | None = None,
+) -> dict:
     """Everything in the module docstring; returns the ``results`` dict of results.json.
     ``cache_root``: the phase-P cache (default ``run_dir/../lir_pretrain_cache``)."""
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    report = Report(f"lir: LIVR reproduction, preset `{preset}`",
-                    command=command or command_line())
+    report = Report(f"lir: LIVR reproduction, preset `{preset}`", command=command or command_line())
     log = print if verbose else (lambda *_: None)
     cache_root = pathlib.Path(cache_root) if cache_root else run_dir.parent / "lir_pretrain_cache"
     clock = StageClock()
@@ -167,8 +205,7 @@ def reproduce(cfg: LIRConfig, run_dir: str | pathlib.Path, *, preset: str = "cus
         clock.add("pretrain", pre.metrics.get("train_seconds", 0.0), cached=True)
     else:
         clock.add("pretrain", time.perf_counter() - t0)
-    log(f"phase P ready ({pre.directory}); held-out skill accuracy "
-        f"{pre.metrics['skill_accuracy']}")
+    log(f"phase P ready ({pre.directory}); held-out skill accuracy {pre.metrics['skill_accuracy']}")
     runner = Runner(cfg, pre, run_dir, log, clock)
     specs = T.arm_specs(cfg)
 
@@ -183,14 +220,20 @@ def reproduce(cfg: LIRConfig, run_dir: str | pathlib.Path, *, preset: str = "cus
             for arm in cfg.arms:
                 raw[task][arm].append(runner.run(task, specs[arm], s))
     arms_run = ("zero_shot",) + tuple(cfg.arms)
-    table1 = {t: {a: _mean_std([r["test"]["accuracy"] for r in raw[t][a]])[0] for a in arms_run}
-              for t in cfg.tasks}
-    table1_std = {t: {a: _mean_std([r["test"]["accuracy"] for r in raw[t][a]])[1]
-                      for a in arms_run} for t in cfg.tasks}
-    table1_seeds = {t: {a: [r["test"]["accuracy"] for r in raw[t][a]] for a in arms_run}
-                    for t in cfg.tasks}
-    best_epochs = {t: {a: [r["best_epoch"] for r in raw[t][a]] for a in cfg.arms}
-                   for t in cfg.tasks}
+    table1 = {
+        t: {a: _mean_std([r["test"]["accuracy"] for r in raw[t][a]])[0] for a in arms_run}
+        for t in cfg.tasks
+    }
+    table1_std = {
+        t: {a: _mean_std([r["test"]["accuracy"] for r in raw[t][a]])[1] for a in arms_run}
+        for t in cfg.tasks
+    }
+    table1_seeds = {
+        t: {a: [r["test"]["accuracy"] for r in raw[t][a]] for a in arms_run} for t in cfg.tasks
+    }
+    best_epochs = {
+        t: {a: [r["best_epoch"] for r in raw[t][a]] for a in cfg.arms} for t in cfg.tasks
+    }
     paired = _paired(cfg, table1_seeds)
     diagnostics = _diagnostics(cfg, raw)
 
@@ -216,17 +259,25 @@ def reproduce(cfg: LIRConfig, run_dir: str | pathlib.Path, *, preset: str = "cus
         "compute": clock.to_json(),
         "runs": raw,
         "attention_plot": plot,
-        "paper": {"table1": P.PAPER_TABLE1, "table1_backbone_shown": P.PAPER_BACKBONE,
-                  "stage_split": P.PAPER_STAGE_SPLIT, "num_latents": P.PAPER_K,
-                  "mask_variants": P.PAPER_MASKS, "latent_design": P.PAPER_LATENT_DESIGN,
-                  "table2": P.PAPER_TABLE2, "diagnostics_localization": P.PAPER_DIAGNOSTICS},
+        "paper": {
+            "table1": P.PAPER_TABLE1,
+            "table1_backbone_shown": P.PAPER_BACKBONE,
+            "stage_split": P.PAPER_STAGE_SPLIT,
+            "num_latents": P.PAPER_K,
+            "mask_variants": P.PAPER_MASKS,
+            "latent_design": P.PAPER_LATENT_DESIGN,
+            "table2": P.PAPER_TABLE2,
+            "diagnostics_localization": P.PAPER_DIAGNOSTICS,
+        },
         "config": to_dict(cfg),
     }
     results["headline"] = rows_json(R.headline_rows(cfg, results))
     R.write_report(report, cfg, preset, results)
     report.write(run_dir, results, clock=clock)
-    log(f"wrote {run_dir / 'report.md'} and {run_dir / 'results.json'} "
-        f"({time.time() - t_start:.0f} s)")
+    log(
+        f"wrote {run_dir / 'report.md'} and {run_dir / 'results.json'} "
+        f"({time.time() - t_start:.0f} s)"
+    )
     return results
 
 
@@ -234,8 +285,13 @@ def _paired(cfg: LIRConfig, seeds: dict) -> dict:
     """Per-seed paired differences vs SFT (and LIVR vs mask-only), with sign tests over every
     task x seed pair and over the relational tasks (all but the negative control)."""
     out = {}
-    pairs = [("livr", "sft"), ("latents_only", "sft"), ("mask_only", "sft"),
-             ("livr", "latents_only"), ("livr", "mask_only")]
+    pairs = [
+        ("livr", "sft"),
+        ("latents_only", "sft"),
+        ("mask_only", "sft"),
+        ("livr", "latents_only"),
+        ("livr", "mask_only"),
+    ]
     for a, b in pairs:
         if a not in cfg.arms or b not in cfg.arms:
             continue
@@ -257,10 +313,16 @@ def _diagnostics(cfg: LIRConfig, raw: dict) -> dict:
     mean over tasks ("all")."""
     arms_run = ("zero_shot",) + tuple(cfg.arms)
     keys = R.DIAG_KEYS
-    out = {t: {a: {k: float(np.mean([r["test"][k] for r in raw[t][a]])) for k in keys}
-               for a in arms_run} for t in cfg.tasks}
-    out["all"] = {a: {k: float(np.mean([out[t][a][k] for t in cfg.tasks])) for k in keys}
-                  for a in arms_run}
+    out = {
+        t: {
+            a: {k: float(np.mean([r["test"][k] for r in raw[t][a]])) for k in keys}
+            for a in arms_run
+        }
+        for t in cfg.tasks
+    }
+    out["all"] = {
+        a: {k: float(np.mean([out[t][a][k] for t in cfg.tasks])) for k in keys} for a in arms_run
+    }
     return out
 
 
@@ -270,8 +332,13 @@ def _ablations(cfg: LIRConfig, runner: Runner, raw: dict) -> dict:
     sw, ft = cfg.sweep, cfg.finetune
     if not sw.tasks:
         return {}
-    out = {"stage_split": {}, "num_latents": {}, "mask_variants": {}, "latent_design": {},
-           "seeds": list(sw.seeds)}
+    out = {
+        "stage_split": {},
+        "num_latents": {},
+        "mask_variants": {},
+        "latent_design": {},
+        "seeds": list(sw.seeds),
+    }
     default_k = ft.num_latents
 
     def livr_runs(task, arm, k=None, tag=None):
@@ -294,8 +361,11 @@ def _ablations(cfg: LIRConfig, runner: Runner, raw: dict) -> dict:
         ks = {}
         for k in sw.num_latents:
             default = k == default_k
-            ks[k] = acc(livr_runs(task, T.livr_arm(cfg, name="livr"), k=k,
-                                  tag=None if default else f"livr_k{k}"))
+            ks[k] = acc(
+                livr_runs(
+                    task, T.livr_arm(cfg, name="livr"), k=k, tag=None if default else f"livr_k{k}"
+                )
+            )
         out["num_latents"][task] = ks
         masks = {"bottleneck": acc(livr_runs(task, T.livr_arm(cfg, name="livr")))}
         for v in sw.mask_variants:
@@ -304,9 +374,12 @@ def _ablations(cfg: LIRConfig, runner: Runner, raw: dict) -> dict:
         out["mask_variants"][task] = masks
         designs = {"after_prompt_unshared": masks["bottleneck"]}
         for design in sw.latent_designs:
-            arm = T.livr_arm(cfg, name=f"livr_{design}",
-                             placement="before_prompt" if design == "before_prompt"
-                             else "after_prompt", shared_latents=design == "shared")
+            arm = T.livr_arm(
+                cfg,
+                name=f"livr_{design}",
+                placement="before_prompt" if design == "before_prompt" else "after_prompt",
+                shared_latents=design == "shared",
+            )
             designs[design] = acc(livr_runs(task, arm, tag=arm.name))
         out["latent_design"][task] = designs
     return out
@@ -325,22 +398,35 @@ def _multitask(cfg: LIRConfig, runner: Runner, table1: dict) -> dict:
     for name, rs in runs.items():
         per_seed = {t: [r["test"][t]["accuracy"] for r in rs] for t in cfg.tasks}
         means = [float(np.mean([per_seed[t][i] for t in cfg.tasks])) for i in range(len(rs))]
-        out[name] = {"per_task": {t: _mean_std(v)[0] for t, v in per_seed.items()},
-                     "per_task_seeds": per_seed, "mean_seeds": means,
-                     "mean": float(np.mean(means)),
-                     "train_seconds": [r["train_seconds"] for r in rs]}
-    out["zero_shot"] = {"per_task": {t: table1[t]["zero_shot"] for t in cfg.tasks},
-                        "mean": float(np.mean([table1[t]["zero_shot"] for t in cfg.tasks]))}
-    out["livr-sft"] = {"per_seed": list(np.subtract(out["livr"]["mean_seeds"],
-                                                    out["sft"]["mean_seeds"])),
-                       "sign_test": sign_test(
-                           [d for t in cfg.tasks for d in np.subtract(
-                               out["livr"]["per_task_seeds"][t], out["sft"]["per_task_seeds"][t])])}
+        out[name] = {
+            "per_task": {t: _mean_std(v)[0] for t, v in per_seed.items()},
+            "per_task_seeds": per_seed,
+            "mean_seeds": means,
+            "mean": float(np.mean(means)),
+            "train_seconds": [r["train_seconds"] for r in rs],
+        }
+    out["zero_shot"] = {
+        "per_task": {t: table1[t]["zero_shot"] for t in cfg.tasks},
+        "mean": float(np.mean([table1[t]["zero_shot"] for t in cfg.tasks])),
+    }
+    out["livr-sft"] = {
+        "per_seed": list(np.subtract(out["livr"]["mean_seeds"], out["sft"]["mean_seeds"])),
+        "sign_test": sign_test(
+            [
+                d
+                for t in cfg.tasks
+                for d in np.subtract(
+                    out["livr"]["per_task_seeds"][t], out["sft"]["per_task_seeds"][t]
+                )
+            ]
+        ),
+    }
     return out
 
 
-def _attention_plot(cfg: LIRConfig, pre: T.Pretrained, runner: Runner, run_dir: pathlib.Path
-                    ) -> str | None:
+def _attention_plot(
+    cfg: LIRConfig, pre: T.Pretrained, runner: Runner, run_dir: pathlib.Path
+) -> str | None:
     """Latent->image attention of the seed-0 LIVR model of the first relational task on four
     test examples (retrained deterministically if only its JSON was cached). The figure's
     compute time is kept in ``runs/attention_plot.json`` beside it."""
@@ -354,10 +440,15 @@ def _attention_plot(cfg: LIRConfig, pre: T.Pretrained, runner: Runner, run_dir: 
 
     def draw() -> dict:
         data = runner.data(task, cfg.finetune.num_latents)
-        _, model = T.finetune(cfg, pre, data, T.arm_specs(cfg)["livr"], cfg.seeds[0],
-                              return_model=True)
-        R.plot_latent_attention(model, T.take_rows(data.test, 4), run_dir / name,
-                                title=f"LIVR latent->image attention, {task}")
+        _, model = T.finetune(
+            cfg, pre, data, T.arm_specs(cfg)["livr"], cfg.seeds[0], return_model=True
+        )
+        R.plot_latent_attention(
+            model,
+            T.take_rows(data.test, 4),
+            run_dir / name,
+            title=f"LIVR latent->image attention, {task}",
+        )
         return {"figure": name, "task": task, "seed": cfg.seeds[0]}
 
     return runner.clock.cached("attention_plot", record, draw)["figure"]

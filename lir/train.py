@@ -128,9 +128,15 @@ class Arm:
         return max(i for i, (_, e) in enumerate(self.stages) if e > 0)
 
 
-def livr_arm(cfg: LIRConfig, stage1_epochs: int | None = None, variant: str = "bottleneck",
-             name: str | None = None, *, placement: str = "after_prompt",
-             shared_latents: bool = False) -> Arm:
+def livr_arm(
+    cfg: LIRConfig,
+    stage1_epochs: int | None = None,
+    variant: str = "bottleneck",
+    name: str | None = None,
+    *,
+    placement: str = "after_prompt",
+    shared_latents: bool = False,
+) -> Arm:
     """LIVR with ``stage1_epochs`` of the ``variant`` mask then causal for the rest of
     ``sft_epochs`` (stage1_epochs 0 = latents only)."""
     ft = cfg.finetune
@@ -138,8 +144,14 @@ def livr_arm(cfg: LIRConfig, stage1_epochs: int | None = None, variant: str = "b
     if not 0 <= s1 <= ft.sft_epochs:
         raise ValueError(f"stage1_epochs must be in [0, {ft.sft_epochs}]; got {s1}")
     stages = tuple(s for s in ((variant, s1), ("causal", ft.sft_epochs - s1)) if s[1] > 0)
-    return Arm(name or f"livr_s1_{s1}", stages, "livr", True, placement=placement,
-               shared_latents=shared_latents)
+    return Arm(
+        name or f"livr_s1_{s1}",
+        stages,
+        "livr",
+        True,
+        placement=placement,
+        shared_latents=shared_latents,
+    )
 
 
 def multitask_arms(cfg: LIRConfig) -> dict[str, Arm]:
@@ -148,8 +160,12 @@ def multitask_arms(cfg: LIRConfig) -> dict[str, Arm]:
     ft = cfg.finetune
     return {
         "sft": Arm("multitask_sft", (("causal", ft.multitask_sft_epochs),), "lora", False),
-        "livr": Arm("multitask_livr", (("bottleneck", ft.multitask_stage1_epochs),
-                                       ("causal", ft.multitask_stage2_epochs)), "livr", True),
+        "livr": Arm(
+            "multitask_livr",
+            (("bottleneck", ft.multitask_stage1_epochs), ("causal", ft.multitask_stage2_epochs)),
+            "livr",
+            True,
+        ),
     }
 
 
@@ -162,10 +178,19 @@ def arm_specs(cfg: LIRConfig) -> dict[str, Arm]:
         "latents_only": Arm("latents_only", (("causal", ft.sft_epochs),), "livr", True),
         # LIVR §4.4.2 "mask only": K = 0, answer (and template tail) blocked from the image in
         # stage 1 while the prompt still sees it; same epoch split as LIVR
-        "mask_only": Arm("mask_only", (("answer_only", ft.stage1_epochs),
-                                       ("causal", ft.stage2_epochs)), "lora", False),
-        "prompt_tuning": Arm("prompt_tuning", (("causal", ft.sft_epochs),), "latents", True,
-                             optim="prompt_tuning_optim"),
+        "mask_only": Arm(
+            "mask_only",
+            (("answer_only", ft.stage1_epochs), ("causal", ft.stage2_epochs)),
+            "lora",
+            False,
+        ),
+        "prompt_tuning": Arm(
+            "prompt_tuning",
+            (("causal", ft.sft_epochs),),
+            "latents",
+            True,
+            optim="prompt_tuning_optim",
+        ),
     }
 
 
@@ -185,12 +210,17 @@ class TaskData:
     num_latents: int
 
     def without_latents(self) -> TaskData:
-        return dataclasses.replace(self, train=drop_latents(self.train),
-                                   val=drop_latents(self.val), test=drop_latents(self.test))
+        return dataclasses.replace(
+            self,
+            train=drop_latents(self.train),
+            val=drop_latents(self.val),
+            test=drop_latents(self.test),
+        )
 
 
-def task_data(cfg: LIRConfig, task: str, num_latents: int | None = None,
-              placement: str = "after_prompt") -> TaskData:
+def task_data(
+    cfg: LIRConfig, task: str, num_latents: int | None = None, placement: str = "after_prompt"
+) -> TaskData:
     """Train / val (offset stream of the train generator) / test (shifted generator) splits of
     ``task``, fixed by ``cfg.seed`` (the run seed varies init and order, not the data), with
     the latent slots at ``placement``."""
@@ -199,9 +229,13 @@ def task_data(cfg: LIRConfig, task: str, num_latents: int | None = None,
     d = cfg.data
     seed = stream_seed(cfg.seed, "task_data")
     gen = lambda n, split, offset: generate(task, n, seed, split, d.image_size, offset)  # noqa: E731
-    return TaskData(task, collate(gen(d.n_train, "train", 0), lay),
-                    collate(gen(d.n_val, "train", 1), lay),
-                    collate(gen(d.n_test, "test", 0), lay), k)
+    return TaskData(
+        task,
+        collate(gen(d.n_train, "train", 0), lay),
+        collate(gen(d.n_val, "train", 1), lay),
+        collate(gen(d.n_test, "test", 0), lay),
+        k,
+    )
 
 
 def concat_batches(batches: Sequence[Batch]) -> Batch:
@@ -212,15 +246,20 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
     return Batch(*(np.concatenate(fields) for fields in zip(*batches, strict=True)))
 
 
-def multitask_data(cfg: LIRConfig, tasks: Sequence[str], num_latents: int | None = None
-                   ) -> TaskData:
+def multitask_data(
+    cfg: LIRConfig, tasks: Sequence[str], num_latents: int | None = None
+) -> TaskData:
     """The union of the tasks' train / val / test splits (docs/lir.md D12: a uniform shuffle of
     the union, task identity only through the prompt). Every task is collated at the run's full
     layout, so single-image tasks carry padded image slots."""
     parts = [task_data(cfg, t, num_latents) for t in tasks]
-    return TaskData("+".join(tasks), concat_batches([p.train for p in parts]),
-                    concat_batches([p.val for p in parts]),
-                    concat_batches([p.test for p in parts]), parts[0].num_latents)
+    return TaskData(
+        "+".join(tasks),
+        concat_batches([p.train for p in parts]),
+        concat_batches([p.val for p in parts]),
+        concat_batches([p.test for p in parts]),
+        parts[0].num_latents,
+    )
 
 
 def _as_arrays(batch: Batch) -> dict[str, np.ndarray]:
@@ -241,14 +280,18 @@ def finetune_step(graphdef, trainable: str, variant: str, opt: OptimizerConfig):
     """The jitted phase-F ``step(state, batch)`` for (graphdef, trainable filter name, mask
     variant, optimizer config), built once in ``common.train.STEPS`` and reused by every task,
     seed and arm with that key."""
-    return STEPS.train_step(graphdef, opt, _batch_loss(variant),
-                            loss_key=("lir.finetune", trainable, variant))
+    return STEPS.train_step(
+        graphdef, opt, _batch_loss(variant), loss_key=("lir.finetune", trainable, variant)
+    )
 
 
 def finetune_step_keys() -> list[tuple[str, str]]:
     """(trainable, mask variant) of every phase-F step currently in ``STEPS``."""
-    return [k[3][1:] for k in STEPS.keys()
-            if k[0] == "train_step" and isinstance(k[3], tuple) and k[3][0] == "lir.finetune"]
+    return [
+        k[3][1:]
+        for k in STEPS.keys()
+        if k[0] == "train_step" and isinstance(k[3], tuple) and k[3][0] == "lir.finetune"
+    ]
 
 
 class _LazyIterator:
@@ -291,10 +334,14 @@ def pretrain_sections(cfg: LIRConfig) -> dict:
     latent table, which phase P does not train), data layout, pretrain settings, seed."""
     d = to_dict(cfg)
     model = {k: v for k, v in d["model"].items() if k not in ("num_latents", "latent_init_std")}
-    data = {k: d["data"][k] for k in ("image_size", "max_prompt_len", "max_images",
-                                      "max_latents")}
-    return {"version": PRETRAIN_VERSION, "seed": cfg.seed, "model": model, "data": data,
-            "pretrain": d["pretrain"]}
+    data = {k: d["data"][k] for k in ("image_size", "max_prompt_len", "max_images", "max_latents")}
+    return {
+        "version": PRETRAIN_VERSION,
+        "seed": cfg.seed,
+        "model": model,
+        "data": data,
+        "pretrain": d["pretrain"],
+    }
 
 
 def pretrain_key(cfg: LIRConfig) -> str:
@@ -321,8 +368,9 @@ def pretrain_data(cfg: LIRConfig, n: int, stream: str = "data", split: str = "tr
     per = max(n // len(PRETRAIN_NAMES), 1)
     recs = []
     for name in PRETRAIN_NAMES:
-        recs += generate(name, per, stream_seed(cfg.seed, "pretrain", stream), split,
-                         cfg.data.image_size)
+        recs += generate(
+            name, per, stream_seed(cfg.seed, "pretrain", stream), split, cfg.data.image_size
+        )
     return collate(recs, layout(cfg, 0))
 
 
@@ -331,8 +379,13 @@ def _pretrain_model(cfg: LIRConfig) -> LMM:
     return LMM(model_config(cfg, 1), rngs=nnx.Rngs(stream_seed(cfg.seed, "pretrain", "model")))
 
 
-def pretrain(cfg: LIRConfig, cache_root: str | pathlib.Path, *, verbose: bool = True,
-             eval_per_skill: int = 200) -> Pretrained:
+def pretrain(
+    cfg: LIRConfig,
+    cache_root: str | pathlib.Path,
+    *,
+    verbose: bool = True,
+    eval_per_skill: int = 200,
+) -> Pretrained:
     """Phase P, cached under ``cache_root/<pretrain_key(cfg)>``; a finished cache is loaded
     without training (``common.train.run_stage`` restores its final checkpoint and runs no
     step), an unfinished one resumes from its last checkpoint."""
@@ -341,26 +394,47 @@ def pretrain(cfg: LIRConfig, cache_root: str | pathlib.Path, *, verbose: bool = 
     directory = pathlib.Path(cache_root) / pretrain_key(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "sections.json").write_text(json.dumps(pretrain_sections(cfg), indent=1))
-    graphdef, state = create_train_state(_pretrain_model(cfg), STEPS.optimizer(p.optim),
-                                         stream_seed(cfg.seed, "pretrain", "steps"),
-                                         trainable=PRETRAIN_FILTER)
-    step_fn = STEPS.train_step(graphdef, p.optim, _batch_loss("causal"),
-                               loss_key=("lir.pretrain", "causal"))
-    data = _LazyIterator(lambda: ArrayIterator(
-        _as_arrays(pretrain_data(cfg, p.n_examples)), p.batch_size,
-        seed=stream_seed(cfg.seed, "pretrain", "order")))
+    graphdef, state = create_train_state(
+        _pretrain_model(cfg),
+        STEPS.optimizer(p.optim),
+        stream_seed(cfg.seed, "pretrain", "steps"),
+        trainable=PRETRAIN_FILTER,
+    )
+    step_fn = STEPS.train_step(
+        graphdef, p.optim, _batch_loss("causal"), loss_key=("lir.pretrain", "causal")
+    )
+    data = _LazyIterator(
+        lambda: ArrayIterator(
+            _as_arrays(pretrain_data(cfg, p.n_examples)),
+            p.batch_size,
+            seed=stream_seed(cfg.seed, "pretrain", "order"),
+        )
+    )
     done = directory / "done.json"
-    result = run_stage("pretrain", state, step_fn, data, p.calls, directory=directory,
-                       checkpoint_config=pretrain_sections(cfg), max_to_keep=1,
-                       save_every=max(p.calls // 4, 1), log_every=max(p.calls // 20, 1),
-                       check_finite_every=50, verbose=verbose)
+    result = run_stage(
+        "pretrain",
+        state,
+        step_fn,
+        data,
+        p.calls,
+        directory=directory,
+        checkpoint_config=pretrain_sections(cfg),
+        max_to_keep=1,
+        save_every=max(p.calls // 4, 1),
+        log_every=max(p.calls // 20, 1),
+        check_finite_every=50,
+        verbose=verbose,
+    )
     state = result.state
     from_cache = done.exists() and result.steps_run == 0
     if from_cache:
         metrics = json.loads(done.read_text())
     else:
-        metrics = {"train_seconds": time.time() - t0, "steps": p.optim.total_steps,
-                   "skill_accuracy": _skill_accuracy(cfg, graphdef, state, eval_per_skill)}
+        metrics = {
+            "train_seconds": time.time() - t0,
+            "steps": p.optim.total_steps,
+            "skill_accuracy": _skill_accuracy(cfg, graphdef, state, eval_per_skill),
+        }
         done.write_text(json.dumps(metrics, indent=1))
     params = jax.tree.map(np.asarray, state.params)
     return Pretrained(params, metrics, directory, from_cache)
@@ -374,10 +448,10 @@ def _skill_accuracy(cfg, graphdef, state: TrainState, n: int) -> dict[str, float
     model = merge_model(graphdef, state)
     out = {}
     for name in PRETRAIN_NAMES:
-        recs = generate(name, n, stream_seed(cfg.seed, "pretrain", "eval"), "test",
-                        cfg.data.image_size)
-        out[name] = ev.accuracy(model, collate(recs, layout(cfg, 0)),
-                                cfg.finetune.eval_batch_size)
+        recs = generate(
+            name, n, stream_seed(cfg.seed, "pretrain", "eval"), "test", cfg.data.image_size
+        )
+        out[name] = ev.accuracy(model, collate(recs, layout(cfg, 0)), cfg.finetune.eval_batch_size)
     return out
 
 
@@ -392,8 +466,13 @@ def _fresh(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
-def finetune_model(cfg: LIRConfig, pretrained: Pretrained, seed: int,
-                   num_latents: int | None = None, shared_latents: bool = False) -> LMM:
+def finetune_model(
+    cfg: LIRConfig,
+    pretrained: Pretrained,
+    seed: int,
+    num_latents: int | None = None,
+    shared_latents: bool = False,
+) -> LMM:
     """The phase-P model with K fresh latent rows (mean embedding + std noise; one row repeated
     K times when ``shared_latents``) and LoRA on the LM (B = 0, so it starts equal to the
     phase-P model), seeded by ``seed``."""
@@ -402,8 +481,7 @@ def finetune_model(cfg: LIRConfig, pretrained: Pretrained, seed: int,
     model = LMM(mcfg, rngs=nnx.Rngs(stream_seed(seed, "finetune", "model")))
     nnx.update(model, _fresh(pretrained.params))
     if k:
-        reset_latents(model, stream_key(seed, "finetune", "latents"),
-                      cfg.finetune.latent_init_std)
+        reset_latents(model, stream_key(seed, "finetune", "latents"), cfg.finetune.latent_init_std)
     add_lora(model, cfg.finetune.lora, rngs=nnx.Rngs(stream_seed(seed, "finetune", "lora")))
     return model
 
@@ -431,9 +509,17 @@ class RunResult:
 SELECTIONS = ("best_val", "final")
 
 
-def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, seed: int,
-             *, metrics_dir: str | pathlib.Path | None = None,
-             return_model: bool = False, select: str = "best_val"):
+def finetune(
+    cfg: LIRConfig,
+    pretrained: Pretrained,
+    data: TaskData,
+    arm: Arm,
+    seed: int,
+    *,
+    metrics_dir: str | pathlib.Path | None = None,
+    return_model: bool = False,
+    select: str = "best_val",
+):
     """Phase F for one (task, arm, seed); returns a :class:`RunResult` (and the selected model
     when ``return_model``). ``data`` must have K slots at ``arm.placement``; the arm decides
     whether they are used. ``select``: "best_val" (single-task: the best eligible epoch) or
@@ -450,8 +536,10 @@ def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, s
     model = finetune_model(cfg, pretrained, seed, data.num_latents, arm.shared_latents)
     spe = steps_per_epoch(ft, data.train.batch_size)
     if spe < 1:
-        raise ValueError(f"n_train={data.train.batch_size} gives no full batch of "
-                         f"{ft.batch_size * ft.accumulation_steps}")
+        raise ValueError(
+            f"n_train={data.train.batch_size} gives no full batch of "
+            f"{ft.batch_size * ft.accumulation_steps}"
+        )
     arm_optim = getattr(ft, arm.optim)
     calls_per_epoch = spe * ft.accumulation_steps
     best = {"val": -1.0, "epoch": -1, "params": None}
@@ -466,11 +554,15 @@ def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, s
             if epochs == 0:
                 continue
             opt = stage_optimizer(ft, epochs * spe, arm_optim)
-            gd, state = create_train_state(model, STEPS.optimizer(opt),
-                                           stream_seed(seed, "finetune", "steps", si),
-                                           trainable=FILTERS[arm.trainable])
-            it = ArrayIterator(_as_arrays(data.train), ft.batch_size,
-                               seed=stream_seed(seed, "finetune", "order"))
+            gd, state = create_train_state(
+                model,
+                STEPS.optimizer(opt),
+                stream_seed(seed, "finetune", "steps", si),
+                trainable=FILTERS[arm.trainable],
+            )
+            it = ArrayIterator(
+                _as_arrays(data.train), ft.batch_size, seed=stream_seed(seed, "finetune", "order")
+            )
             # same epoch order as a one-stage run: stage 2 continues at epoch `epoch0`
             it.set_state({"epoch": epoch0, "position": 0})
             eligible = si == arm.eligible_stage()
@@ -480,18 +572,26 @@ def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, s
                 curve.append(acc)
                 # ties -> later epoch (docs/lir.md D6); "final" keeps every epoch, so the last wins
                 if _eligible and (acc >= best["val"] or select == "final"):
-                    best.update(val=acc, epoch=len(curve), params=jax.tree.map(jnp.copy,
-                                                                             st.params))
+                    best.update(val=acc, epoch=len(curve), params=jax.tree.map(jnp.copy, st.params))
                 if writer is not None:
-                    writer.write(_done + int(st.step), {
-                        "epoch": len(curve), "stage": _si, "eval/val_accuracy": acc})
+                    writer.write(
+                        _done + int(st.step),
+                        {"epoch": len(curve), "stage": _si, "eval/val_accuracy": acc},
+                    )
                 return {"val_accuracy": acc}
 
-            state = run_stage(f"{arm.name}:{variant}", state,
-                              finetune_step(gd, arm.trainable, variant, opt), it,
-                              epochs * calls_per_epoch, eval_fn=on_epoch,
-                              eval_every=calls_per_epoch, log_every=calls_per_epoch,
-                              check_finite_every=calls_per_epoch, verbose=False).state
+            state = run_stage(
+                f"{arm.name}:{variant}",
+                state,
+                finetune_step(gd, arm.trainable, variant, opt),
+                it,
+                epochs * calls_per_epoch,
+                eval_fn=on_epoch,
+                eval_every=calls_per_epoch,
+                log_every=calls_per_epoch,
+                check_finite_every=calls_per_epoch,
+                verbose=False,
+            ).state
             nnx.update(model, state.params, state.frozen)
             if eligible:
                 nnx.update(model, best["params"])
@@ -502,8 +602,9 @@ def finetune(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, s
             writer.close()
     seconds = time.time() - t0
     test = ev.diagnostics(model, data.test, ft.eval_batch_size)
-    result = RunResult(data.task, arm.name, seed, k, curve, best["epoch"], best["val"], test,
-                       seconds, steps_done)
+    result = RunResult(
+        data.task, arm.name, seed, k, curve, best["epoch"], best["val"], test, seconds, steps_done
+    )
     return (result, model) if return_model else result
 
 
@@ -521,8 +622,10 @@ def frozen_params(model: LMM) -> dict[str, np.ndarray]:
     weights, embeddings: ``PRETRAIN_FILTER``), with LoRA wrappers' ``base`` level removed so
     the paths equal those of :attr:`Pretrained.params`. For tests and audits."""
     state = nnx.state(model, PRETRAIN_FILTER)
-    return {"/".join(str(k) for k in p if k != "base"): np.asarray(v)
-            for p, v in nnx.to_flat_state(state)}
+    return {
+        "/".join(str(k) for k in p if k != "base"): np.asarray(v)
+        for p, v in nnx.to_flat_state(state)
+    }
 
 
 def take_rows(data: Batch, n: int) -> Batch:
@@ -530,7 +633,8 @@ def take_rows(data: Batch, n: int) -> Batch:
     return take(data, np.arange(min(n, data.batch_size)))
 
 
-def run_seeds(cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm,
-              seeds: Sequence[int]) -> list[RunResult]:
+def run_seeds(
+    cfg: LIRConfig, pretrained: Pretrained, data: TaskData, arm: Arm, seeds: Sequence[int]
+) -> list[RunResult]:
     """:func:`finetune` for each seed."""
     return [finetune(cfg, pretrained, data, arm, s) for s in seeds]

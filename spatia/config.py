@@ -207,16 +207,21 @@ class EvalConfig:
     def __post_init__(self):
         req = functools.partial(require, self)
         req("num_loops", self.num_loops >= 1, ">= 1")
-        req("clips", bool(self.clips) and min(self.clips) >= 1,
-            "a non-empty tuple of clip counts >= 1")
+        req(
+            "clips",
+            bool(self.clips) and min(self.clips) >= 1,
+            "a non-empty tuple of clip counts >= 1",
+        )
         req("ks", all(k >= 0 for k in self.ks), "reference counts >= 0")
-        req("voxels_s0", bool(self.voxels_s0) and min(self.voxels_s0) > 0,
-            "a non-empty tuple of positive sizes")
+        req(
+            "voxels_s0",
+            bool(self.voxels_s0) and min(self.voxels_s0) > 0,
+            "a non-empty tuple of positive sizes",
+        )
         req("sample_steps", self.sample_steps >= 1, ">= 1")
         req("sampler", self.sampler in ("euler", "heun"), "'euler' or 'heun'")
         req("loop_kind", self.loop_kind in ("yaw", "dolly", "orbit"), "'yaw', 'dolly' or 'orbit'")
-        req("depth_source", self.depth_source in ("generator", "oracle"),
-            "'generator' or 'oracle'")
+        req("depth_source", self.depth_source in ("generator", "oracle"), "'generator' or 'oracle'")
         req("update", self.update in ("incremental", "rebuild"), "'incremental' or 'rebuild'")
 
 

@@ -96,8 +96,14 @@ def _exp_coeffs(theta2):
     t = jnp.sqrt(t2)
     a = jnp.where(small, 1 - x / 6 + x**2 / 120 - x**3 / 5040 + x**4 / 362880, jnp.sin(t) / t)
     half = jnp.sin(t / 2)
-    b = jnp.where(small, 0.5 - x / 24 + x**2 / 720 - x**3 / 40320 + x**4 / 3628800, 2 * half * half / t2)
-    c = jnp.where(small, 1 / 6 - x / 120 + x**2 / 5040 - x**3 / 362880 + x**4 / 39916800, (t - jnp.sin(t)) / (t2 * t))
+    b = jnp.where(
+        small, 0.5 - x / 24 + x**2 / 720 - x**3 / 40320 + x**4 / 3628800, 2 * half * half / t2
+    )
+    c = jnp.where(
+        small,
+        1 / 6 - x / 120 + x**2 / 5040 - x**3 / 362880 + x**4 / 39916800,
+        (t - jnp.sin(t)) / (t2 * t),
+    )
     d = jnp.where(small, 1 / 12 + x / 720 + x**2 / 30240 + x**3 / 1209600, (1 - a / (2 * b)) / t2)
     return a, b, c, d
 
@@ -119,17 +125,53 @@ def _rot_to_quat(r):
     cands = []
     # case 0: w largest
     s0 = jnp.sqrt(jnp.maximum(1.0 + tr, 1e-12)) * 2.0
-    cands.append(jnp.stack([0.25 * s0, (r[..., 2, 1] - r[..., 1, 2]) / s0,
-                            (r[..., 0, 2] - r[..., 2, 0]) / s0, (r[..., 1, 0] - r[..., 0, 1]) / s0], -1))
+    cands.append(
+        jnp.stack(
+            [
+                0.25 * s0,
+                (r[..., 2, 1] - r[..., 1, 2]) / s0,
+                (r[..., 0, 2] - r[..., 2, 0]) / s0,
+                (r[..., 1, 0] - r[..., 0, 1]) / s0,
+            ],
+            -1,
+        )
+    )
     s1 = jnp.sqrt(jnp.maximum(1.0 + m00 - m11 - m22, 1e-12)) * 2.0
-    cands.append(jnp.stack([(r[..., 2, 1] - r[..., 1, 2]) / s1, 0.25 * s1,
-                            (r[..., 0, 1] + r[..., 1, 0]) / s1, (r[..., 0, 2] + r[..., 2, 0]) / s1], -1))
+    cands.append(
+        jnp.stack(
+            [
+                (r[..., 2, 1] - r[..., 1, 2]) / s1,
+                0.25 * s1,
+                (r[..., 0, 1] + r[..., 1, 0]) / s1,
+                (r[..., 0, 2] + r[..., 2, 0]) / s1,
+            ],
+            -1,
+        )
+    )
     s2 = jnp.sqrt(jnp.maximum(1.0 - m00 + m11 - m22, 1e-12)) * 2.0
-    cands.append(jnp.stack([(r[..., 0, 2] - r[..., 2, 0]) / s2, (r[..., 0, 1] + r[..., 1, 0]) / s2,
-                            0.25 * s2, (r[..., 1, 2] + r[..., 2, 1]) / s2], -1))
+    cands.append(
+        jnp.stack(
+            [
+                (r[..., 0, 2] - r[..., 2, 0]) / s2,
+                (r[..., 0, 1] + r[..., 1, 0]) / s2,
+                0.25 * s2,
+                (r[..., 1, 2] + r[..., 2, 1]) / s2,
+            ],
+            -1,
+        )
+    )
     s3 = jnp.sqrt(jnp.maximum(1.0 - m00 - m11 + m22, 1e-12)) * 2.0
-    cands.append(jnp.stack([(r[..., 1, 0] - r[..., 0, 1]) / s3, (r[..., 0, 2] + r[..., 2, 0]) / s3,
-                            (r[..., 1, 2] + r[..., 2, 1]) / s3, 0.25 * s3], -1))
+    cands.append(
+        jnp.stack(
+            [
+                (r[..., 1, 0] - r[..., 0, 1]) / s3,
+                (r[..., 0, 2] + r[..., 2, 0]) / s3,
+                (r[..., 1, 2] + r[..., 2, 1]) / s3,
+                0.25 * s3,
+            ],
+            -1,
+        )
+    )
     which = jnp.argmax(jnp.stack([tr, m00, m11, m22], -1), -1)
     q = jnp.take_along_axis(jnp.stack(cands, -2), which[..., None, None], -2)[..., 0, :]
     q = jnp.where(q[..., :1] < 0, -q, q)
@@ -214,7 +256,9 @@ def transform_points(tmat: jnp.ndarray, pts: jnp.ndarray) -> jnp.ndarray:
     pts = jnp.asarray(pts, jnp.float32)
     # elementwise: a K=3 matmul is ~20x slower than this on XLA:CPU
     x, y, z = pts[..., 0], pts[..., 1], pts[..., 2]
-    return jnp.stack([tmat[i, 0] * x + tmat[i, 1] * y + tmat[i, 2] * z + tmat[i, 3] for i in range(3)], -1)
+    return jnp.stack(
+        [tmat[i, 0] * x + tmat[i, 1] * y + tmat[i, 2] * z + tmat[i, 3] for i in range(3)], -1
+    )
 
 
 @jax.jit
@@ -366,7 +410,9 @@ def read_w2c_file(path: str | os.PathLike, *, rot_tol: float = 1e-3) -> np.ndarr
             if not np.all(np.isfinite(m)):
                 raise CameraFileError(f"{where}: matrix contains NaN or Inf")
             if len(nums) == 16 and not np.allclose(m[3], [0, 0, 0, 1], atol=1e-6):
-                raise CameraFileError(f"{where}: bottom row of a 4x4 matrix must be [0, 0, 0, 1], got {m[3].tolist()}")
+                raise CameraFileError(
+                    f"{where}: bottom row of a 4x4 matrix must be [0, 0, 0, 1], got {m[3].tolist()}"
+                )
             rot = m[:3, :3]
             err = np.abs(rot @ rot.T - np.eye(3)).max()
             if err > rot_tol or np.linalg.det(rot) < 0:
@@ -417,7 +463,9 @@ def read_intrinsics_file(path: str | os.PathLike) -> np.ndarray:
         )
     arr = np.asarray(nums, np.float64)
     if not np.all(np.isfinite(arr)) or np.any(arr[:2] <= 0):
-        raise CameraFileError(f"{path}: intrinsics must be finite with fx, fy > 0, got {arr.tolist()}")
+        raise CameraFileError(
+            f"{path}: intrinsics must be finite with fx, fy > 0, got {arr.tolist()}"
+        )
     return arr
 
 

@@ -95,8 +95,12 @@ def empty_memory(capacity: int) -> PointMemory:
     """An empty memory with ``capacity`` slots."""
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
-    return PointMemory(jnp.zeros((capacity, 3), jnp.float32), jnp.zeros((capacity, 3), jnp.float32),
-                       jnp.zeros((capacity,), jnp.float32), jnp.zeros((capacity,), bool))
+    return PointMemory(
+        jnp.zeros((capacity, 3), jnp.float32),
+        jnp.zeros((capacity, 3), jnp.float32),
+        jnp.zeros((capacity,), jnp.float32),
+        jnp.zeros((capacity,), bool),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,7 +117,9 @@ def frame_points(rgb, depth, w2c, intr, dynamic=None):
     """
     depth = jnp.asarray(depth, jnp.float32)
     if depth.ndim != 2 or jnp.shape(rgb)[:2] != depth.shape:
-        raise ValueError(f"rgb [H, W, 3] and depth [H, W] must agree, got {jnp.shape(rgb)} and {depth.shape}")
+        raise ValueError(
+            f"rgb [H, W, 3] and depth [H, W] must agree, got {jnp.shape(rgb)} and {depth.shape}"
+        )
     ok = (depth > 0) & jnp.isfinite(depth)
     if dynamic is not None:
         ok = ok & ~jnp.asarray(dynamic, bool)
@@ -166,7 +172,9 @@ def _voxel_order(idx, valid):
 
     def general(_):
         inv = (~valid).astype(jnp.int32)
-        return lax.sort((inv, idx[:, 0], idx[:, 1], idx[:, 2], perm), num_keys=4, is_stable=True)[-1]
+        return lax.sort((inv, idx[:, 0], idx[:, 1], idx[:, 2], perm), num_keys=4, is_stable=True)[
+            -1
+        ]
 
     return lax.cond(fits, packed, general, None)
 
@@ -190,8 +198,13 @@ def _voxel_core(xyz, rgb, weight, valid, voxel, origin):
     n_vox = jnp.sum(start)
     out_valid = jnp.arange(n) < n_vox
     den = jnp.where(out_valid, sw, 1.0)[:, None]
-    return (jnp.where(out_valid[:, None], sx / den, 0.0), jnp.where(out_valid[:, None], sc / den, 0.0),
-            jnp.where(out_valid, sw, 0.0), out_valid, n_vox)
+    return (
+        jnp.where(out_valid[:, None], sx / den, 0.0),
+        jnp.where(out_valid[:, None], sc / den, 0.0),
+        jnp.where(out_valid, sw, 0.0),
+        out_valid,
+        n_vox,
+    )
 
 
 def voxel_downsample(xyz, rgb, valid, voxel: float, *, weight=None, origin="open3d"):
@@ -207,7 +220,9 @@ def voxel_downsample(xyz, rgb, valid, voxel: float, *, weight=None, origin="open
     xyz = jnp.asarray(xyz, jnp.float32)
     rgb = jnp.asarray(rgb, jnp.float32)
     valid = jnp.ones(xyz.shape[:1], bool) if valid is None else jnp.asarray(valid, bool)
-    weight = jnp.ones(xyz.shape[:1], jnp.float32) if weight is None else jnp.asarray(weight, jnp.float32)
+    weight = (
+        jnp.ones(xyz.shape[:1], jnp.float32) if weight is None else jnp.asarray(weight, jnp.float32)
+    )
     v = jnp.asarray(voxel, jnp.float32)
     return _voxel_core(xyz, rgb, weight, valid, v, _origin(xyz, valid, v, origin))
 
@@ -248,21 +263,40 @@ def _pack(xyz, rgb, weight, valid, capacity):
         buf = jnp.full((capacity + 1,) + x.shape[1:], fill, x.dtype)
         return buf.at[slot].set(x, mode="drop", unique_indices=False)[:capacity]
 
-    mem = PointMemory(put(xyz, 0.0), put(rgb, 0.0), put(jnp.where(valid, weight, 0.0), 0.0),
-                      jnp.arange(capacity) < jnp.minimum(n_valid, capacity))
+    mem = PointMemory(
+        put(xyz, 0.0),
+        put(rgb, 0.0),
+        put(jnp.where(valid, weight, 0.0), 0.0),
+        jnp.arange(capacity) < jnp.minimum(n_valid, capacity),
+    )
     return mem, n_valid
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "downsample", "open3d_origin"))
-def _insert_core(mem_xyz, mem_rgb, mem_w, mem_valid, xyz, rgb, valid, voxel, origin, *, capacity,
-                 downsample, open3d_origin):
+def _insert_core(
+    mem_xyz,
+    mem_rgb,
+    mem_w,
+    mem_valid,
+    xyz,
+    rgb,
+    valid,
+    voxel,
+    origin,
+    *,
+    capacity,
+    downsample,
+    open3d_origin,
+):
     all_xyz = jnp.concatenate([mem_xyz, xyz.astype(jnp.float32)])
     all_rgb = jnp.concatenate([mem_rgb, rgb.astype(jnp.float32)])
     all_w = jnp.concatenate([mem_w, jnp.ones(xyz.shape[:1], jnp.float32)])
     all_valid = jnp.concatenate([mem_valid, valid & jnp.all(jnp.isfinite(xyz), -1)])
     if downsample:
         org = _origin(all_xyz, all_valid, voxel, "open3d") if open3d_origin else origin
-        all_xyz, all_rgb, all_w, all_valid, _ = _voxel_core(all_xyz, all_rgb, all_w, all_valid, voxel, org)
+        all_xyz, all_rgb, all_w, all_valid, _ = _voxel_core(
+            all_xyz, all_rgb, all_w, all_valid, voxel, org
+        )
     mem, n = _pack(all_xyz, all_rgb, all_w, all_valid, capacity)
     return mem, n, jnp.maximum(n - capacity, 0)
 
@@ -277,8 +311,16 @@ def _finish(mem, n, n_over, on_overflow, what):
     return mem, InsertStats(n, n_over)
 
 
-def insert_points(memory: PointMemory, xyz, rgb, valid=None, *, voxel: float | None = None,
-                  origin="world", on_overflow: str = "raise"):
+def insert_points(
+    memory: PointMemory,
+    xyz,
+    rgb,
+    valid=None,
+    *,
+    voxel: float | None = None,
+    origin="world",
+    on_overflow: str = "raise",
+):
     """Add points [M, 3] / colours [M, 3] (valid [M]) to ``memory``.
 
     With ``voxel`` the union (old points weighted by their ``weight``) is voxel down-sampled;
@@ -301,14 +343,35 @@ def insert_points(memory: PointMemory, xyz, rgb, valid=None, *, voxel: float | N
     if isinstance(origin, str) and origin not in ("world", "open3d"):
         raise ValueError(f"origin must be 'world', 'open3d' or a [3] array, got {origin!r}")
     org = jnp.zeros(3, jnp.float32) if isinstance(origin, str) else jnp.asarray(origin, jnp.float32)
-    mem, n, n_over = _insert_core(memory.xyz, memory.rgb, memory.weight, memory.valid, xyz, rgb, valid,
-                                  jnp.asarray(voxel or 1.0, jnp.float32), org, capacity=memory.capacity,
-                                  downsample=voxel is not None, open3d_origin=o3d)
+    mem, n, n_over = _insert_core(
+        memory.xyz,
+        memory.rgb,
+        memory.weight,
+        memory.valid,
+        xyz,
+        rgb,
+        valid,
+        jnp.asarray(voxel or 1.0, jnp.float32),
+        org,
+        capacity=memory.capacity,
+        downsample=voxel is not None,
+        open3d_origin=o3d,
+    )
     return _finish(mem, n, n_over, on_overflow, "insert_points")
 
 
-def build_memory(rgb, depth, w2c, intr, dynamic=None, *, capacity: int, voxel: float | None,
-                 origin="world", on_overflow: str = "raise"):
+def build_memory(
+    rgb,
+    depth,
+    w2c,
+    intr,
+    dynamic=None,
+    *,
+    capacity: int,
+    voxel: float | None,
+    origin="world",
+    on_overflow: str = "raise",
+):
     """Rebuild a memory from T posed RGB-D frames (the official code's per-round rebuild).
 
     rgb [T, H, W, 3], depth [T, H, W], w2c [T, 4, 4], intr [4] or [T, 4], dynamic [T, H, W] or None.
@@ -316,12 +379,23 @@ def build_memory(rgb, depth, w2c, intr, dynamic=None, *, capacity: int, voxel: f
     keep every pixel). Returns (PointMemory, InsertStats).
     """
     xyz, col, ok = frames_points(rgb, depth, w2c, intr, dynamic)
-    return insert_points(empty_memory(capacity), xyz, col, ok, voxel=voxel, origin=origin,
-                         on_overflow=on_overflow)
+    return insert_points(
+        empty_memory(capacity), xyz, col, ok, voxel=voxel, origin=origin, on_overflow=on_overflow
+    )
 
 
-def update_memory(memory: PointMemory, rgb, depth, w2c, intr, dynamic=None, *, voxel: float | None,
-                  origin="world", on_overflow: str = "raise"):
+def update_memory(
+    memory: PointMemory,
+    rgb,
+    depth,
+    w2c,
+    intr,
+    dynamic=None,
+    *,
+    voxel: float | None,
+    origin="world",
+    on_overflow: str = "raise",
+):
     """Incremental update: add the static pixels of new frames and re-voxelise (weighted), so
     ``update(build(A), B) == build(A + B)`` on a fixed grid. Arguments as in `build_memory`."""
     xyz, col, ok = frames_points(rgb, depth, w2c, intr, dynamic)
@@ -342,7 +416,9 @@ def box_mask(memory: PointMemory, lo, hi, box_from_world=None) -> jnp.ndarray:
     return memory.valid & jnp.all((p >= lo) & (p <= hi), -1)
 
 
-def view_mask_selection(memory: PointMemory, mask, w2c, intr, *, visible_only: bool = True) -> jnp.ndarray:
+def view_mask_selection(
+    memory: PointMemory, mask, w2c, intr, *, visible_only: bool = True
+) -> jnp.ndarray:
     """Points whose pixel in one view falls inside a 2D mask [H, W] (Spatia §1 (d): back-project a
     2D selection). ``visible_only`` keeps only the front-most points (1-px z-buffer).
     Returns [C] bool."""
@@ -378,13 +454,24 @@ def transform_selection(memory: PointMemory, mask, tmat) -> PointMemory:
     return memory.replace(xyz=jnp.where(m, geo.transform_points(tmat, memory.xyz), memory.xyz))
 
 
-def splice(memory: PointMemory, xyz, rgb, valid=None, tmat=None, *, voxel: float | None = None,
-           origin="world", on_overflow: str = "raise"):
+def splice(
+    memory: PointMemory,
+    xyz,
+    rgb,
+    valid=None,
+    tmat=None,
+    *,
+    voxel: float | None = None,
+    origin="world",
+    on_overflow: str = "raise",
+):
     """Insert another cloud (optionally moved by ``tmat`` [4, 4] first). Returns (memory, stats)."""
     xyz = jnp.asarray(xyz, jnp.float32)
     if tmat is not None:
         xyz = geo.transform_points(tmat, xyz)
-    return insert_points(memory, xyz, rgb, valid, voxel=voxel, origin=origin, on_overflow=on_overflow)
+    return insert_points(
+        memory, xyz, rgb, valid, voxel=voxel, origin=origin, on_overflow=on_overflow
+    )
 
 
 def compact(memory: PointMemory) -> PointMemory:

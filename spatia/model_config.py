@@ -98,12 +98,18 @@ class VideoModelConfig:
 
     def __post_init__(self):
         req = functools.partial(require, self)
-        req("patch_size", len(self.patch_size) == 3 and min(self.patch_size) >= 1,
-            "(pt, ph, pw) of positive ints")
+        req(
+            "patch_size",
+            len(self.patch_size) == 3 and min(self.patch_size) >= 1,
+            "(pt, ph, pw) of positive ints",
+        )
         req("frame_size", len(self.frame_size) == 2, "(H, W)")
         pt, ph, pw = self.patch_size
-        req("frame_size", self.frame_size[0] % ph == 0 and self.frame_size[1] % pw == 0,
-            f"multiples of the spatial patch ({ph}, {pw})")
+        req(
+            "frame_size",
+            self.frame_size[0] % ph == 0 and self.frame_size[1] % pw == 0,
+            f"multiples of the spatial patch ({ph}, {pw})",
+        )
         for f in ("num_target_frames", "num_prev_frames"):
             req(f, getattr(self, f) % pt == 0, f"a multiple of the temporal patch {pt}")
         req("num_target_frames", self.num_target_frames >= pt, f">= {pt}")
@@ -111,12 +117,21 @@ class VideoModelConfig:
         req("max_refs", self.max_refs >= 0, ">= 0")
         req("num_heads", self.dim % self.num_heads == 0, f"a divisor of dim={self.dim}")
         head_dim = self.dim // self.num_heads
-        req("num_heads", head_dim % 2 == 0 and head_dim // 2 >= 3,
-            f"a head dim dim/num_heads that is even and >= 6, got {head_dim}")
-        req("control_layers", all(0 <= j < self.depth for j in self.control_layers),
-            f"indices in [0, depth={self.depth})")
-        req("control_layers", list(self.control_layers) == sorted(set(self.control_layers)),
-            "strictly increasing indices")
+        req(
+            "num_heads",
+            head_dim % 2 == 0 and head_dim // 2 >= 3,
+            f"a head dim dim/num_heads that is even and >= 6, got {head_dim}",
+        )
+        req(
+            "control_layers",
+            all(0 <= j < self.depth for j in self.control_layers),
+            f"indices in [0, depth={self.depth})",
+        )
+        req(
+            "control_layers",
+            list(self.control_layers) == sorted(set(self.control_layers)),
+            "strictly increasing indices",
+        )
         req("num_instructions", self.num_instructions >= 0, ">= 0")
         for f in ("cond_drop_prob", "ref_drop_prob"):
             req(f, 0.0 <= getattr(self, f) <= 1.0, "in [0, 1]")
@@ -197,4 +212,3 @@ def paper() -> VideoModelConfig:
         sample_shift=5.0,
         guidance_scale=3.5,
     )
-

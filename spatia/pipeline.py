@@ -139,21 +139,28 @@ class PipelineConfig:
     def __post_init__(self):
         req = functools.partial(require, self)
         req("clip_frames", self.clip_frames >= 1, ">= 1")
-        req("history_frames", self.history_frames >= 1,
-            ">= 1 (round 0 conditions on the start frame)")
+        req(
+            "history_frames",
+            self.history_frames >= 1,
+            ">= 1 (round 0 conditions on the start frame)",
+        )
         req("max_refs", self.max_refs >= 0, ">= 0")
         req("voxel", self.voxel is None or self.voxel > 0, "> 0 or None")
         req("capacity", self.capacity >= 1, ">= 1")
         req("update", self.update in ("incremental", "rebuild"), "'incremental' or 'rebuild'")
-        req("mask_source", self.mask_source in ("colour_key", "oracle"),
-            "'colour_key' or 'oracle'")
-        req("colour_key_tol", 0 <= self.colour_key_tol < 0.15,
-            "in [0, 0.15) (static colours are >= 0.15 from every reserved colour)")
-        req("depth_source", self.depth_source in ("generator", "oracle"),
-            "'generator' or 'oracle'")
+        req("mask_source", self.mask_source in ("colour_key", "oracle"), "'colour_key' or 'oracle'")
+        req(
+            "colour_key_tol",
+            0 <= self.colour_key_tol < 0.15,
+            "in [0, 0.15) (static colours are >= 0.15 from every reserved colour)",
+        )
+        req("depth_source", self.depth_source in ("generator", "oracle"), "'generator' or 'oracle'")
         req("render_mode", self.render_mode in rnd.MODES, f"one of {rnd.MODES}")
-        req("render_radius", self.render_mode == "point" or self.render_radius > 0,
-            f"> 0 for render_mode {self.render_mode!r}")
+        req(
+            "render_radius",
+            self.render_mode == "point" or self.render_radius > 0,
+            f"> 0 for render_mode {self.render_mode!r}",
+        )
         req("ref_target_stride", self.ref_target_stride >= 1, ">= 1")
         req("ref_cand_stride", self.ref_cand_stride >= 1, ">= 1")
         req("icp_damping", self.icp_damping >= 0, ">= 0")

@@ -76,7 +76,12 @@ class Render(NamedTuple):
 def disk_offsets(radius: float) -> np.ndarray:
     """Integer pixel offsets [S, 2] = (dx, dy) with dx^2 + dy^2 <= radius^2, sorted."""
     r = int(np.floor(radius))
-    offs = [(dx, dy) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dx * dx + dy * dy <= radius * radius]
+    offs = [
+        (dx, dy)
+        for dy in range(-r, r + 1)
+        for dx in range(-r, r + 1)
+        if dx * dx + dy * dy <= radius * radius
+    ]
     return np.asarray(offs, np.int32).reshape(-1, 2)
 
 
@@ -85,7 +90,12 @@ def soft_offsets(radius: float) -> np.ndarray:
     of the point (the point sits anywhere in its pixel): a(d)^2 + a(e)^2 < r^2, a(d) = max(|d| - 0.5, 0)."""
     r = int(np.ceil(radius + 0.5))
     a = lambda d: max(abs(d) - 0.5, 0.0)
-    offs = [(dx, dy) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if a(dx) ** 2 + a(dy) ** 2 < radius * radius]
+    offs = [
+        (dx, dy)
+        for dy in range(-r, r + 1)
+        for dx in range(-r, r + 1)
+        if a(dx) ** 2 + a(dy) ** 2 < radius * radius
+    ]
     return np.asarray(offs, np.int32).reshape(-1, 2)
 
 
@@ -217,7 +227,9 @@ def _minfilter(zimg, iimg, offsets, n_ids):
 def _composite(has, d2, cols, radius, bgv):
     """Front-to-back alpha compositing of K layers: has/d2 [P, K], cols [P, K, C] -> rgb, hole."""
     alpha = jnp.where(has, jnp.clip(1.0 - d2 / (radius * radius), 0.0, 1.0), 0.0)
-    trans = jnp.cumprod(jnp.concatenate([jnp.ones_like(alpha[..., :1]), 1.0 - alpha[..., :-1]], -1), -1)
+    trans = jnp.cumprod(
+        jnp.concatenate([jnp.ones_like(alpha[..., :1]), 1.0 - alpha[..., :-1]], -1), -1
+    )
     wts = alpha * trans
     rgb = jnp.einsum("...k,...kc->...c", wts, cols)
     return jnp.where(has[..., :1], rgb, bgv), 1.0 - wts.sum(-1)
@@ -239,13 +251,17 @@ def _soft_minfilter(zimg, iimg, xyz, feats, w2c, intr, radius, k, near, bgv, ban
     u, v, _, _ = _project_chunk(xyz[win.reshape(-1)], jnp.ones(h * w, bool), w2c, intr, near)
     hp = -(-h // band) * band
     pads = ((r, r + hp - h), (r, r))
-    zf = jnp.pad(jnp.where(iimg < n, _bits_to_depth(zimg)[0], jnp.inf), pads, constant_values=jnp.inf)
+    zf = jnp.pad(
+        jnp.where(iimg < n, _bits_to_depth(zimg)[0], jnp.inf), pads, constant_values=jnp.inf
+    )
     ip = jnp.pad(iimg, pads, constant_values=n)
     up = jnp.pad(u.reshape(h, w), pads)
     vp = jnp.pad(v.reshape(h, w), pads)
 
     def one_band(b):
-        zr, ir, ur, vr = (lax.dynamic_slice(a, (b * band, 0), (band + 2 * r, w + 2 * r)) for a in (zf, ip, up, vp))
+        zr, ir, ur, vr = (
+            lax.dynamic_slice(a, (b * band, 0), (band + 2 * r, w + 2 * r)) for a in (zf, ip, up, vp)
+        )
         pu = jnp.arange(w, dtype=jnp.float32)[None, :] + 0.5
         pv = (b * band + jnp.arange(band, dtype=jnp.float32))[:, None] + 0.5
         keys, ids_s, d2_s = [], [], []
@@ -269,10 +285,14 @@ def _soft_minfilter(zimg, iimg, xyz, feats, w2c, intr, radius, k, near, bgv, ban
 
 def _bits_to_depth(zbits):
     empty = zbits == _IMAX
-    return jnp.where(empty, 0.0, lax.bitcast_convert_type(jnp.where(empty, 0, zbits), jnp.float32)), empty
+    return jnp.where(
+        empty, 0.0, lax.bitcast_convert_type(jnp.where(empty, 0, zbits), jnp.float32)
+    ), empty
 
 
-def _render_one(xyz_c, valid_c, ids_c, feats, w2c, intr, *, h, w, mode, radius, k, near, bg, vis_eps):
+def _render_one(
+    xyz_c, valid_c, ids_c, feats, w2c, intr, *, h, w, mode, radius, k, near, bg, vis_eps
+):
     """Render one view from chunked points. Returns `Render` with visible [n_chunks * chunk]."""
     n = feats.shape[0]  # real point count (ids >= n are padding)
     n_pix = h * w
@@ -313,26 +333,44 @@ def _render_one(xyz_c, valid_c, ids_c, feats, w2c, intr, *, h, w, mode, radius, 
         # recompute the distance of each layer's point to the pixel centre
         xyz_flat = xyz_c.reshape(-1, 3)
         pts = xyz_flat[jnp.minimum(il, n - 1)]  # [HW, K, 3]
-        u, v, _, _ = _project_chunk(pts.reshape(-1, 3), jnp.ones(pts.shape[0] * k, bool), w2c, intr, near)
+        u, v, _, _ = _project_chunk(
+            pts.reshape(-1, 3), jnp.ones(pts.shape[0] * k, bool), w2c, intr, near
+        )
         pix = jnp.arange(n_pix)
         pu = (pix % w).astype(jnp.float32)[:, None] + 0.5
         pv = (pix // w).astype(jnp.float32)[:, None] + 0.5
         d2 = (u.reshape(n_pix, k) - pu) ** 2 + (v.reshape(n_pix, k) - pv) ** 2
         rgb, hole = _composite(has, d2, feats[jnp.minimum(il, n - 1)], radius, bgv)
         depth, _ = _bits_to_depth(zl[:, 0])
-        return Render(rgb.reshape(h, w, -1), depth.reshape(h, w), hole.reshape(h, w),
-                      il[:, 0].reshape(h, w), visible)
+        return Render(
+            rgb.reshape(h, w, -1),
+            depth.reshape(h, w),
+            hole.reshape(h, w),
+            il[:, 0].reshape(h, w),
+            visible,
+        )
 
     if mode == "soft_minfilter":
-        rgb, hole, depth, index = _soft_minfilter(zbuf0[:n_pix].reshape(h, w), ibuf0[:n_pix].reshape(h, w),
-                                                  xyz_c.reshape(-1, 3), feats, w2c, intr, radius, k, near, bgv)
+        rgb, hole, depth, index = _soft_minfilter(
+            zbuf0[:n_pix].reshape(h, w),
+            ibuf0[:n_pix].reshape(h, w),
+            xyz_c.reshape(-1, 3),
+            feats,
+            w2c,
+            intr,
+            radius,
+            k,
+            near,
+            bgv,
+        )
         return Render(rgb, depth, hole, index, visible)
 
     if mode == "point":
         zimg, iimg = zbuf0[:n_pix], ibuf0[:n_pix]
     elif mode == "minfilter":
-        zimg, iimg = _minfilter(zbuf0[:n_pix].reshape(h, w), ibuf0[:n_pix].reshape(h, w),
-                                disk_offsets(radius), n)
+        zimg, iimg = _minfilter(
+            zbuf0[:n_pix].reshape(h, w), ibuf0[:n_pix].reshape(h, w), disk_offsets(radius), n
+        )
         zimg, iimg = zimg.reshape(-1), iimg.reshape(-1)
     elif mode == "footprint":
         offsets = disk_offsets(radius)
@@ -347,8 +385,9 @@ def _render_one(xyz_c, valid_c, ids_c, feats, w2c, intr, *, h, w, mode, radius, 
     hole = iimg >= n
     depth, _ = _bits_to_depth(zimg)
     rgb = jnp.where(hole[:, None], bgv, feats[jnp.minimum(iimg, n - 1)])
-    return Render(rgb.reshape(h, w, -1), depth.reshape(h, w), hole.reshape(h, w),
-                  iimg.reshape(h, w), visible)
+    return Render(
+        rgb.reshape(h, w, -1), depth.reshape(h, w), hole.reshape(h, w), iimg.reshape(h, w), visible
+    )
 
 
 def _chunked(xyz, valid, chunk):
@@ -384,17 +423,47 @@ _STATIC = ("height", "width", "mode", "radius", "k", "near", "chunk", "vis_eps")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _render_jit(xyz, rgb, valid, w2c, intr, bg, *, height, width, mode, radius, k, near, chunk, vis_eps):
+def _render_jit(
+    xyz, rgb, valid, w2c, intr, bg, *, height, width, mode, radius, k, near, chunk, vis_eps
+):
     n = xyz.shape[0]
     xyz_c, valid_c, ids_c = _chunked(xyz, valid, chunk)
-    out = _render_one(xyz_c, valid_c, ids_c, rgb.astype(jnp.float32), w2c, intr, h=height, w=width,
-                      mode=mode, radius=radius, k=k, near=near, bg=bg, vis_eps=vis_eps)
+    out = _render_one(
+        xyz_c,
+        valid_c,
+        ids_c,
+        rgb.astype(jnp.float32),
+        w2c,
+        intr,
+        h=height,
+        w=width,
+        mode=mode,
+        radius=radius,
+        k=k,
+        near=near,
+        bg=bg,
+        vis_eps=vis_eps,
+    )
     return out._replace(visible=out.visible[:n])
 
 
-def render(xyz, rgb, valid, w2c, intr, *, height: int, width: int, mode: str = "point",
-           radius: float = 0.0, k: int = 5, near: float = 1e-4, chunk: int | None = None,
-           bg=0.0, vis_eps: float = 1e-6) -> Render:
+def render(
+    xyz,
+    rgb,
+    valid,
+    w2c,
+    intr,
+    *,
+    height: int,
+    width: int,
+    mode: str = "point",
+    radius: float = 0.0,
+    k: int = 5,
+    near: float = 1e-4,
+    chunk: int | None = None,
+    bg=0.0,
+    vis_eps: float = 1e-6,
+) -> Render:
     """Render a point cloud to one camera.
 
     Args:
@@ -411,28 +480,72 @@ def render(xyz, rgb, valid, w2c, intr, *, height: int, width: int, mode: str = "
     rgb = jnp.asarray(rgb)
     valid = jnp.ones(xyz.shape[:1], bool) if valid is None else jnp.asarray(valid)
     _check(xyz, rgb, valid, mode, radius, k)
-    return _render_jit(xyz, rgb, valid, jnp.asarray(w2c), jnp.asarray(intr), jnp.asarray(bg, jnp.float32),
-                       height=height, width=width, mode=mode, radius=float(radius), k=int(k),
-                       near=float(near), chunk=chunk, vis_eps=float(vis_eps))
+    return _render_jit(
+        xyz,
+        rgb,
+        valid,
+        jnp.asarray(w2c),
+        jnp.asarray(intr),
+        jnp.asarray(bg, jnp.float32),
+        height=height,
+        width=width,
+        mode=mode,
+        radius=float(radius),
+        k=int(k),
+        near=float(near),
+        chunk=chunk,
+        vis_eps=float(vis_eps),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _render_views_jit(xyz, rgb, valid, w2c, intr, bg, *, height, width, mode, radius, k, near, chunk, vis_eps):
+def _render_views_jit(
+    xyz, rgb, valid, w2c, intr, bg, *, height, width, mode, radius, k, near, chunk, vis_eps
+):
     n = xyz.shape[0]
     xyz_c, valid_c, ids_c = _chunked(xyz, valid, chunk)
     feats = rgb.astype(jnp.float32)
 
     def one(w2c_i, intr_i):
-        return _render_one(xyz_c, valid_c, ids_c, feats, w2c_i, intr_i, h=height, w=width, mode=mode,
-                           radius=radius, k=k, near=near, bg=bg, vis_eps=vis_eps)
+        return _render_one(
+            xyz_c,
+            valid_c,
+            ids_c,
+            feats,
+            w2c_i,
+            intr_i,
+            h=height,
+            w=width,
+            mode=mode,
+            radius=radius,
+            k=k,
+            near=near,
+            bg=bg,
+            vis_eps=vis_eps,
+        )
 
     out = jax.vmap(one)(w2c, intr)
     return out._replace(visible=out.visible[:, :n])
 
 
-def render_views(xyz, rgb, valid, w2c, intr, *, height: int, width: int, mode: str = "point",
-                 radius: float = 0.0, k: int = 5, near: float = 1e-4, chunk: int | None = None,
-                 view_chunk: int = 8, bg=0.0, vis_eps: float = 1e-6) -> Render:
+def render_views(
+    xyz,
+    rgb,
+    valid,
+    w2c,
+    intr,
+    *,
+    height: int,
+    width: int,
+    mode: str = "point",
+    radius: float = 0.0,
+    k: int = 5,
+    near: float = 1e-4,
+    chunk: int | None = None,
+    view_chunk: int = 8,
+    bg=0.0,
+    vis_eps: float = 1e-6,
+) -> Render:
     """Render one cloud to T cameras: w2c [T, 4, 4], intr [T, 4] or [4].
 
     Views are vmapped ``view_chunk`` at a time (the last group padded with copies), so peak
@@ -454,9 +567,21 @@ def render_views(xyz, rgb, valid, w2c, intr, *, height: int, width: int, mode: s
     pad = -t_n % view_chunk
     w2c = jnp.concatenate([w2c, jnp.broadcast_to(w2c[-1:], (pad, 4, 4))])
     intr = jnp.concatenate([intr, jnp.broadcast_to(intr[-1:], (pad, 4))])
-    kw = dict(height=height, width=width, mode=mode, radius=float(radius), k=int(k), near=float(near),
-              chunk=chunk, vis_eps=float(vis_eps))
+    kw = dict(
+        height=height,
+        width=width,
+        mode=mode,
+        radius=float(radius),
+        k=int(k),
+        near=float(near),
+        chunk=chunk,
+        vis_eps=float(vis_eps),
+    )
     bg = jnp.asarray(bg, jnp.float32)
-    outs = [_render_views_jit(xyz, rgb, valid, w2c[i:i + view_chunk], intr[i:i + view_chunk], bg, **kw)
-            for i in range(0, t_n + pad, view_chunk)]
+    outs = [
+        _render_views_jit(
+            xyz, rgb, valid, w2c[i : i + view_chunk], intr[i : i + view_chunk], bg, **kw
+        )
+        for i in range(0, t_n + pad, view_chunk)
+    ]
     return Render(*(jnp.concatenate(f)[:t_n] for f in zip(*outs, strict=True)))

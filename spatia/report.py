@@ -183,8 +183,11 @@ def write_report(cfg: SpatiaConfig, results: dict, report: Report, preset: str |
     rows += [[f"paper: {k}"] + _cells(v, keys[:3]) + [None] for k, v in PAPER["table3"].items()]
     r.table(["method", "PSNR_C", "SSIM_C", "match acc", "PSNR revisited"], rows, "{:.3f}")
 
-    r.rows("Table 4: scene projection and reference frames", table4_rows(results["table4_full"]),
-           fmt="{:.3f}")
+    r.rows(
+        "Table 4: scene projection and reference frames",
+        table4_rows(results["table4_full"]),
+        fmt="{:.3f}",
+    )
 
     r.rows(
         "Table 5: number of references K",
@@ -194,8 +197,7 @@ def write_report(cfg: SpatiaConfig, results: dict, report: Report, preset: str |
         "one model trained with K ~ U{0..K} evaluated at each K.",
     )
 
-    r.rows("Table 6: long horizon (more clips)", table6_rows(results["table6_full"]),
-           fmt="{:.3f}")
+    r.rows("Table 6: long horizon (more clips)", table6_rows(results["table6_full"]), fmt="{:.3f}")
 
     t7 = results["table7"]
     r.heading("Table 7: memory density")

@@ -43,13 +43,34 @@ class Selection(NamedTuple):
     iou: np.ndarray
 
 
-def visibility_sets(xyz, valid, w2c, intr, *, height: int, width: int, chunk: int | None = None,
-                    view_chunk: int | None = 8, vis_eps: float = 1e-6) -> jnp.ndarray:
+def visibility_sets(
+    xyz,
+    valid,
+    w2c,
+    intr,
+    *,
+    height: int,
+    width: int,
+    chunk: int | None = None,
+    view_chunk: int | None = 8,
+    vis_eps: float = 1e-6,
+) -> jnp.ndarray:
     """Per-view front-most masks: xyz [N, 3], valid [N], w2c [V, 4, 4], intr [4] or [V, 4] -> [V, N] bool."""
     xyz = jnp.asarray(xyz)
     dummy = jnp.zeros((xyz.shape[0], 1), jnp.float32)
-    out = rnd.render_views(xyz, dummy, valid, w2c, intr, height=height, width=width, mode="point",
-                           chunk=chunk, view_chunk=view_chunk, vis_eps=vis_eps)
+    out = rnd.render_views(
+        xyz,
+        dummy,
+        valid,
+        w2c,
+        intr,
+        height=height,
+        width=width,
+        mode="point",
+        chunk=chunk,
+        view_chunk=view_chunk,
+        vis_eps=vis_eps,
+    )
     return out.visible
 
 
@@ -81,8 +102,15 @@ def hungarian(score) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
-def select_references(vis_targets, vis_cands, k: int, *, eps: float = 0.0, method: str = "hungarian",
-                      order: str = "target") -> Selection:
+def select_references(
+    vis_targets,
+    vis_cands,
+    k: int,
+    *,
+    eps: float = 0.0,
+    method: str = "hungarian",
+    order: str = "target",
+) -> Selection:
     """Choose up to ``k`` reference frames among candidates for the target views.
 
     vis_targets [A, N], vis_cands [B, N] bool visibility sets.
@@ -113,13 +141,18 @@ def select_references(vis_targets, vis_cands, k: int, *, eps: float = 0.0, metho
     pair_inter = inter[rows, cols]
     keep = (pair_iou > eps) & (pair_inter > 0)
     rows, cols, pair_iou, pair_inter = rows[keep], cols[keep], pair_iou[keep], pair_inter[keep]
-    idx = np.argsort(-pair_iou, kind="stable") if order == "score" else np.argsort(rows, kind="stable")
+    idx = (
+        np.argsort(-pair_iou, kind="stable")
+        if order == "score"
+        else np.argsort(rows, kind="stable")
+    )
     idx = idx[:k]
     return Selection(cols[idx], rows[idx], pair_inter[idx], pair_iou[idx])
 
 
-def official_view_indices(n_new: int, n_hist: int, *, hist_frames: int = 9, target_stride: int = 12,
-                          cand_stride: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def official_view_indices(
+    n_new: int, n_hist: int, *, hist_frames: int = 9, target_stride: int = 12, cand_stride: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     """Target and candidate frame indices of the official ``select_reference_frames``.
 
     Targets: the new clip's frames at stride 12 (2 fps at 24 fps); candidates: history frames

@@ -131,17 +131,24 @@ def _make_scene(key, n_dynamic):
     prop_valid = jnp.arange(MAX_PROPS) < n_props
     prop_type = r.randint((MAX_PROPS,), 0, 3)
     # sizes
-    box_half = r.uniform((MAX_PROPS, 3), jnp.array([0.15, 0.15, 0.15]), jnp.array([0.45, 0.45, 0.6]))
+    box_half = r.uniform(
+        (MAX_PROPS, 3), jnp.array([0.15, 0.15, 0.15]), jnp.array([0.45, 0.45, 0.6])
+    )
     sph_r = r.uniform((MAX_PROPS,), 0.15, 0.4)
     cyl_r = r.uniform((MAX_PROPS,), 0.1, 0.3)
     cyl_h = r.uniform((MAX_PROPS,), 0.4, 1.8)
-    footprint = jnp.select([prop_type == 0, prop_type == 1],
-                           [jnp.linalg.norm(box_half[:, :2], axis=-1), sph_r], cyl_r)
+    footprint = jnp.select(
+        [prop_type == 0, prop_type == 1], [jnp.linalg.norm(box_half[:, :2], axis=-1), sph_r], cyl_r
+    )
     # positions: a ring between the free centre region and the walls, spread in angle
     base_angle = r.uniform((), 0.0, 2 * jnp.pi)
-    ang = base_angle + 2 * jnp.pi * (jnp.arange(MAX_PROPS) + 0.35 * r.uniform((MAX_PROPS,))) / jnp.maximum(n_props, 1)
+    ang = base_angle + 2 * jnp.pi * (
+        jnp.arange(MAX_PROPS) + 0.35 * r.uniform((MAX_PROPS,))
+    ) / jnp.maximum(n_props, 1)
     dirs = jnp.stack([jnp.cos(ang), jnp.sin(ang)], -1)
-    to_wall = jnp.min(half[None] / jnp.maximum(jnp.abs(dirs), 1e-6), -1)  # distance to the wall along dirs
+    to_wall = jnp.min(
+        half[None] / jnp.maximum(jnp.abs(dirs), 1e-6), -1
+    )  # distance to the wall along dirs
     dmin = FREE_RADIUS + 0.35 + footprint
     dmax = jnp.maximum(to_wall - footprint - 0.05, dmin)
     dist = dmin + r.uniform((MAX_PROPS,)) * (dmax - dmin)
@@ -179,10 +186,30 @@ def _make_scene(key, n_dynamic):
     dyn_omega = r.uniform((MAX_DYNAMIC,), 0.08, 0.2)
     dyn_phase = r.uniform((MAX_DYNAMIC,), 0.0, 2 * jnp.pi)
     assert r.i <= r.u.shape[0]
-    return Scene(room_lo, room_hi, prop_type, prop_valid, prop_center, prop_size, prop_yaw,
-                 tex_colour1, tex_colour2, tex_kind, tex_freq, tex_angle, tex_seed,
-                 dyn_valid, dyn_kind, dyn_size, dyn_colour, dyn_path, dyn_center, dyn_axis,
-                 dyn_omega, dyn_phase)
+    return Scene(
+        room_lo,
+        room_hi,
+        prop_type,
+        prop_valid,
+        prop_center,
+        prop_size,
+        prop_yaw,
+        tex_colour1,
+        tex_colour2,
+        tex_kind,
+        tex_freq,
+        tex_angle,
+        tex_seed,
+        dyn_valid,
+        dyn_kind,
+        dyn_size,
+        dyn_colour,
+        dyn_path,
+        dyn_center,
+        dyn_axis,
+        dyn_omega,
+        dyn_phase,
+    )
 
 
 def make_scene(seed, n_dynamic: int = 0) -> Scene:
@@ -198,7 +225,9 @@ def dynamic_positions(scene: Scene, time) -> jnp.ndarray:
     ph = scene.dyn_omega * time + scene.dyn_phase
     lin = scene.dyn_center + scene.dyn_axis * jnp.sin(ph)[:, None]
     rad = scene.dyn_axis[:, 0:1]
-    circ = scene.dyn_center + jnp.stack([rad[:, 0] * jnp.cos(ph), rad[:, 0] * jnp.sin(ph), jnp.zeros_like(ph)], -1)
+    circ = scene.dyn_center + jnp.stack(
+        [rad[:, 0] * jnp.cos(ph), rad[:, 0] * jnp.sin(ph), jnp.zeros_like(ph)], -1
+    )
     return jnp.where(scene.dyn_path[:, None] == 0, lin, circ)
 
 
@@ -229,7 +258,11 @@ def _rot_z(v, ang):
 
 def _hash2(ix, iy, seed):
     u32 = jnp.uint32
-    h = ix.astype(u32) * u32(374761393) + iy.astype(u32) * u32(668265263) + seed.astype(u32) * u32(2246822519)
+    h = (
+        ix.astype(u32) * u32(374761393)
+        + iy.astype(u32) * u32(668265263)
+        + seed.astype(u32) * u32(2246822519)
+    )
     h = (h ^ (h >> 13)) * jnp.uint32(1274126177)
     h = h ^ (h >> 16)
     return (h & jnp.uint32(0xFFFFFF)).astype(jnp.float32) / float(0xFFFFFF)
@@ -254,7 +287,9 @@ def _texture(scene: Scene, oid, a, b):
     stripes = 0.5 + 0.5 * jnp.sin(2 * jnp.pi * freq * ra)
     checker = jnp.mod(jnp.floor(freq * ra) + jnp.floor(freq * rb), 2.0)
     seed = scene.tex_seed[oid]
-    noise = 0.65 * _value_noise(2 * freq * ra, 2 * freq * rb, seed) + 0.35 * _value_noise(5 * freq * ra, 5 * freq * rb, seed + 7)
+    noise = 0.65 * _value_noise(2 * freq * ra, 2 * freq * rb, seed) + 0.35 * _value_noise(
+        5 * freq * ra, 5 * freq * rb, seed + 7
+    )
     m = jnp.select([kind == 0, kind == 1], [stripes, checker], noise)
     c1, c2 = scene.tex_colour1[oid], scene.tex_colour2[oid]
     return c1 + (c2 - c1) * m[:, None]
@@ -277,8 +312,11 @@ def _cast_rays(scene: Scene, o, d, time):
     t_room = jnp.min(t_exit_ax, -1)
     pos_side = jnp.take_along_axis(t_hi > t_lo, ax[:, None], -1)[:, 0]
     # ids: z- floor 1, z+ ceiling 2, x- 3, x+ 4, y- 5, y+ 6
-    room_id = jnp.select([ax == 2, ax == 0], [jnp.where(pos_side, 2, 1), jnp.where(pos_side, 4, 3)],
-                         jnp.where(pos_side, 6, 5))
+    room_id = jnp.select(
+        [ax == 2, ax == 0],
+        [jnp.where(pos_side, 2, 1), jnp.where(pos_side, 4, 3)],
+        jnp.where(pos_side, 6, 5),
+    )
 
     # props: evaluate all three shapes per slot, keep the slot's type
     cen, size, yaw = scene.prop_center, scene.prop_size, scene.prop_yaw
@@ -306,7 +344,12 @@ def _cast_rays(scene: Scene, o, d, time):
     cdisc = cb * cb - 4 * ca * cc
     t_side = (-cb - jnp.sqrt(jnp.maximum(cdisc, 0))) / (2 * jnp.maximum(ca, 1e-12))
     z_side = o[2] + t_side * d3[..., 2]
-    ok_side = (cdisc >= 0) & (t_side > _EPS) & (z_side >= cen[None, :, 2]) & (z_side <= cen[None, :, 2] + size[None, :, 2])
+    ok_side = (
+        (cdisc >= 0)
+        & (t_side > _EPS)
+        & (z_side >= cen[None, :, 2])
+        & (z_side <= cen[None, :, 2] + size[None, :, 2])
+    )
     t_side = jnp.where(ok_side, t_side, _BIG)
     dz = _safe(d3[..., 2])
     caps = []
@@ -354,7 +397,9 @@ def _cast_rays(scene: Scene, o, d, time):
     lp = _rot_z(p - s_cen, -s_yaw)  # local (box)
     rel = lp / jnp.maximum(s_size, 1e-6)
     bax = jnp.argmax(jnp.abs(rel), -1)
-    box_n = _rot_z(jax.nn.one_hot(bax, 3) * jnp.sign(jnp.take_along_axis(rel, bax[:, None], -1)), s_yaw)
+    box_n = _rot_z(
+        jax.nn.one_hot(bax, 3) * jnp.sign(jnp.take_along_axis(rel, bax[:, None], -1)), s_yaw
+    )
     box_a = jnp.select([bax == 0, bax == 1], [lp[:, 1], lp[:, 0]], lp[:, 0])
     box_b = jnp.select([bax == 0, bax == 1], [lp[:, 2], lp[:, 2]], lp[:, 1])
     q = p - s_cen
@@ -364,8 +409,11 @@ def _cast_rays(scene: Scene, o, d, time):
     sph_b = rr * jnp.arcsin(jnp.clip(q[:, 2] / rr, -1, 1))
     on_cap = (jnp.abs(q[:, 2]) < 1e-4) | (jnp.abs(q[:, 2] - s_size[:, 2]) < 1e-4)
     on_cap = on_cap & (q[:, 0] ** 2 + q[:, 1] ** 2 < (rr - 1e-4) ** 2)
-    cyl_n = jnp.where(on_cap[:, None], jnp.where(q[:, 2:3] > 0.5 * s_size[:, 2:3], 1.0, -1.0) * jnp.array([0.0, 0.0, 1.0]),
-                      jnp.stack([q[:, 0], q[:, 1], jnp.zeros_like(q[:, 0])], -1) / rr[:, None])
+    cyl_n = jnp.where(
+        on_cap[:, None],
+        jnp.where(q[:, 2:3] > 0.5 * s_size[:, 2:3], 1.0, -1.0) * jnp.array([0.0, 0.0, 1.0]),
+        jnp.stack([q[:, 0], q[:, 1], jnp.zeros_like(q[:, 0])], -1) / rr[:, None],
+    )
     cyl_a = jnp.where(on_cap, q[:, 0], rr * jnp.arctan2(q[:, 1], q[:, 0]))
     cyl_b = jnp.where(on_cap, q[:, 1], q[:, 2])
     prop_a = jnp.select([s_type == 0, s_type == 1], [box_a, sph_a], cyl_a)
@@ -390,13 +438,19 @@ def raycast(scene: Scene, w2c, intr, height: int, width: int, time=0.0) -> Frame
     w2c = jnp.asarray(w2c, jnp.float32)
     intr = jnp.asarray(intr, jnp.float32)
     uv = geo.pixel_centers(height, width).reshape(-1, 2)
-    d_cam = jnp.stack([(uv[:, 0] - intr[2]) / intr[0], (uv[:, 1] - intr[3]) / intr[1], jnp.ones(uv.shape[0])], -1)
+    d_cam = jnp.stack(
+        [(uv[:, 0] - intr[2]) / intr[0], (uv[:, 1] - intr[3]) / intr[1], jnp.ones(uv.shape[0])], -1
+    )
     rot = w2c[:3, :3]
     d_world = d_cam @ rot  # R^T d (a matmul over [R,3]x[3,3] is fine at these sizes)
     o = geo.camera_centers(w2c)
     rgb, t, oid = _cast_rays(scene, o, d_world, jnp.asarray(time, jnp.float32))
-    return Frame(rgb.reshape(height, width, 3), t.reshape(height, width), oid.reshape(height, width),
-                 (oid >= DYNAMIC_ID0).reshape(height, width))
+    return Frame(
+        rgb.reshape(height, width, 3),
+        t.reshape(height, width),
+        oid.reshape(height, width),
+        (oid >= DYNAMIC_ID0).reshape(height, width),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("height", "width"))
@@ -404,7 +458,9 @@ def _raycast_batch(scene: Scene, w2c, intr, times, height: int, width: int) -> F
     return jax.vmap(lambda w, k, tt: raycast(scene, w, k, height, width, tt))(w2c, intr, times)
 
 
-def raycast_views(scene: Scene, w2c, intr, height: int, width: int, times=None, *, batch: int = 8) -> Frame:
+def raycast_views(
+    scene: Scene, w2c, intr, height: int, width: int, times=None, *, batch: int = 8
+) -> Frame:
     """`raycast` over w2c [T, 4, 4] (intr [4] or [T, 4]; times [T], default = frame index).
 
     Frames are vmapped ``batch`` at a time (the last batch padded), so any T reuses one compiled
@@ -418,8 +474,17 @@ def raycast_views(scene: Scene, w2c, intr, height: int, width: int, times=None, 
     w2c_p = jnp.concatenate([w2c, jnp.broadcast_to(w2c[-1:], (pad, 4, 4))])
     intr_p = jnp.concatenate([intr, jnp.broadcast_to(intr[-1:], (pad, 4))])
     times_p = jnp.concatenate([times, jnp.broadcast_to(times[-1:], (pad,))])
-    outs = [_raycast_batch(scene, w2c_p[i:i + batch], intr_p[i:i + batch], times_p[i:i + batch], height, width)
-            for i in range(0, t_n + pad, batch)]
+    outs = [
+        _raycast_batch(
+            scene,
+            w2c_p[i : i + batch],
+            intr_p[i : i + batch],
+            times_p[i : i + batch],
+            height,
+            width,
+        )
+        for i in range(0, t_n + pad, batch)
+    ]
     return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:t_n], *outs)
 
 

@@ -33,8 +33,17 @@ from spatia import geometry as geo
 from spatia import memory as mem_lib
 from spatia import render as rnd
 
-__all__ = ["ICPConfig", "ICPResult", "model_maps", "frame_normals", "icp_core", "icp_refine", "icp_refine_batch", "update_from_frames",
-           "pose_error"]
+__all__ = [
+    "ICPConfig",
+    "ICPResult",
+    "model_maps",
+    "frame_normals",
+    "icp_core",
+    "icp_refine",
+    "icp_refine_batch",
+    "update_from_frames",
+    "pose_error",
+]
 
 
 class ICPConfig(NamedTuple):
@@ -46,7 +55,9 @@ class ICPConfig(NamedTuple):
     huber: float = 0.01  # metres
     gate: float = 0.05  # reject pairs whose depth differs by more than gate * depth
     max_residual: float = 0.1  # metres
-    jump_frac: float = 0.25  # normal neighbours must agree in depth to this fraction (x level scale)
+    jump_frac: float = (
+        0.25  # normal neighbours must agree in depth to this fraction (x level scale)
+    )
     planarity: float = 0.15  # neighbours must lie this close (sine) to the tangent plane
     damping: float = 1e-6
     symmetric: bool = True  # residual along n_model + n_frame (exact on spheres/cylinders/planes)
@@ -77,8 +88,10 @@ def _normals(vert, has, depth, eye, jump_frac, planarity):
     pz = jnp.pad(depth, 1)
     nbs = [pv[1:-1, :-2], pv[1:-1, 2:], pv[:-2, 1:-1], pv[2:, 1:-1]]  # left, right, up, down
     nb_ok = ph[1:-1, :-2] & ph[1:-1, 2:] & ph[:-2, 1:-1] & ph[2:, 1:-1]
-    jump = jnp.maximum(jnp.maximum(jnp.abs(pz[1:-1, :-2] - depth), jnp.abs(pz[1:-1, 2:] - depth)),
-                       jnp.maximum(jnp.abs(pz[:-2, 1:-1] - depth), jnp.abs(pz[2:, 1:-1] - depth)))
+    jump = jnp.maximum(
+        jnp.maximum(jnp.abs(pz[1:-1, :-2] - depth), jnp.abs(pz[1:-1, 2:] - depth)),
+        jnp.maximum(jnp.abs(pz[:-2, 1:-1] - depth), jnp.abs(pz[2:, 1:-1] - depth)),
+    )
     dx, dy = nbs[1] - nbs[0], nbs[3] - nbs[2]
     nrm = jnp.cross(dx, dy)
     nn = jnp.linalg.norm(nrm, axis=-1)
@@ -88,20 +101,25 @@ def _normals(vert, has, depth, eye, jump_frac, planarity):
     flat = jnp.ones_like(has)
     for nb in nbs:
         e = nb - vert
-        flat = flat & (jnp.abs(jnp.sum(nrm * e, -1)) <= planarity * jnp.linalg.norm(e, axis=-1) + 1e-9)
+        flat = flat & (
+            jnp.abs(jnp.sum(nrm * e, -1)) <= planarity * jnp.linalg.norm(e, axis=-1) + 1e-9
+        )
     ok = has & nb_ok & (jump < jump_frac * depth) & (sin_ang > 0.2) & flat
     return nrm, ok
 
 
-def model_maps(xyz, valid, w2c, intr, height: int, width: int, jump_frac: float = 0.25,
-               planarity: float = 0.15):
+def model_maps(
+    xyz, valid, w2c, intr, height: int, width: int, jump_frac: float = 0.25, planarity: float = 0.15
+):
     """Render the memory and derive vertex and normal maps at one camera.
 
     Returns (vertex [H, W, 3] world (the winning memory point per pixel), normal [H, W, 3] world
     (facing the camera), ok [H, W] bool, depth [H, W]).
     """
     n = xyz.shape[0]
-    out = rnd.render(xyz, jnp.zeros((n, 1), jnp.float32), valid, w2c, intr, height=height, width=width)
+    out = rnd.render(
+        xyz, jnp.zeros((n, 1), jnp.float32), valid, w2c, intr, height=height, width=width
+    )
     vert = xyz[jnp.minimum(out.index, n - 1)]
     nrm, ok = _normals(vert, ~out.hole, out.depth, geo.camera_centers(w2c), jump_frac, planarity)
     return vert, nrm, ok, out.depth
@@ -123,7 +141,9 @@ def frame_normals(depth, intr, jump_frac: float = 0.25, planarity: float = 0.15)
 def _gn_step(c2w, q_cam, q_n, q_ok, xyz, valid, intr_l, h, w, scale, cfg: ICPConfig):
     """One Gauss-Newton step at one level. q_cam [M, 3] frame points (camera frame), q_n their normals."""
     w2c = geo.se3_inverse(c2w)
-    vert, nrm, ok, _ = model_maps(xyz, valid, w2c, intr_l, h, w, cfg.jump_frac * scale, cfg.planarity)
+    vert, nrm, ok, _ = model_maps(
+        xyz, valid, w2c, intr_l, h, w, cfg.jump_frac * scale, cfg.planarity
+    )
     q = geo.transform_points(c2w, q_cam)  # world
     uv, z = geo.project(q, w2c, intr_l)
     ui = jnp.floor(uv[:, 0]).astype(jnp.int32)
@@ -131,7 +151,9 @@ def _gn_step(c2w, q_cam, q_n, q_ok, xyz, valid, intr_l, h, w, scale, cfg: ICPCon
     inb = q_ok & (z > 1e-4) & (ui >= 0) & (ui < w) & (vi >= 0) & (vi < h)
     ui, vi = jnp.clip(ui, 0, w - 1), jnp.clip(vi, 0, h - 1)
     m, nm, okm = vert[vi, ui], nrm[vi, ui], ok[vi, ui]
-    zm = jnp.sum((m - geo.camera_centers(w2c)) * (w2c[2, :3]), -1)  # model point depth along the axis
+    zm = jnp.sum(
+        (m - geo.camera_centers(w2c)) * (w2c[2, :3]), -1
+    )  # model point depth along the axis
     qn = geo.transform_points(c2w, q_n) - c2w[:3, 3]  # rotate the frame normals to world
     agree = jnp.sum(nm * qn, -1) > cfg.min_normal_dot
     if cfg.symmetric:  # Rusinkiewicz's symmetric objective, normal frozen within a step
@@ -139,7 +161,11 @@ def _gn_step(c2w, q_cam, q_n, q_ok, xyz, valid, intr_l, h, w, scale, cfg: ICPCon
         nm = nm / jnp.maximum(jnp.linalg.norm(nm, axis=-1, keepdims=True), 1e-12)
     r = jnp.sum(nm * (q - m), -1)
     pair = inb & okm & agree & (jnp.abs(zm - z) < cfg.gate * z) & (jnp.abs(r) < cfg.max_residual)
-    wt = jnp.where(pair, jnp.where(jnp.abs(r) <= cfg.huber, 1.0, cfg.huber / jnp.maximum(jnp.abs(r), 1e-12)), 0.0)
+    wt = jnp.where(
+        pair,
+        jnp.where(jnp.abs(r) <= cfg.huber, 1.0, cfg.huber / jnp.maximum(jnp.abs(r), 1e-12)),
+        0.0,
+    )
     jac = jnp.concatenate([jnp.cross(q, nm), nm], -1)  # [M, 6]
     a = jnp.einsum("m,mi,mj->ij", wt, jac, jac, precision="highest") + cfg.damping * jnp.eye(6)
     b = jnp.einsum("m,mi,m->i", wt, jac, r, precision="highest")
@@ -175,8 +201,9 @@ def icp_core(xyz, valid, depth, dyn, w2c0, intr, *, height, width, cfg):
     return ICPResult(geo.se3_inverse(c2w), n_pairs, rmse)
 
 
-def icp_refine(memory: mem_lib.PointMemory, depth, w2c_init, intr, dynamic=None,
-               cfg: ICPConfig = DEFAULT_ICP) -> ICPResult:
+def icp_refine(
+    memory: mem_lib.PointMemory, depth, w2c_init, intr, dynamic=None, cfg: ICPConfig = DEFAULT_ICP
+) -> ICPResult:
     """Refine one frame's pose against the memory.
 
     depth [H, W] metric z of the frame, w2c_init [4, 4], intr [4], dynamic [H, W] bool (pixels
@@ -189,26 +216,52 @@ def icp_refine(memory: mem_lib.PointMemory, depth, w2c_init, intr, dynamic=None,
         raise ValueError(f"cfg.iters needs one entry per level ({cfg.levels}), got {cfg.iters}")
     h, w = depth.shape
     dyn = jnp.zeros((h, w), bool) if dynamic is None else jnp.asarray(dynamic, bool)
-    return icp_core(memory.xyz, memory.valid, depth, dyn, jnp.asarray(w2c_init, jnp.float32),
-                    jnp.asarray(intr, jnp.float32), height=h, width=w, cfg=cfg)
+    return icp_core(
+        memory.xyz,
+        memory.valid,
+        depth,
+        dyn,
+        jnp.asarray(w2c_init, jnp.float32),
+        jnp.asarray(intr, jnp.float32),
+        height=h,
+        width=w,
+        cfg=cfg,
+    )
 
 
-def icp_refine_batch(memory: mem_lib.PointMemory, depth, w2c_init, intr, dynamic=None,
-                     cfg: ICPConfig = DEFAULT_ICP) -> ICPResult:
+def icp_refine_batch(
+    memory: mem_lib.PointMemory, depth, w2c_init, intr, dynamic=None, cfg: ICPConfig = DEFAULT_ICP
+) -> ICPResult:
     """`icp_refine` for T frames, each against the same memory: depth [T, H, W], w2c_init
     [T, 4, 4], intr [4] or [T, 4], dynamic [T, H, W] or None. Frames run one after another through
     one compiled function (`icp_core` is pure and can be ``jax.vmap``-ed instead)."""
     depth = jnp.asarray(depth, jnp.float32)
     t = depth.shape[0]
     intr = jnp.broadcast_to(jnp.asarray(intr, jnp.float32), (t, 4))
-    outs = [icp_refine(memory, depth[i], w2c_init[i], intr[i], None if dynamic is None else dynamic[i], cfg)
-            for i in range(t)]
+    outs = [
+        icp_refine(
+            memory, depth[i], w2c_init[i], intr[i], None if dynamic is None else dynamic[i], cfg
+        )
+        for i in range(t)
+    ]
     return ICPResult(*(jnp.stack(f) for f in zip(*outs, strict=True)))
 
 
-def update_from_frames(memory: mem_lib.PointMemory, rgb, depth, w2c, intr, dynamic=None, *,
-                       voxel: float | None, refine: bool = False, cfg: ICPConfig = DEFAULT_ICP,
-                       rebuild: bool = False, origin="world", on_overflow: str = "raise"):
+def update_from_frames(
+    memory: mem_lib.PointMemory,
+    rgb,
+    depth,
+    w2c,
+    intr,
+    dynamic=None,
+    *,
+    voxel: float | None,
+    refine: bool = False,
+    cfg: ICPConfig = DEFAULT_ICP,
+    rebuild: bool = False,
+    origin="world",
+    on_overflow: str = "raise",
+):
     """Memory update from T frames (rgb [T, H, W, 3], depth [T, H, W], w2c [T, 4, 4]).
 
     ``refine`` first aligns every frame to the current memory with `icp_refine_batch` (a frame
@@ -221,14 +274,17 @@ def update_from_frames(memory: mem_lib.PointMemory, rgb, depth, w2c, intr, dynam
         res = icp_refine_batch(memory, depth, w2c, intr, dynamic, cfg)
         w2c = jnp.where((res.n_pairs >= 12)[:, None, None], res.w2c, w2c)
     base = mem_lib.empty_memory(memory.capacity) if rebuild else memory
-    new_mem, stats = mem_lib.update_memory(base, rgb, depth, w2c, intr, dynamic, voxel=voxel, origin=origin,
-                                           on_overflow=on_overflow)
+    new_mem, stats = mem_lib.update_memory(
+        base, rgb, depth, w2c, intr, dynamic, voxel=voxel, origin=origin, on_overflow=on_overflow
+    )
     return new_mem, stats, w2c
 
 
 def pose_error(w2c_a, w2c_b):
     """(rotation error in degrees, camera-centre distance in metres) between two w2c [..., 4, 4]."""
-    rel = jnp.asarray(w2c_a, jnp.float32)[..., :3, :3] @ jnp.swapaxes(jnp.asarray(w2c_b, jnp.float32)[..., :3, :3], -1, -2)
+    rel = jnp.asarray(w2c_a, jnp.float32)[..., :3, :3] @ jnp.swapaxes(
+        jnp.asarray(w2c_b, jnp.float32)[..., :3, :3], -1, -2
+    )
     ang = geo.rotation_angle_deg(rel)
     dist = jnp.linalg.norm(geo.camera_centers(w2c_a) - geo.camera_centers(w2c_b), axis=-1)
     return ang, dist

@@ -26,7 +26,6 @@ __all__ = [
 ]
 
 
-
 def pose_from_yaw_pitch(pos, yaw, pitch) -> jnp.ndarray:
     """OpenCV w2c [..., 4, 4] of cameras at pos [..., 3] with yaw (about world z, 0 = +x) and pitch."""
     pos = jnp.asarray(pos, jnp.float32)
@@ -49,7 +48,12 @@ def _catmull_rom(pts, n):
     seg = np.minimum(np.floor(s).astype(int), k - 2)
     u = (s - seg)[:, None]
     p0, p1, p2, p3 = ext[seg], ext[seg + 1], ext[seg + 2], ext[seg + 3]
-    return 0.5 * ((2 * p1) + (-p0 + p2) * u + (2 * p0 - 5 * p1 + 4 * p2 - p3) * u**2 + (-p0 + 3 * p1 - 3 * p2 + p3) * u**3)
+    return 0.5 * (
+        (2 * p1)
+        + (-p0 + p2) * u
+        + (2 * p0 - 5 * p1 + 4 * p2 - p3) * u**2
+        + (-p0 + 3 * p1 - 3 * p2 + p3) * u**3
+    )
 
 
 def _prop_targets(scene: Scene | None):
@@ -67,9 +71,16 @@ def _aim(targets, pos, rng):
     return float(np.arctan2(t[1] - pos[1], t[0] - pos[0]))
 
 
-def exploration_trajectory(seed: int, n_frames: int, *, scene: Scene | None = None, n_waypoints: int = 4,
-                           height=(1.2, 1.7), max_yaw_step_deg: float = 8.0,
-                           max_step_m: float = 0.12) -> np.ndarray:
+def exploration_trajectory(
+    seed: int,
+    n_frames: int,
+    *,
+    scene: Scene | None = None,
+    n_waypoints: int = 4,
+    height=(1.2, 1.7),
+    max_yaw_step_deg: float = 8.0,
+    max_step_m: float = 0.12,
+) -> np.ndarray:
     """Smooth exploration path in the free centre region -> w2c float32 [n_frames, 4, 4].
 
     Waypoints (3-5) are drawn inside `FREE_RADIUS`; position, yaw and pitch are Catmull-Rom
@@ -84,10 +95,14 @@ def exploration_trajectory(seed: int, n_frames: int, *, scene: Scene | None = No
     way = np.stack([rad * np.cos(ang), rad * np.sin(ang), z], -1)
     targets = _prop_targets(scene)
     if targets is None:
-        yaws = rng.uniform(0, 2 * np.pi) + np.cumsum(np.r_[0, rng.uniform(-np.pi / 2, np.pi / 2, n_waypoints - 1)])
+        yaws = rng.uniform(0, 2 * np.pi) + np.cumsum(
+            np.r_[0, rng.uniform(-np.pi / 2, np.pi / 2, n_waypoints - 1)]
+        )
     else:
         yaws = np.array([_aim(targets, w, rng) for w in way])
-        yaws = yaws[0] + np.cumsum(np.r_[0, (np.diff(yaws) + np.pi) % (2 * np.pi) - np.pi])  # unwrap
+        yaws = yaws[0] + np.cumsum(
+            np.r_[0, (np.diff(yaws) + np.pi) % (2 * np.pi) - np.pi]
+        )  # unwrap
     pitches = np.radians(rng.uniform(-15, 0, n_waypoints))
     ctrl = np.concatenate([way, yaws[:, None], pitches[:, None]], -1)
     path = _catmull_rom(ctrl, n_frames)
@@ -102,8 +117,16 @@ def exploration_trajectory(seed: int, n_frames: int, *, scene: Scene | None = No
     return np.asarray(pose_from_yaw_pitch(path[:, :3], path[:, 3], path[:, 4]), np.float32)
 
 
-def loop_trajectory(seed: int, n_out: int, *, scene: Scene | None = None, kind: str = "yaw",
-                    yaw_deg: float = 40.0, dist_m: float = 0.6, pitch_deg: float = -10.0) -> np.ndarray:
+def loop_trajectory(
+    seed: int,
+    n_out: int,
+    *,
+    scene: Scene | None = None,
+    kind: str = "yaw",
+    yaw_deg: float = 40.0,
+    dist_m: float = 0.6,
+    pitch_deg: float = -10.0,
+) -> np.ndarray:
     """Out-and-back loop of ``2 * n_out + 1`` poses -> w2c float32 [2 n_out + 1, 4, 4].
 
     kind: "yaw" (pan by ``yaw_deg`` and back, like the official case_2), "dolly" (translate by
@@ -131,7 +154,9 @@ def loop_trajectory(seed: int, n_out: int, *, scene: Scene | None = None, kind: 
     pos = start[None] + dist[:, None] * step_dir[None]
     r_xy = np.linalg.norm(pos[:, :2], axis=-1, keepdims=True)
     pos[:, :2] *= np.minimum(1.0, FREE_RADIUS / np.maximum(r_xy, 1e-9))
-    out = np.asarray(pose_from_yaw_pitch(pos, yaw, np.full_like(yaw, np.radians(pitch_deg))), np.float32)
+    out = np.asarray(
+        pose_from_yaw_pitch(pos, yaw, np.full_like(yaw, np.radians(pitch_deg))), np.float32
+    )
     return np.concatenate([out, out[-2::-1]], 0)
 
 

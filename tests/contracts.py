@@ -45,8 +45,10 @@ def assert_trees_equal(expected: Any, actual: Any, what: str = "tree") -> None:
 def _trees_differ(a: Any, b: Any) -> bool:
     t_a, la = _leaves(a)
     t_b, lb = _leaves(b)
-    return t_a != t_b or any(x.shape != y.shape or not np.array_equal(x, y)
-                             for (_, x), (_, y) in zip(la, lb, strict=True))
+    return t_a != t_b or any(
+        x.shape != y.shape or not np.array_equal(x, y)
+        for (_, x), (_, y) in zip(la, lb, strict=True)
+    )
 
 
 def assert_resume_bit_exact(
@@ -96,7 +98,8 @@ def assert_resume_bit_exact(
     if first is not None:
         assert _trees_differ(compare(first), compare(full)), (
             f"the run stopped after {kill_after} steps already equals the one at {total}: "
-            "the resume comparison would prove nothing")
+            "the resume comparison would prove nothing"
+        )
     resumed = (resume or run)(split, total)
     assert_trees_equal(compare(full), compare(resumed), "resumed")
     return full, resumed
@@ -128,8 +131,7 @@ def assert_decode_matches_forward(
     for (path, f), (_, d) in zip(fwd, dec, strict=True):
         d = np.moveaxis(d, decode_time_axis, forward_time_axis)
         assert d.shape == f.shape, f"{path}: decode shape {d.shape} != forward {f.shape}"
-        np.testing.assert_allclose(d, f, atol=atol, rtol=rtol,
-                                   err_msg=f"decode vs forward{path}")
+        np.testing.assert_allclose(d, f, atol=atol, rtol=rtol, err_msg=f"decode vs forward{path}")
         first = np.take(f, [0], axis=forward_time_axis)
         varies |= f.shape[forward_time_axis] > 1 and not np.allclose(f, first, atol=atol)
     assert varies, "the outputs do not change along time: the comparison proves nothing"

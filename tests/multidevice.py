@@ -45,15 +45,27 @@ def run_with_devices(devices: int, code: str, timeout: float = 600, **variables)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.npz")
         binds = "".join(f"{k} = {v!r}\n" for k, v in variables.items())
-        script = (_PRELUDE.format(devices=devices) + binds + textwrap.dedent(code)
-                  + _EPILOGUE.format(out=out))
+        script = (
+            _PRELUDE.format(devices=devices)
+            + binds
+            + textwrap.dedent(code)
+            + _EPILOGUE.format(out=out)
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
         env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if proc.returncode:
-            raise AssertionError(f"subprocess with {devices} devices failed:\n"
-                                 f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            raise AssertionError(
+                f"subprocess with {devices} devices failed:\n"
+                f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+            )
         with np.load(out) as data:
             return {k: data[k] for k in data.files}
 
@@ -63,8 +75,7 @@ def flat_params(state) -> dict:
     from flax import nnx
 
     params = getattr(state, "params", state)
-    return {"/".join(str(p) for p in path): np.asarray(v)
-            for path, v in nnx.to_flat_state(params)}
+    return {"/".join(str(p) for p in path): np.asarray(v) for path, v in nnx.to_flat_state(params)}
 
 
 def assert_params_close(got: dict, want: dict, *, rtol: float, atol: float) -> None:

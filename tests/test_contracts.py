@@ -37,8 +37,11 @@ def test_resume_contract_passes_a_faithful_resume(tmp_path):
     np.testing.assert_array_equal(full["w"], resumed["w"])
 
 
-@pytest.mark.parametrize("run", [_toy_run(resume_offset=1e-3), _toy_run(restart_count=True)],
-                         ids=["perturbed_restore", "restarted_count"])
+@pytest.mark.parametrize(
+    "run",
+    [_toy_run(resume_offset=1e-3), _toy_run(restart_count=True)],
+    ids=["perturbed_restore", "restarted_count"],
+)
 def test_resume_contract_catches_a_broken_resume(run, tmp_path):
     with pytest.raises(AssertionError):
         assert_resume_bit_exact(run, tmp_path, kill_after=3, total=5)
@@ -50,11 +53,21 @@ def test_resume_contract_rejects_a_trivial_split_and_other_structures(tmp_path):
     with pytest.raises(AssertionError, match="prove nothing"):
         assert_resume_bit_exact(run, tmp_path / "a", kill_after=5, total=5)
     with pytest.raises(AssertionError, match="structure"):
-        assert_resume_bit_exact(run, tmp_path / "b", kill_after=3, total=5,
-                                uninterrupted={"w": np.zeros(2, np.float32), "extra": 0})
+        assert_resume_bit_exact(
+            run,
+            tmp_path / "b",
+            kill_after=3,
+            total=5,
+            uninterrupted={"w": np.zeros(2, np.float32), "extra": 0},
+        )
     with pytest.raises(AssertionError, match="dtype"):
-        assert_resume_bit_exact(run, tmp_path / "c", kill_after=3, total=5,
-                                uninterrupted={"w": run(tmp_path / "d", 5)["w"].astype(float)})
+        assert_resume_bit_exact(
+            run,
+            tmp_path / "c",
+            kill_after=3,
+            total=5,
+            uninterrupted={"w": run(tmp_path / "d", 5)["w"].astype(float)},
+        )
 
 
 def _causal_cumsum():
@@ -74,5 +87,4 @@ def test_decode_contract():
         assert_decode_matches_forward({"y": full}, {"y": steps[:-1]}, atol=1e-6, rtol=0.0)
     constant = np.ones((2, 6, 3), np.float32)  # nothing depends on the position
     with pytest.raises(AssertionError, match="along time"):
-        assert_decode_matches_forward(constant, np.swapaxes(constant, 0, 1), atol=1e-6,
-                                      rtol=0.0)
+        assert_decode_matches_forward(constant, np.swapaxes(constant, 0, 1), atol=1e-6, rtol=0.0)

@@ -70,8 +70,11 @@ class DataConfig:
         req("max_len", self.max_len >= 1, ">= 1")
         req("noise_std", self.noise_std >= 0, ">= 0")
         req("star_noise_std", self.star_noise_std >= 0, ">= 0")
-        req("n_candidates", self.n_candidates is None or self.n_candidates >= self.batch_size,
-            f"None or >= batch_size ({self.batch_size})")
+        req(
+            "n_candidates",
+            self.n_candidates is None or self.n_candidates >= self.batch_size,
+            f"None or >= batch_size ({self.batch_size})",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,22 +113,49 @@ def tiny() -> Config:
     return Config(
         env=EnvConfig(horizon=128),
         data=DataConfig(batch_size=8, max_len=128, n_candidates=12),
-        model=HawkConfig(dim=32, depth=2, num_heads=4, mlp_hidden=64,
-                         obs_dim=POINT_OBS_DIM, action_dim=POINT_ACTION_DIM),
-        pretrain=PretrainConfig(steps=40, optim=adamw(40, 3e-3), log_every=10,
-                                save_every=20, eval_every=20, eval_episodes=16),
-        probe=ProbeConfig(train_trajectories=32, eval_trajectories=16, steps=100,
-                          batch_size=128, max_position=8),
+        model=HawkConfig(
+            dim=32,
+            depth=2,
+            num_heads=4,
+            mlp_hidden=64,
+            obs_dim=POINT_OBS_DIM,
+            action_dim=POINT_ACTION_DIM,
+        ),
+        pretrain=PretrainConfig(
+            steps=40,
+            optim=adamw(40, 3e-3),
+            log_every=10,
+            save_every=20,
+            eval_every=20,
+            eval_episodes=16,
+        ),
+        probe=ProbeConfig(
+            train_trajectories=32, eval_trajectories=16, steps=100, batch_size=128, max_position=8
+        ),
         metacontroller=MetacontrollerConfig(rank=32, embed_width=32),
-        mctrain=MetaTrainConfig(steps=100, batch_size=8, optim=adamw(100, 3e-4),
-                                alphas=(0.1,), cotrain_steps=100,
-                                cotrain_optim=adamw(100, 3e-4), save_every=50),
-        control=ControlConfig(layers=(1,), steps=20, batch_size=8, optim=adamw(20, 1e-3),
-                              save_every=10, eval_episodes=16),
-        rl=RLConfig(episodes=64, batch_episodes=32, optim=adamw(2, 1e-3, wd=0.0),
-                    updates_per_call=2),
-        reproduce=ReproduceConfig(rl_seeds=1, methods=("internal_rl", "raw_action_rl"),
-                                  diagnostic_methods=()),
+        mctrain=MetaTrainConfig(
+            steps=100,
+            batch_size=8,
+            optim=adamw(100, 3e-4),
+            alphas=(0.1,),
+            cotrain_steps=100,
+            cotrain_optim=adamw(100, 3e-4),
+            save_every=50,
+        ),
+        control=ControlConfig(
+            layers=(1,),
+            steps=20,
+            batch_size=8,
+            optim=adamw(20, 1e-3),
+            save_every=10,
+            eval_episodes=16,
+        ),
+        rl=RLConfig(
+            episodes=64, batch_episodes=32, optim=adamw(2, 1e-3, wd=0.0), updates_per_call=2
+        ),
+        reproduce=ReproduceConfig(
+            rl_seeds=1, methods=("internal_rl", "raw_action_rl"), diagnostic_methods=()
+        ),
     )
 
 
@@ -141,22 +171,55 @@ def small() -> Config:
       RL 1e-4), 2 seeds per method, on the held-out task 0-1-2-3 and (internal and
       raw-action RL) on the diagnostic task 0-3-2-1 of seen transitions."""
     return Config(
-        model=HawkConfig(dim=128, depth=4, num_heads=8, mlp_hidden=256,
-                         obs_dim=POINT_OBS_DIM, action_dim=POINT_ACTION_DIM),
-        pretrain=PretrainConfig(steps=4000, optim=adamw(4000, 3e-4), log_every=50,
-                                save_every=250, eval_every=500, eval_episodes=128),
-        probe=ProbeConfig(train_trajectories=512, eval_trajectories=256, steps=2000,
-                          batch_size=512, max_position=24, checkpoints=(1000, 2000)),
-        control=ControlConfig(layers=(0, 2, 4), steps=500, batch_size=32,
-                              optim=adamw(500, 1e-3), save_every=250, eval_episodes=256),
+        model=HawkConfig(
+            dim=128,
+            depth=4,
+            num_heads=8,
+            mlp_hidden=256,
+            obs_dim=POINT_OBS_DIM,
+            action_dim=POINT_ACTION_DIM,
+        ),
+        pretrain=PretrainConfig(
+            steps=4000,
+            optim=adamw(4000, 3e-4),
+            log_every=50,
+            save_every=250,
+            eval_every=500,
+            eval_episodes=128,
+        ),
+        probe=ProbeConfig(
+            train_trajectories=512,
+            eval_trajectories=256,
+            steps=2000,
+            batch_size=512,
+            max_position=24,
+            checkpoints=(1000, 2000),
+        ),
+        control=ControlConfig(
+            layers=(0, 2, 4),
+            steps=500,
+            batch_size=32,
+            optim=adamw(500, 1e-3),
+            save_every=250,
+            eval_episodes=256,
+        ),
         metacontroller=MetacontrollerConfig(rank=128),
-        mctrain=MetaTrainConfig(steps=1000, batch_size=32, optim=adamw(1000, 3e-4),
-                                alphas=(0.01, 0.03, 0.1, 0.3), save_every=250, cotrain_steps=4000,
-                                cotrain_optim=adamw(4000, 3e-4), cotrain_from_scratch=False),
+        mctrain=MetaTrainConfig(
+            steps=1000,
+            batch_size=32,
+            optim=adamw(1000, 3e-4),
+            alphas=(0.01, 0.03, 0.1, 0.3),
+            save_every=250,
+            cotrain_steps=4000,
+            cotrain_optim=adamw(4000, 3e-4),
+            cotrain_from_scratch=False,
+        ),
         rl=RLConfig(episodes=12_800, batch_episodes=128, optim=adamw(100, 1e-3, wd=0.0)),
-        reproduce=ReproduceConfig(rl_seeds=2, rl_tasks=("heldout", "seen_transitions"),
-                                  methods=("internal_rl", "raw_action_rl",
-                                           "no_temporal_abstraction")),
+        reproduce=ReproduceConfig(
+            rl_seeds=2,
+            rl_tasks=("heldout", "seen_transitions"),
+            methods=("internal_rl", "raw_action_rl", "no_temporal_abstraction"),
+        ),
     )
 
 
@@ -171,25 +234,58 @@ def paper() -> Config:
     runs/ant_expert`), D* takes its mean."""
     return Config(
         env=EnvConfig(kind="ant", cell_size=2.0, horizon=500),
-        data=DataConfig(batch_size=512, max_len=500, noise_std=1.0,
-                        expert_run_dir="runs/ant_expert"),
-        model=HawkConfig(dim=256, depth=8, lru_width=256, num_heads=8, mlp_hidden=512,
-                         init_scale=0.1, obs_dim=41, action_dim=8),
-        pretrain=PretrainConfig(steps=204_800, optim=adamw(204_800, 3e-4, clip=None),
-                                log_every=100, save_every=4000, eval_every=16_000,
-                                eval_episodes=1024),
-        probe=ProbeConfig(train_trajectories=16_384, eval_trajectories=2048, steps=8000,
-                          batch_size=512, optim=adamw(8000, 1e-3, wd=0.0, clip=None),
-                          max_position=32, checkpoints=(16_000, 32_000, 64_000, 128_000)),
+        data=DataConfig(
+            batch_size=512, max_len=500, noise_std=1.0, expert_run_dir="runs/ant_expert"
+        ),
+        model=HawkConfig(
+            dim=256,
+            depth=8,
+            lru_width=256,
+            num_heads=8,
+            mlp_hidden=512,
+            init_scale=0.1,
+            obs_dim=41,
+            action_dim=8,
+        ),
+        pretrain=PretrainConfig(
+            steps=204_800,
+            optim=adamw(204_800, 3e-4, clip=None),
+            log_every=100,
+            save_every=4000,
+            eval_every=16_000,
+            eval_episodes=1024,
+        ),
+        probe=ProbeConfig(
+            train_trajectories=16_384,
+            eval_trajectories=2048,
+            steps=8000,
+            batch_size=512,
+            optim=adamw(8000, 1e-3, wd=0.0, clip=None),
+            max_position=32,
+            checkpoints=(16_000, 32_000, 64_000, 128_000),
+        ),
         metacontroller=MetacontrollerConfig(rank=256),
-        mctrain=MetaTrainConfig(steps=32_000, batch_size=128, optim=adamw(32_000, 3e-4, 0.03),
-                                alphas=(0.0, 0.05, 0.1, 0.17, 0.3, 0.5, 1.0), seeds=3,
-                                cotrain_steps=204_800, cotrain_optim=adamw(204_800, 3e-4),
-                                cotrain_from_scratch=False, save_every=4000, log_every=100,
-                                eval_batches=8),
-        rl=RLConfig(episodes=51_200 * 256, batch_episodes=256,
-                    optim=adamw(51_200, 3e-5, wd=0.0), entropy_coef=0.0, policy_width=256,
-                    updates_per_call=100),
+        mctrain=MetaTrainConfig(
+            steps=32_000,
+            batch_size=128,
+            optim=adamw(32_000, 3e-4, 0.03),
+            alphas=(0.0, 0.05, 0.1, 0.17, 0.3, 0.5, 1.0),
+            seeds=3,
+            cotrain_steps=204_800,
+            cotrain_optim=adamw(204_800, 3e-4),
+            cotrain_from_scratch=False,
+            save_every=4000,
+            log_every=100,
+            eval_batches=8,
+        ),
+        rl=RLConfig(
+            episodes=51_200 * 256,
+            batch_episodes=256,
+            optim=adamw(51_200, 3e-5, wd=0.0),
+            entropy_coef=0.0,
+            policy_width=256,
+            updates_per_call=100,
+        ),
     )
 
 

@@ -109,8 +109,9 @@ def point_expert_batch(
 ) -> dict[str, jax.Array]:
     """`expert_batch` of the scripted BFS + PD point expert with Gaussian action noise of std
     `noise_std` (may be traced: D and D* share a program)."""
-    return expert_batch(env, expert_policy(env, noise_std), key, tasks, batch_size, max_len,
-                        n_candidates)
+    return expert_batch(
+        env, expert_policy(env, noise_std), key, tasks, batch_size, max_len, n_candidates
+    )
 
 
 def _batch_program(env: PointPinpad, batch_size: int, max_len: int, n_candidates: int | None):
@@ -118,8 +119,12 @@ def _batch_program(env: PointPinpad, batch_size: int, max_len: int, n_candidates
     per env and shapes (`common.train.STEPS`)."""
     return STEPS.get(
         ("internal_rl.point_expert_batch", env, batch_size, max_len, n_candidates),
-        lambda: jax.jit(lambda key, tasks, noise_std: point_expert_batch(
-            env, key, tasks, batch_size, max_len, noise_std, n_candidates)))
+        lambda: jax.jit(
+            lambda key, tasks, noise_std: point_expert_batch(
+                env, key, tasks, batch_size, max_len, noise_std, n_candidates
+            )
+        ),
+    )
 
 
 class PointExpertDataset(ExpertDataset):
@@ -144,8 +149,9 @@ class PointExpertDataset(ExpertDataset):
         if noise_std < 0:
             raise ValueError(f"noise_std: expected >= 0, got {noise_std}")
         if n_candidates is not None and n_candidates < batch_size:
-            raise ValueError(f"n_candidates: expected >= batch_size ({batch_size}), "
-                             f"got {n_candidates}")
+            raise ValueError(
+                f"n_candidates: expected >= batch_size ({batch_size}), got {n_candidates}"
+            )
         self.n_candidates = n_candidates
         program = _batch_program(env, batch_size, max_len, n_candidates)
         tasks_j = jnp.asarray(self.tasks)
@@ -162,10 +168,10 @@ def _ant_batch_program(expert_cfg, batch_size: int, max_len: int, n_candidates: 
     """Jitted (key, tasks, noise f32 [], expert params) -> `expert_batch` of the trained Ant
     expert (params are an argument: a new checkpoint does not recompile), one per expert
     config and shapes (`common.train.STEPS`)."""
-    return STEPS.get(("internal_rl.ant_expert_batch", expert_cfg, batch_size, max_len,
-                      n_candidates),
-                     lambda: _build_ant_batch_program(expert_cfg, batch_size, max_len,
-                                                      n_candidates))
+    return STEPS.get(
+        ("internal_rl.ant_expert_batch", expert_cfg, batch_size, max_len, n_candidates),
+        lambda: _build_ant_batch_program(expert_cfg, batch_size, max_len, n_candidates),
+    )
 
 
 def _build_ant_batch_program(expert_cfg, batch_size, max_len, n_candidates):
@@ -174,8 +180,9 @@ def _build_ant_batch_program(expert_cfg, batch_size, max_len, n_candidates):
     program = build_program(expert_cfg)
 
     def run(key, tasks, noise, params):
-        policy = expert_policy(expert_cfg, params, noise, env=program.env,
-                               graphdef=program.graphdef)
+        policy = expert_policy(
+            expert_cfg, params, noise, env=program.env, graphdef=program.graphdef
+        )
         return expert_batch(program.env, policy, key, tasks, batch_size, max_len, n_candidates)
 
     return jax.jit(run)
@@ -190,20 +197,31 @@ class AntExpertDataset(ExpertDataset):
     gives all-False masks.
     """
 
-    def __init__(self, expert_cfg, expert_params, tasks: Any, batch_size: int, max_len: int,
-                 noise: float = 1.0, seed: int = 0, n_candidates: int | None = None):
+    def __init__(
+        self,
+        expert_cfg,
+        expert_params,
+        tasks: Any,
+        batch_size: int,
+        max_len: int,
+        noise: float = 1.0,
+        seed: int = 0,
+        n_candidates: int | None = None,
+    ):
         from internal_rl.ant_expert import build_program
 
         env = build_program(expert_cfg).env
         super().__init__(env, tasks, batch_size, max_len, epsilon=noise, seed=seed)
         if max_len > env.horizon:
-            raise ValueError(f"max_len: expected <= the expert's horizon ({env.horizon}), "
-                             f"got {max_len}")
+            raise ValueError(
+                f"max_len: expected <= the expert's horizon ({env.horizon}), got {max_len}"
+            )
         if noise < 0:
             raise ValueError(f"noise: expected >= 0 (a scale of the expert's std), got {noise}")
         if n_candidates is not None and n_candidates < batch_size:
-            raise ValueError(f"n_candidates: expected >= batch_size ({batch_size}), "
-                             f"got {n_candidates}")
+            raise ValueError(
+                f"n_candidates: expected >= batch_size ({batch_size}), got {n_candidates}"
+            )
         program = _ant_batch_program(expert_cfg, batch_size, max_len, n_candidates)
         tasks_j, noise_j = jnp.asarray(self.tasks), jnp.float32(noise)
         self._fn = lambda key: program(key, tasks_j, noise_j, expert_params)

@@ -47,8 +47,7 @@ from internal_rl.stage import (
 from internal_rl.stage import init_train_state as _init_train_state
 
 # The task tables the later stages evaluate on, by name (`internal_rl.pipeline`).
-TASKS = {"pretrain": pretrain_tasks, "heldout": post_task,
-         "seen_transitions": seen_transition_task}
+TASKS = {"pretrain": pretrain_tasks, "heldout": post_task, "seen_transitions": seen_transition_task}
 TASK_WIDTH = len(POST_TASK)  # eval tasks padded to 4 colours: one program for both task sets
 
 
@@ -58,8 +57,14 @@ def _make_env(env_cfg: EnvConfig) -> PointPinpad | AntPinpad:
     # data and evaluation programs are keyed on this object in `common.train.STEPS`.
     e = env_cfg
     cls = PointPinpad if e.kind == "point" else AntPinpad
-    return cls(size=e.size, cell_size=e.cell_size, num_colours=e.num_colours,
-               num_walls=e.num_walls, horizon=e.horizon, frame_skip=e.frame_skip)
+    return cls(
+        size=e.size,
+        cell_size=e.cell_size,
+        num_colours=e.num_colours,
+        num_walls=e.num_walls,
+        horizon=e.horizon,
+        frame_skip=e.frame_skip,
+    )
 
 
 def make_env(cfg: Config) -> PointPinpad | AntPinpad:
@@ -71,14 +76,17 @@ def build_model(cfg: Config) -> HawkModel:
     """A fresh Hawk base model; its I/O sizes must match the env's."""
     env = make_env(cfg)
     if cfg.model.obs_dim != env.obs_dim or cfg.model.action_dim != env.action_shape[0]:
-        raise ValueError(f"model.obs_dim / model.action_dim = {cfg.model.obs_dim} / "
-                         f"{cfg.model.action_dim}, but the {cfg.env.kind} env has "
-                         f"{env.obs_dim} / {env.action_shape[0]}")
+        raise ValueError(
+            f"model.obs_dim / model.action_dim = {cfg.model.obs_dim} / "
+            f"{cfg.model.action_dim}, but the {cfg.env.kind} env has "
+            f"{env.obs_dim} / {env.action_shape[0]}"
+        )
     return HawkModel(cfg.model, rngs=nnx.Rngs(stream_seed(cfg.seed, "model")))
 
 
-def make_dataset(cfg: Config, stream: str | tuple, batch_size: int | None = None, *,
-                 star: bool = False) -> PointExpertDataset | AntExpertDataset:
+def make_dataset(
+    cfg: Config, stream: str | tuple, batch_size: int | None = None, *, star: bool = False
+) -> PointExpertDataset | AntExpertDataset:
     """Expert data on the pretraining tasks: D (noise cfg.data.noise_std) or, with `star`,
     D* (cfg.data.star_noise_std). `stream` names an independent seed of cfg.seed
     (`common.rng.stream_seed`). The point-mass expert is scripted; the Ant's is the trained
@@ -87,12 +95,26 @@ def make_dataset(cfg: Config, stream: str | tuple, batch_size: int | None = None
     noise = d.star_noise_std if star else d.noise_std
     seed = stream_seed(cfg.seed, *stream_names(stream))
     if cfg.env.kind == "point":
-        return PointExpertDataset(make_env(cfg), pretrain_tasks(), batch_size or d.batch_size,
-                                  d.max_len, noise, seed=seed, n_candidates=d.n_candidates)
+        return PointExpertDataset(
+            make_env(cfg),
+            pretrain_tasks(),
+            batch_size or d.batch_size,
+            d.max_len,
+            noise,
+            seed=seed,
+            n_candidates=d.n_candidates,
+        )
     expert_cfg, params = _ant_expert(cfg)
-    return AntExpertDataset(expert_cfg, params, pretrain_tasks(TASK_WIDTH),
-                            batch_size or d.batch_size, d.max_len, noise, seed=seed,
-                            n_candidates=d.n_candidates)
+    return AntExpertDataset(
+        expert_cfg,
+        params,
+        pretrain_tasks(TASK_WIDTH),
+        batch_size or d.batch_size,
+        d.max_len,
+        noise,
+        seed=seed,
+        n_candidates=d.n_candidates,
+    )
 
 
 def _ant_expert(cfg: Config):
@@ -100,20 +122,31 @@ def _ant_expert(cfg: Config):
     from internal_rl.ant_expert import build_program, load_expert
 
     if cfg.data.expert_run_dir is None:
-        raise ValueError("data.expert_run_dir: the Ant-pinpad's data come from a trained "
-                         "expert; train one (python -m internal_rl.ant_expert --run-dir DIR) "
-                         "and set data.expert_run_dir=DIR")
+        raise ValueError(
+            "data.expert_run_dir: the Ant-pinpad's data come from a trained "
+            "expert; train one (python -m internal_rl.ant_expert --run-dir DIR) "
+            "and set data.expert_run_dir=DIR"
+        )
     expert_cfg, params = load_expert(cfg.data.expert_run_dir)
     expert_env, env = build_program(expert_cfg).env, make_env(cfg)
+
     def geometry(e):
-        return dict(size=e.grid.size, cell_size=e.grid.cell_size, num_colours=e.num_colours,
-                    num_walls=e.num_walls, horizon=e.horizon, frame_skip=e.frame_skip)
+        return dict(
+            size=e.grid.size,
+            cell_size=e.grid.cell_size,
+            num_colours=e.num_colours,
+            num_walls=e.num_walls,
+            horizon=e.horizon,
+            frame_skip=e.frame_skip,
+        )
 
     theirs, ours = geometry(expert_env), geometry(env)
     mismatch = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
     if mismatch:
-        raise ValueError(f"data.expert_run_dir={cfg.data.expert_run_dir}: the expert's env "
-                         f"differs from cfg.env in {mismatch} (expert, config)")
+        raise ValueError(
+            f"data.expert_run_dir={cfg.data.expert_run_dir}: the expert's env "
+            f"differs from cfg.env in {mismatch} (expert, config)"
+        )
     return expert_cfg, params
 
 
@@ -159,8 +192,10 @@ def make_base_eval(cfg: Config, graphdef, horizon: int | None = None):
     the uncontrolled base model acting with its Gaussian head (mean when greedy)."""
     env = make_env(cfg)
     horizon = horizon or env.horizon
-    return STEPS.get(("internal_rl.hawk_base_eval", env, graphdef, horizon),
-                     lambda: _build_base_eval(env, graphdef, horizon))
+    return STEPS.get(
+        ("internal_rl.hawk_base_eval", env, graphdef, horizon),
+        lambda: _build_base_eval(env, graphdef, horizon),
+    )
 
 
 def _build_base_eval(env, graphdef, horizon: int):
@@ -171,14 +206,16 @@ def _build_base_eval(env, graphdef, horizon: int):
             out, caches = model.decode_step(obs, caches, return_residuals=False)
             return out.action_mean[:, 0], out.action_log_std, caches
 
-        return gaussian_closed_loop(env, step_fn, model.init_caches(tasks.shape[0]), key,
-                                    tasks, horizon, greedy)
+        return gaussian_closed_loop(
+            env, step_fn, model.init_caches(tasks.shape[0]), key, tasks, horizon, greedy
+        )
 
     return jax.jit(run)
 
 
-def closed_loop_metrics(base_eval, params, frozen, key: jax.Array,
-                        num_episodes: int) -> dict[str, float]:
+def closed_loop_metrics(
+    base_eval, params, frozen, key: jax.Array, num_episodes: int
+) -> dict[str, float]:
     """Sampled and greedy episode summaries on the pretraining tasks and the held-out task:
     keys {pretrain_task, post_task}[_greedy]_{success_rate, mean_progress, mean_length}."""
     metrics = {}
@@ -200,7 +237,8 @@ def run_pretrain(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = Tr
     heldout_batch = jax.tree.map(np.asarray, make_dataset(cfg, "heldout").batch_at(0))
     batch_eval = STEPS.get(
         ("internal_rl.hawk_pretrain_eval", graphdef, obs_coef),
-        lambda: jax.jit(lambda p, f, b: loss_fn(nnx.merge(graphdef, p, f), b, None)))
+        lambda: jax.jit(lambda p, f, b: loss_fn(nnx.merge(graphdef, p, f), b, None)),
+    )
     base_eval = make_base_eval(cfg, graphdef)
     n_eval = cfg.pretrain.eval_episodes
     eval_key = stream_key(cfg.seed, "eval")
@@ -214,15 +252,24 @@ def run_pretrain(cfg: Config, run_dir: str | pathlib.Path, *, verbose: bool = Tr
         return metrics
 
     return run_pretrain_stage(
-        cfg, run_dir, graphdef=graphdef, state=state, loss_fn=loss_fn,
-        loss_key=("internal_rl.hawk_pretrain", obs_coef), data=make_dataset(cfg, "data"),
-        checkpoint_config=pretrain_checkpoint_config(cfg), ignore=IGNORE, evaluate=evaluate,
-        verbose=verbose)
+        cfg,
+        run_dir,
+        graphdef=graphdef,
+        state=state,
+        loss_fn=loss_fn,
+        loss_key=("internal_rl.hawk_pretrain", obs_coef),
+        data=make_dataset(cfg, "data"),
+        checkpoint_config=pretrain_checkpoint_config(cfg),
+        ignore=IGNORE,
+        evaluate=evaluate,
+        verbose=verbose,
+    )
 
 
 def load_base_model(cfg: Config, run_dir: str | pathlib.Path, step: int | None = None) -> HawkModel:
     """The pretrained base model from run_dir's checkpoints (latest step by default)."""
     graphdef, state, _ = init_train_state(cfg)
     ckpt = pretrain_checkpointer(pathlib.Path(run_dir), pretrain_checkpoint_config(cfg), IGNORE)
-    return restore_pretrained(graphdef, state, ckpt, step,
-                              "python -m internal_rl pretrain --env point")
+    return restore_pretrained(
+        graphdef, state, ckpt, step, "python -m internal_rl pretrain --env point"
+    )

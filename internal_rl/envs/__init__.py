@@ -24,7 +24,22 @@ from internal_rl.envs.gridworld import (
 )
 
 __all__ = [
-    "PAD", "PinpadEnv", "batch_rollout", "make_task", "make_tasks", "rollout", "stateless",
-    "task_length", "POST_TASK", "PRETRAIN_TASKS", "SEEN_TRANSITION_TASK", "GridPinpad", "GridState", "distance_maps",
-    "pair_transitions", "post_task", "pretrain_tasks", "seen_transition_task",
+    "PAD",
+    "PinpadEnv",
+    "batch_rollout",
+    "make_task",
+    "make_tasks",
+    "rollout",
+    "stateless",
+    "task_length",
+    "POST_TASK",
+    "PRETRAIN_TASKS",
+    "SEEN_TRANSITION_TASK",
+    "GridPinpad",
+    "GridState",
+    "distance_maps",
+    "pair_transitions",
+    "post_task",
+    "pretrain_tasks",
+    "seen_transition_task",
 ]

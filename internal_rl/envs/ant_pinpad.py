@@ -119,9 +119,16 @@ class AntPinpad(MJXPinpad):
 
     action_shape = (8,)
 
-    def __init__(self, size: int = 4, cell_size: float = 2.0, num_colours: int = 4,
-                 num_walls: int = 1, horizon: int = 500, frame_skip: int = 5,
-                 reset_noise: float = 0.1):
+    def __init__(
+        self,
+        size: int = 4,
+        cell_size: float = 2.0,
+        num_colours: int = 4,
+        num_walls: int = 1,
+        horizon: int = 500,
+        frame_skip: int = 5,
+        reset_noise: float = 0.1,
+    ):
         super().__init__(ANT_XML, size, cell_size, num_colours, num_walls, horizon, frame_skip)
         self.reset_noise = reset_noise
         self.init_qpos = np.asarray(self.mj_model.numeric("init_qpos").data, np.float32)
@@ -143,8 +150,9 @@ class AntPinpad(MJXPinpad):
         computed by the next `mjx.step` (its forward pass), which keeps `mjx.forward` out
         of the reset program (it would double the compile time on a CPU).
         """
-        data = mjx.make_data(self.model).replace(qpos=jnp.asarray(qpos, jnp.float32),
-                                                 qvel=jnp.asarray(qvel, jnp.float32))
+        data = mjx.make_data(self.model).replace(
+            qpos=jnp.asarray(qpos, jnp.float32), qvel=jnp.asarray(qvel, jnp.float32)
+        )
         return ContinuousState(pad._replace(agent=self.grid.cell_of(data.qpos[:2])), data)
 
     def reset(self, key: jax.Array, task: jax.Array) -> tuple[ContinuousState, jax.Array]:
@@ -154,7 +162,8 @@ class AntPinpad(MJXPinpad):
         pad, _ = self.layouts.reset(k_layout, task)
         noise = self.reset_noise
         qpos = jnp.asarray(self.init_qpos) + jax.random.uniform(
-            k_q, (self.nq,), minval=-noise, maxval=noise)
+            k_q, (self.nq,), minval=-noise, maxval=noise
+        )
         yaw = jax.random.uniform(k_yaw, (), minval=-jnp.pi, maxval=jnp.pi)
         qpos = qpos.at[:2].set(self.grid.sample_in_cell(k_xy, pad.agent))
         qpos = qpos.at[3:7].set(yaw_quaternion(yaw))
@@ -168,7 +177,8 @@ class AntPinpad(MJXPinpad):
         torso height left [0.2, 1.0]). After `done` the state is frozen and the reward 0."""
         data = self.physics(state.data, action)
         unhealthy = ~is_healthy(data.qpos[2])
-        pad, reward, info = advance(state.pad, self.grid.cell_of(data.qpos[:2]), self.horizon,
-                                    failure=unhealthy)
+        pad, reward, info = advance(
+            state.pad, self.grid.cell_of(data.qpos[:2]), self.horizon, failure=unhealthy
+        )
         new = freeze_when_done(~state.done, ContinuousState(pad, data), state)
         return new, self.observe(new), reward, new.done, info

@@ -117,12 +117,20 @@ def rollout(
         subgoal = env.subgoal(state)
         pcarry, action = policy_fn(pcarry, k, obs, state)
         state, next_obs, reward, done, _ = env.step(state, action)
-        out = dict(obs=obs, next_obs=next_obs, action=action, reward=reward, done=done,
-                   valid=alive, subgoal=subgoal)
+        out = dict(
+            obs=obs,
+            next_obs=next_obs,
+            action=action,
+            reward=reward,
+            done=done,
+            valid=alive,
+            subgoal=subgoal,
+        )
         return (state, next_obs, pcarry), out
 
     (state, _, _), traj = jax.lax.scan(
-        body, (state, obs, policy_carry), jax.random.split(k_policy, num_steps))
+        body, (state, obs, policy_carry), jax.random.split(k_policy, num_steps)
+    )
     return traj, state
 
 

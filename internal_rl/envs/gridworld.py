@@ -33,10 +33,22 @@ from internal_rl.envs.base import make_tasks, task_length
 
 # Table A1: the 16 pretraining tasks (3 abstract subgoals = colour pairs each).
 PRETRAIN_TASKS: tuple[tuple[int, ...], ...] = (
-    (0, 1, 4, 5, 0, 1), (0, 1, 4, 5, 2, 3), (0, 1, 6, 7, 2, 3), (2, 3, 0, 1, 4, 5),
-    (2, 3, 6, 7, 2, 3), (2, 3, 6, 7, 4, 5), (4, 5, 0, 1, 4, 5), (4, 5, 0, 1, 6, 7),
-    (4, 5, 2, 3, 6, 7), (6, 7, 2, 3, 0, 1), (6, 7, 2, 3, 6, 7), (6, 7, 4, 5, 0, 1),
-    (0, 1, 6, 7, 4, 5), (2, 3, 0, 1, 6, 7), (4, 5, 2, 3, 0, 1), (6, 7, 4, 5, 2, 3),
+    (0, 1, 4, 5, 0, 1),
+    (0, 1, 4, 5, 2, 3),
+    (0, 1, 6, 7, 2, 3),
+    (2, 3, 0, 1, 4, 5),
+    (2, 3, 6, 7, 2, 3),
+    (2, 3, 6, 7, 4, 5),
+    (4, 5, 0, 1, 4, 5),
+    (4, 5, 0, 1, 6, 7),
+    (4, 5, 2, 3, 6, 7),
+    (6, 7, 2, 3, 0, 1),
+    (6, 7, 2, 3, 6, 7),
+    (6, 7, 4, 5, 0, 1),
+    (0, 1, 6, 7, 4, 5),
+    (2, 3, 0, 1, 6, 7),
+    (4, 5, 2, 3, 0, 1),
+    (6, 7, 4, 5, 2, 3),
 )
 # The held-out post-training task A B C D A B (only unseen pair transitions).
 POST_TASK: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3)
@@ -96,8 +108,10 @@ def distance_maps(walls: jax.Array, colours: jax.Array, size: int) -> jax.Array:
 
     def sweep(d):
         p = jnp.pad(d, ((0, 0), (1, 1), (1, 1)), constant_values=INF)
-        best = jnp.minimum(jnp.minimum(p[:, :-2, 1:-1], p[:, 2:, 1:-1]),
-                           jnp.minimum(p[:, 1:-1, :-2], p[:, 1:-1, 2:]))
+        best = jnp.minimum(
+            jnp.minimum(p[:, :-2, 1:-1], p[:, 2:, 1:-1]),
+            jnp.minimum(p[:, 1:-1, :-2], p[:, 1:-1, 2:]),
+        )
         return jnp.where(passable, jnp.minimum(d, jnp.minimum(best + 1, INF)), INF)
 
     def cond(carry):
@@ -130,17 +144,25 @@ class GridPinpad:
         if self.size < 2:
             raise ValueError(f"size: expected >= 2, got {self.size}")
         if self.num_colours % 2:
-            raise ValueError(f"num_colours: expected an even number (pairs), got {self.num_colours}")
+            raise ValueError(
+                f"num_colours: expected an even number (pairs), got {self.num_colours}"
+            )
         if self.num_entities > self.size * self.size:
             raise ValueError(
-                f"{self.num_entities} entities do not fit a {self.size}x{self.size} grid")
+                f"{self.num_entities} entities do not fit a {self.size}x{self.size} grid"
+            )
         width = self.num_walls + self.num_colours
         for i, layout in enumerate(self.layouts):
             cells = [int(c) for c in layout]
-            if (len(cells) != width or len(set(cells)) != width
-                    or not all(0 <= c < self.num_cells for c in cells)):
-                raise ValueError(f"layouts[{i}]: expected {width} distinct cell ids in "
-                                 f"0..{self.num_cells - 1} (walls then colours), got {layout}")
+            if (
+                len(cells) != width
+                or len(set(cells)) != width
+                or not all(0 <= c < self.num_cells for c in cells)
+            ):
+                raise ValueError(
+                    f"layouts[{i}]: expected {width} distinct cell ids in "
+                    f"0..{self.num_cells - 1} (walls then colours), got {layout}"
+                )
 
     @property
     def num_cells(self) -> int:
@@ -193,8 +215,9 @@ class GridPinpad:
         target = jnp.maximum(state.task, 0)
         prev = jnp.concatenate([state.agent[None], state.colours[target[:-1]]])
         walls = state.walls
-        nexts = jax.vmap(lambda c: jax.vmap(lambda a: self.move(c, a, walls))(
-            jnp.arange(self.num_actions)))(prev)  # [K, A]
+        nexts = jax.vmap(
+            lambda c: jax.vmap(lambda a: self.move(c, a, walls))(jnp.arange(self.num_actions))
+        )(prev)  # [K, A]
         d = state.dist[target[:, None], nexts]  # [K, A]
         leg = jnp.minimum(jnp.min(d, axis=-1) + 1, INF)
         return jnp.where(jnp.arange(k) < state.task_len, leg, 0)
@@ -207,15 +230,25 @@ class GridPinpad:
         walls = jnp.asarray(walls, jnp.int32)
         colours = jnp.asarray(colours, jnp.int32)
         if walls.shape != (self.num_walls,) or colours.shape != (self.num_colours,):
-            raise ValueError(f"layout: expected walls [{self.num_walls}] and colours "
-                             f"[{self.num_colours}], got {walls.shape} and {colours.shape}")
+            raise ValueError(
+                f"layout: expected walls [{self.num_walls}] and colours "
+                f"[{self.num_colours}], got {walls.shape} and {colours.shape}"
+            )
         task = jnp.asarray(task, jnp.int32)
         z = jnp.zeros((), jnp.int32)
         state = GridState(
-            walls=walls, colours=colours, agent=jnp.asarray(agent, jnp.int32), task=task,
-            task_len=task_length(task), progress=z, t=z, done=jnp.zeros((), bool),
+            walls=walls,
+            colours=colours,
+            agent=jnp.asarray(agent, jnp.int32),
+            task=task,
+            task_len=task_length(task),
+            progress=z,
+            t=z,
+            done=jnp.zeros((), bool),
             success=jnp.zeros((), bool),
-            dist=distance_maps(walls, colours, self.size), solvable=jnp.ones((), bool))
+            dist=distance_maps(walls, colours, self.size),
+            solvable=jnp.ones((), bool),
+        )
         return state._replace(solvable=self.is_solvable(state))
 
     def _sample_layout(self, key: jax.Array, task: jax.Array) -> GridState:
@@ -232,8 +265,11 @@ class GridPinpad:
             cells = jax.random.permutation(key, self.num_cells)[: self.num_entities]
         cells = cells.astype(jnp.int32)
         return self.state_from_layout(
-            cells[: self.num_walls], cells[self.num_walls: self.num_walls + self.num_colours],
-            cells[-1], task)
+            cells[: self.num_walls],
+            cells[self.num_walls : self.num_walls + self.num_colours],
+            cells[-1],
+            task,
+        )
 
     def is_solvable(self, state: GridState) -> jax.Array:
         """bool []: every leg of the task is reachable."""
@@ -254,7 +290,8 @@ class GridPinpad:
         # alike)
         def draw(k):
             cands = jax.vmap(lambda kk: self._sample_layout(kk, task))(
-                jax.random.split(k, _CANDIDATES))
+                jax.random.split(k, _CANDIDATES)
+            )
             ok = cands.solvable
             first = jnp.argmax(ok)
             pick = jax.tree.map(lambda x: x[first], cands)
@@ -294,18 +331,23 @@ class GridPinpad:
         success = correct & (progress == state.task_len)
         t = state.t + 1
         timeout = (t >= self.horizon) & ~success & ~wrong
-        new = state._replace(agent=agent, progress=progress, t=t,
-                             done=success | wrong | timeout, success=success)
+        new = state._replace(
+            agent=agent, progress=progress, t=t, done=success | wrong | timeout, success=success
+        )
         new = jax.tree.map(lambda n, o: jnp.where(alive, n, o), new, state)
         reward = jnp.where(alive & success, 1.0, 0.0).astype(jnp.float32)
         # A subgoal (pair) is completed when its last colour is visited: the label moves on.
         subgoal = self.subgoal(new)
         segment_end = correct & ((subgoal != self.subgoal(state)) | success)
         info = dict(
-            subgoal=subgoal, colour_visited=alive & correct,
+            subgoal=subgoal,
+            colour_visited=alive & correct,
             subgoal_completed=alive & segment_end,
-            success=alive & success, wrong_colour=alive & wrong, timeout=alive & timeout,
-            progress=new.progress)
+            success=alive & success,
+            wrong_colour=alive & wrong,
+            timeout=alive & timeout,
+            progress=new.progress,
+        )
         return new, self.observe(new), reward, new.done, info
 
 
@@ -328,10 +370,12 @@ def sample_layout_pool(env: GridPinpad, num_layouts: int, seed: int, tasks) -> t
     @jax.jit
     def legs_ok(layout):
         # the agent's cell only enters leg 0, which is not checked here
-        state = env.state_from_layout(layout[: env.num_walls], layout[env.num_walls:],
-                                      jnp.int32(0), tasks[0])
-        legs = jax.vmap(lambda t: env.leg_distances(state._replace(
-            task=t, task_len=task_length(t))))(tasks)  # [N, K]
+        state = env.state_from_layout(
+            layout[: env.num_walls], layout[env.num_walls :], jnp.int32(0), tasks[0]
+        )
+        legs = jax.vmap(
+            lambda t: env.leg_distances(state._replace(task=t, task_len=task_length(t)))
+        )(tasks)  # [N, K]
         return jnp.all(legs[:, 1:] < INF)
 
     pool: list[tuple[int, ...]] = []

@@ -33,8 +33,22 @@ from internal_rl.envs.gridworld import GridPinpad, GridState
 
 # Table A2: the 16 pretraining tasks (3 colours each) and the held-out task.
 PRETRAIN_TASKS: tuple[tuple[int, ...], ...] = (
-    (0, 3, 2), (1, 0, 3), (2, 1, 0), (3, 2, 1), (0, 2, 0), (0, 2, 1), (0, 3, 1), (1, 0, 2),
-    (1, 3, 1), (1, 3, 2), (2, 0, 2), (2, 0, 3), (2, 1, 3), (3, 1, 0), (3, 1, 3), (3, 2, 0),
+    (0, 3, 2),
+    (1, 0, 3),
+    (2, 1, 0),
+    (3, 2, 1),
+    (0, 2, 0),
+    (0, 2, 1),
+    (0, 3, 1),
+    (1, 0, 2),
+    (1, 3, 1),
+    (1, 3, 2),
+    (2, 0, 2),
+    (2, 0, 3),
+    (2, 1, 3),
+    (3, 1, 0),
+    (3, 1, 3),
+    (3, 2, 0),
 )
 POST_TASK: tuple[int, ...] = (0, 1, 2, 3)
 # Diagnostic (not in the paper): as long as the held-out task, but every colour-to-colour
@@ -67,8 +81,10 @@ class CellGrid:
 
     def __post_init__(self):
         if self.size < 2 or self.cell_size <= 0:
-            raise ValueError(f"CellGrid: expected size >= 2 and cell_size > 0, got "
-                             f"{self.size} and {self.cell_size}")
+            raise ValueError(
+                f"CellGrid: expected size >= 2 and cell_size > 0, got "
+                f"{self.size} and {self.cell_size}"
+            )
 
     @property
     def half_extent(self) -> float:
@@ -129,11 +145,11 @@ class ContinuousState(NamedTuple):
         return self.pad.t
 
 
-def layout_sampler(grid: CellGrid, num_colours: int = 4, num_walls: int = 1,
-                   horizon: int = 500) -> GridPinpad:
+def layout_sampler(
+    grid: CellGrid, num_colours: int = 4, num_walls: int = 1, horizon: int = 500
+) -> GridPinpad:
     """The discrete pinpad whose `reset` samples solvable layouts for this grid."""
-    return GridPinpad(size=grid.size, num_colours=num_colours, num_walls=num_walls,
-                      horizon=horizon)
+    return GridPinpad(size=grid.size, num_colours=num_colours, num_walls=num_walls, horizon=horizon)
 
 
 def next_colour(pad: GridState) -> jax.Array:
@@ -180,16 +196,28 @@ def advance(
     failed = wrong | wall | outside | failure
     t = pad.t + 1
     timeout = (t >= horizon) & ~success & ~failed
-    new = pad._replace(agent=jnp.where(outside, pad.agent, new_cell), progress=progress, t=t,
-                       done=success | failed | timeout, success=success)
+    new = pad._replace(
+        agent=jnp.where(outside, pad.agent, new_cell),
+        progress=progress,
+        t=t,
+        done=success | failed | timeout,
+        success=success,
+    )
     new = jax.tree.map(lambda n, o: jnp.where(alive, n, o), new, pad)
     reward = jnp.where(alive & success, 1.0, 0.0).astype(jnp.float32)
     info = dict(
-        subgoal=next_colour(new), colour_visited=alive & correct,
+        subgoal=next_colour(new),
+        colour_visited=alive & correct,
         # every colour is its own subgoal, so visiting it completes the subgoal
-        subgoal_completed=alive & correct, success=alive & success,
-        wrong_colour=alive & wrong, timeout=alive & timeout, progress=new.progress,
-        wall=alive & wall, out_of_arena=alive & outside, failure=alive & failure)
+        subgoal_completed=alive & correct,
+        success=alive & success,
+        wrong_colour=alive & wrong,
+        timeout=alive & timeout,
+        progress=new.progress,
+        wall=alive & wall,
+        out_of_arena=alive & outside,
+        failure=alive & failure,
+    )
     return new, reward, info
 
 
@@ -198,8 +226,7 @@ def freeze_when_done(alive: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: jnp.where(alive, n, o), new, old)
 
 
-def mjx_physics(model: mjx.Model, data: mjx.Data, action: jax.Array, frame_skip: int
-                ) -> mjx.Data:
+def mjx_physics(model: mjx.Model, data: mjx.Data, action: jax.Array, frame_skip: int) -> mjx.Data:
     """``frame_skip`` MJX steps of ``model`` with ctrl = clip(action f32 [nu], -1, 1) held
     constant (the control rate of both continuous pinpads)."""
     data = data.replace(ctrl=jnp.clip(jnp.asarray(action, jnp.float32), -1.0, 1.0))
@@ -218,11 +245,21 @@ class MJXPinpad:
 
     num_actions = None
 
-    def __init__(self, xml: str, size: int, cell_size: float, num_colours: int,
-                 num_walls: int, horizon: int, frame_skip: int):
+    def __init__(
+        self,
+        xml: str,
+        size: int,
+        cell_size: float,
+        num_colours: int,
+        num_walls: int,
+        horizon: int,
+        frame_skip: int,
+    ):
         if horizon < 1 or frame_skip < 1:
-            raise ValueError(f"{type(self).__name__}: expected horizon >= 1 and frame_skip >= 1, "
-                             f"got {horizon} and {frame_skip}")
+            raise ValueError(
+                f"{type(self).__name__}: expected horizon >= 1 and frame_skip >= 1, "
+                f"got {horizon} and {frame_skip}"
+            )
         self.grid = CellGrid(size, cell_size)
         self.num_colours, self.num_walls = num_colours, num_walls
         self.num_subgoals = num_colours

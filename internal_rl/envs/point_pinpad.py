@@ -55,10 +55,16 @@ class PointPinpad(MJXPinpad):
 
     action_shape = (2,)
 
-    def __init__(self, size: int = 4, cell_size: float = 1.0, num_colours: int = 4,
-                 num_walls: int = 1, horizon: int = 200, frame_skip: int = 5):
-        super().__init__(POINT_XML, size, cell_size, num_colours, num_walls, horizon,
-                         frame_skip)
+    def __init__(
+        self,
+        size: int = 4,
+        cell_size: float = 1.0,
+        num_colours: int = 4,
+        num_walls: int = 1,
+        horizon: int = 200,
+        frame_skip: int = 5,
+    ):
+        super().__init__(POINT_XML, size, cell_size, num_colours, num_walls, horizon, frame_skip)
         self.obs_dim = 2 + 2 + 2 * (num_colours + num_walls) + 2
 
     def observe(self, state: ContinuousState) -> jax.Array:

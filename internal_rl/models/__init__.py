@@ -9,5 +9,11 @@ from internal_rl.models.transformer import (
     sequence_losses,
 )
 
-__all__ = ["BaseModel", "ModelConfig", "ModelOutput", "masked_mean", "pretrain_loss",
-           "sequence_losses"]
+__all__ = [
+    "BaseModel",
+    "ModelConfig",
+    "ModelOutput",
+    "masked_mean",
+    "pretrain_loss",
+    "sequence_losses",
+]

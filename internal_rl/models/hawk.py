@@ -66,13 +66,15 @@ class HawkConfig:
         if self.depth < 1:
             raise ValueError(f"model.depth: expected >= 1, got {self.depth}")
         if self.width % self.num_heads:
-            raise ValueError(f"model.lru_width={self.width} not divisible by "
-                             f"model.num_heads={self.num_heads}")
+            raise ValueError(
+                f"model.lru_width={self.width} not divisible by model.num_heads={self.num_heads}"
+            )
         if self.conv_width < 1:
             raise ValueError(f"model.conv_width: expected >= 1, got {self.conv_width}")
         if min(self.obs_dim, self.action_dim) < 1:
-            raise ValueError(f"model.obs_dim / action_dim: expected >= 1, got "
-                             f"{self.obs_dim} / {self.action_dim}")
+            raise ValueError(
+                f"model.obs_dim / action_dim: expected >= 1, got {self.obs_dim} / {self.action_dim}"
+            )
 
     @property
     def width(self) -> int:
@@ -188,7 +190,7 @@ class CausalConv1D(nnx.Module):
         t = x.shape[1]
         xp = jnp.concatenate([buffer, x], axis=1)  # [B, K−1+T, W]
         w = self.kernel[...]
-        y = sum(xp[:, k - 1 - j: k - 1 - j + t] * w[j] for j in range(k)) + self.bias[...]
+        y = sum(xp[:, k - 1 - j : k - 1 - j + t] * w[j] for j in range(k)) + self.bias[...]
         return y, xp[:, t:]
 
     def step(self, x_t: jax.Array, buffer: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -234,8 +236,9 @@ class HawkBlock(nnx.Module):
         self.norm2 = RMSNorm(cfg.dim, rngs=rngs)
         self.mlp = MLP(cfg.dim, cfg.mlp_hidden, "relu", kernel_init=kernel_init, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cache: HawkCache, *, step: bool = False
-                 ) -> tuple[jax.Array, HawkCache]:
+    def __call__(
+        self, x: jax.Array, cache: HawkCache, *, step: bool = False
+    ) -> tuple[jax.Array, HawkCache]:
         """x f32 [B, T, D] -> (x [B, T, D], cache). step=True requires T = 1 and uses the
         recurrent path."""
         h = self.norm1(x)
@@ -248,8 +251,7 @@ class HawkBlock(nnx.Module):
         return x + self.mlp(self.norm2(x)), cache
 
 
-def gaussian_action(key: jax.Array, head: tuple[jax.Array, jax.Array], greedy=False
-                    ) -> jax.Array:
+def gaussian_action(key: jax.Array, head: tuple[jax.Array, jax.Array], greedy=False) -> jax.Array:
     """f32 [N, A]: a sample of N(mean, diag exp(log_std)²), or the mean when greedy (may be
     traced). head = (mean f32 [N, A], log_std f32 [A] or [N, A]). Not clipped: the env
     clips to its control range."""
@@ -265,8 +267,9 @@ class HawkModel(nnx.Module):
         self.cfg = cfg
         init = nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal")
         self.embed = dense(cfg.obs_dim, cfg.dim, kernel_init=init, rngs=rngs)
-        self.blocks = nnx.List([HawkBlock(cfg, kernel_init=init, rngs=rngs)
-                                for _ in range(cfg.depth)])
+        self.blocks = nnx.List(
+            [HawkBlock(cfg, kernel_init=init, rngs=rngs) for _ in range(cfg.depth)]
+        )
         self.final_norm = RMSNorm(cfg.dim, rngs=rngs)
         self.action_head = dense(cfg.dim, cfg.action_dim, kernel_init=init, rngs=rngs)
         self.action_log_std = nnx.Param(jnp.full((cfg.action_dim,), cfg.log_std_init, jnp.float32))
@@ -278,8 +281,10 @@ class HawkModel(nnx.Module):
         the transformer's KV caches and ignored: the Hawk state has a fixed size."""
         del max_len
         w, k = self.cfg.width, self.cfg.conv_width
-        return [HawkCache(jnp.zeros((batch, k - 1, w)), jnp.zeros((batch, w)))
-                for _ in range(self.cfg.depth)]
+        return [
+            HawkCache(jnp.zeros((batch, k - 1, w)), jnp.zeros((batch, w)))
+            for _ in range(self.cfg.depth)
+        ]
 
     def log_std(self) -> jax.Array:
         """f32 [A]: the action head's log standard deviation, clipped to its range."""
@@ -288,8 +293,9 @@ class HawkModel(nnx.Module):
     # ---------------------------------------------------------------- forward
     def _check(self, x: jax.Array, ndim: int, last: int, what: str) -> None:
         if x.ndim != ndim or x.shape[-1] != last:
-            raise ValueError(f"HawkModel: expected {what} with last dim {last}, "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"HawkModel: expected {what} with last dim {last}, got shape {tuple(x.shape)}"
+            )
 
     def run_blocks(
         self,
@@ -311,13 +317,17 @@ class HawkModel(nnx.Module):
         depth = self.cfg.depth
         stop = depth if stop_layer is None else stop_layer
         if not 0 <= start_layer <= stop <= depth:
-            raise ValueError(f"HawkModel: need 0 <= start_layer <= stop_layer <= {depth}, "
-                             f"got ({start_layer}, {stop})")
+            raise ValueError(
+                f"HawkModel: need 0 <= start_layer <= stop_layer <= {depth}, "
+                f"got ({start_layer}, {stop})"
+            )
         if (intervention is None) != (intervention_layer is None):
             raise ValueError("HawkModel: give both intervention and intervention_layer")
         if intervention_layer is not None and not start_layer <= intervention_layer <= stop:
-            raise ValueError(f"HawkModel: intervention_layer {intervention_layer} outside the "
-                             f"layers run [{start_layer}, {stop}]")
+            raise ValueError(
+                f"HawkModel: intervention_layer {intervention_layer} outside the "
+                f"layers run [{start_layer}, {stop}]"
+            )
         if len(caches) != depth:
             raise ValueError(f"HawkModel: need {depth} caches, got {len(caches)}")
         self._check(x, 3, self.cfg.dim, "x [B, T, D]")
@@ -359,8 +369,12 @@ class HawkModel(nnx.Module):
             caches = self.init_caches(obs.shape[0])
         x = self.embed(obs.astype(jnp.float32))
         x, residuals, caches = self.run_blocks(
-            x, caches, intervention=intervention, intervention_layer=intervention_layer,
-            return_residuals=return_residuals)
+            x,
+            caches,
+            intervention=intervention,
+            intervention_layer=intervention_layer,
+            return_residuals=return_residuals,
+        )
         return HawkOutput(*self.heads(x), residuals, caches)
 
     def decode_step(
@@ -378,14 +392,18 @@ class HawkModel(nnx.Module):
         self._check(obs_t, 2, self.cfg.obs_dim, "obs_t [B, obs_dim]")
         x = self.embed(obs_t.astype(jnp.float32))[:, None]
         x, residuals, caches = self.run_blocks(
-            x, caches, step=True, intervention=intervention,
-            intervention_layer=intervention_layer, return_residuals=return_residuals)
+            x,
+            caches,
+            step=True,
+            intervention=intervention,
+            intervention_layer=intervention_layer,
+            return_residuals=return_residuals,
+        )
         return HawkOutput(*self.heads(x), residuals, caches), caches
 
     # -- the policy interface shared with the transformer `BaseModel` (controllers,
     # -- metacontroller, RL); a policy head is (mean f32 [B, A], log_std f32 [A])
-    def sequence_losses(self, out: HawkOutput, batch: dict[str, jax.Array]
-                        ) -> dict[str, jax.Array]:
+    def sequence_losses(self, out: HawkOutput, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Per-step losses of a forward pass (`sequence_losses`)."""
         return sequence_losses(out, batch)
 
@@ -402,32 +420,34 @@ class HawkModel(nnx.Module):
         mean, log_std = head
         return -gaussian_nll(action, mean, log_std)
 
-    def action_log_probs(self, obs: jax.Array, action: jax.Array
-                         ) -> tuple[jax.Array, jax.Array]:
+    def action_log_probs(self, obs: jax.Array, action: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Full causal forward: obs f32 [B, T, obs_dim], action f32 [B, T, A] ->
         (log p(a_t | o_1:t) f32 [B, T], policy entropy f32 [] (state-independent))."""
         out = self(obs, return_residuals=False)
         log_std = out.action_log_std
-        entropy = jnp.sum(jnp.broadcast_to(log_std, (self.cfg.action_dim,))
-                          + 0.5 * (LOG_2PI + 1.0))
+        entropy = jnp.sum(jnp.broadcast_to(log_std, (self.cfg.action_dim,)) + 0.5 * (LOG_2PI + 1.0))
         return self.action_log_prob((out.action_mean, log_std), action), entropy
 
-    def lower_step(self, obs_t: jax.Array, caches: list[HawkCache], layer: int
-                   ) -> tuple[jax.Array, list[HawkCache]]:
+    def lower_step(
+        self, obs_t: jax.Array, caches: list[HawkCache], layer: int
+    ) -> tuple[jax.Array, list[HawkCache]]:
         """Embed o_t f32 [B, obs_dim] and run blocks 0..layer-1 with the step path ->
         (stream e_{t,layer} f32 [B, D], caches): the half below an intervention."""
         self._check(obs_t, 2, self.cfg.obs_dim, "obs_t [B, obs_dim]")
         x = self.embed(obs_t.astype(jnp.float32))[:, None]
-        x, _, caches = self.run_blocks(x, caches, step=True, stop_layer=layer,
-                                       return_residuals=False)
+        x, _, caches = self.run_blocks(
+            x, caches, step=True, stop_layer=layer, return_residuals=False
+        )
         return x[:, 0], caches
 
-    def upper_step(self, e_hat: jax.Array, caches: list[HawkCache], layer: int
-                   ) -> tuple[tuple[jax.Array, jax.Array], list[HawkCache]]:
+    def upper_step(
+        self, e_hat: jax.Array, caches: list[HawkCache], layer: int
+    ) -> tuple[tuple[jax.Array, jax.Array], list[HawkCache]]:
         """Blocks layer..L-1, final norm and action head on the (edited) stream ê f32
         [B, D] -> ((mean f32 [B, A], log_std f32 [A]), caches)."""
-        x, _, caches = self.run_blocks(e_hat[:, None], caches, step=True, start_layer=layer,
-                                       return_residuals=False)
+        x, _, caches = self.run_blocks(
+            e_hat[:, None], caches, step=True, start_layer=layer, return_residuals=False
+        )
         mean, log_std, _ = self.heads(x)
         return (mean[:, 0], log_std), caches
 
@@ -465,8 +485,9 @@ def sequence_losses(out: HawkOutput, batch: dict[str, jax.Array]) -> dict[str, j
     )
 
 
-def pretrain_loss(model: HawkModel, batch: dict[str, jax.Array], key: jax.Array,
-                  obs_coef: float = 10.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def pretrain_loss(
+    model: HawkModel, batch: dict[str, jax.Array], key: jax.Array, obs_coef: float = 10.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Eq. 5 with λ = obs_coef (ant: 10, Table A5): action NLL + λ · observation NLL,
     averaged over valid steps (per-token mean; only rescales the LR vs the paper's sum).
 

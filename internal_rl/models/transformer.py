@@ -45,13 +45,16 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.dim % self.num_heads:
-            raise ValueError(f"model.dim={self.dim} not divisible by model.num_heads={self.num_heads}")
+            raise ValueError(
+                f"model.dim={self.dim} not divisible by model.num_heads={self.num_heads}"
+            )
         if self.depth < 1:
             raise ValueError(f"model.depth: expected >= 1, got {self.depth}")
         if self.num_entities * self.num_cells != self.obs_dim:
             raise ValueError(
                 f"model.num_entities*num_cells={self.num_entities * self.num_cells} must equal "
-                f"model.obs_dim={self.obs_dim}")
+                f"model.obs_dim={self.obs_dim}"
+            )
 
 
 class ModelOutput(NamedTuple):
@@ -69,8 +72,9 @@ Intervention = Callable[[jax.Array], jax.Array]
 def categorical_action(key: jax.Array, logits: jax.Array, greedy=False) -> jax.Array:
     """int32 [N]: a sample of softmax(logits f32 [N, A]), or its argmax when greedy
     (greedy may be traced)."""
-    return jnp.where(greedy, jnp.argmax(logits, axis=-1),
-                     jax.random.categorical(key, logits, axis=-1)).astype(jnp.int32)
+    return jnp.where(
+        greedy, jnp.argmax(logits, axis=-1), jax.random.categorical(key, logits, axis=-1)
+    ).astype(jnp.int32)
 
 
 class BaseModel(nnx.Module):
@@ -81,18 +85,31 @@ class BaseModel(nnx.Module):
         init = nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal")
         self.embed = dense(cfg.obs_dim, cfg.dim, kernel_init=init, rngs=rngs)
         self.stack = TransformerStack(
-            cfg.depth, cfg.dim, cfg.num_heads, cfg.mlp_hidden,
-            relative_bias=True, num_buckets=cfg.num_buckets, max_distance=cfg.max_distance,
+            cfg.depth,
+            cfg.dim,
+            cfg.num_heads,
+            cfg.mlp_hidden,
+            relative_bias=True,
+            num_buckets=cfg.num_buckets,
+            max_distance=cfg.max_distance,
             # docs/internal_rl.md D5: RMSNorm; one T5 bias table shared by all layers
-            activation="relu", norm="rms", final_norm=True, kernel_init=init, rngs=rngs)
+            activation="relu",
+            norm="rms",
+            final_norm=True,
+            kernel_init=init,
+            rngs=rngs,
+        )
         self.action_head = dense(cfg.dim, cfg.num_actions, kernel_init=init, rngs=rngs)
-        self.obs_head = dense(cfg.dim, cfg.num_entities * cfg.num_cells, kernel_init=init,
-                              rngs=rngs)
+        self.obs_head = dense(
+            cfg.dim, cfg.num_entities * cfg.num_cells, kernel_init=init, rngs=rngs
+        )
 
     def _check_obs(self, obs: jax.Array, ndim: int, what: str) -> None:
         if obs.ndim != ndim or obs.shape[-1] != self.cfg.obs_dim:
-            raise ValueError(f"BaseModel: expected obs {what} with D={self.cfg.obs_dim}, "
-                             f"got shape {tuple(obs.shape)}")
+            raise ValueError(
+                f"BaseModel: expected obs {what} with D={self.cfg.obs_dim}, "
+                f"got shape {tuple(obs.shape)}"
+            )
 
     def _heads(self, out: jax.Array, residuals) -> ModelOutput:
         b, t, _ = out.shape
@@ -116,8 +133,13 @@ class BaseModel(nnx.Module):
         x = self.embed(obs.astype(jnp.float32))
         t = x.shape[1]
         mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-        res = self.stack(x, mask=mask, return_residuals=return_residuals,
-                         intervention=intervention, intervention_layer=intervention_layer)
+        res = self.stack(
+            x,
+            mask=mask,
+            return_residuals=return_residuals,
+            intervention=intervention,
+            intervention_layer=intervention_layer,
+        )
         return self._heads(res.out, res.residuals)
 
     def init_caches(self, batch: int, max_len: int) -> list[KVCache]:
@@ -140,13 +162,19 @@ class BaseModel(nnx.Module):
         """
         self._check_obs(obs_t, 2, "[B, D]")
         x = self.embed(obs_t.astype(jnp.float32))[:, None]
-        res = self.stack(x, caches=caches, return_residuals=return_residuals,
-                         intervention=intervention, intervention_layer=intervention_layer)
+        res = self.stack(
+            x,
+            caches=caches,
+            return_residuals=return_residuals,
+            intervention=intervention,
+            intervention_layer=intervention_layer,
+        )
         return self._heads(res.out, res.residuals), res.caches
 
     # -- the policy interface shared with `HawkModel` (controllers, metacontroller, RL) --
-    def sequence_losses(self, out: ModelOutput, batch: dict[str, jax.Array]
-                        ) -> dict[str, jax.Array]:
+    def sequence_losses(
+        self, out: ModelOutput, batch: dict[str, jax.Array]
+    ) -> dict[str, jax.Array]:
         """Per-step losses of a forward pass (`sequence_losses`)."""
         return sequence_losses(out, batch)
 
@@ -163,25 +191,33 @@ class BaseModel(nnx.Module):
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         return jnp.take_along_axis(logp, action[..., None], axis=-1)[..., 0]
 
-    def action_log_probs(self, obs: jax.Array, action: jax.Array
-                         ) -> tuple[jax.Array, jax.Array]:
+    def action_log_probs(self, obs: jax.Array, action: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Full causal forward: obs f32 [B, T, 637], action int32 [B, T] ->
         (log p(a_t | o_1:t) f32 [B, T], policy entropy f32 [B, T])."""
         logits = self(obs, return_residuals=False).action_logits.astype(jnp.float32)
         logp_all = jax.nn.log_softmax(logits, axis=-1)
-        return (self.action_log_prob(logits, action),
-                -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1))
+        return (
+            self.action_log_prob(logits, action),
+            -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1),
+        )
 
-    def lower_step(self, obs_t: jax.Array, caches: list[KVCache], layer: int
-                   ) -> tuple[jax.Array, list[KVCache]]:
+    def lower_step(
+        self, obs_t: jax.Array, caches: list[KVCache], layer: int
+    ) -> tuple[jax.Array, list[KVCache]]:
         """Embed o_t f32 [B, 637] and run blocks 0..layer-1 -> (stream e_{t,layer} f32
         [B, D], caches): the half of the model below an intervention."""
-        res = self.stack(self.embed(obs_t.astype(jnp.float32))[:, None], caches=caches,
-                         start_layer=0, stop_layer=layer, return_residuals=True)
+        res = self.stack(
+            self.embed(obs_t.astype(jnp.float32))[:, None],
+            caches=caches,
+            start_layer=0,
+            stop_layer=layer,
+            return_residuals=True,
+        )
         return res.residuals[-1][:, 0], res.caches  # residuals: before any final norm
 
-    def upper_step(self, e_hat: jax.Array, caches: list[KVCache], layer: int
-                   ) -> tuple[jax.Array, list[KVCache]]:
+    def upper_step(
+        self, e_hat: jax.Array, caches: list[KVCache], layer: int
+    ) -> tuple[jax.Array, list[KVCache]]:
         """Blocks layer..L-1, final norm and action head on the (edited) stream ê f32
         [B, D] -> (logits f32 [B, A], caches)."""
         res = self.stack(e_hat[:, None], caches=caches, start_layer=layer)
@@ -212,8 +248,9 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def pretrain_loss(model: BaseModel, batch: dict[str, jax.Array], key: jax.Array,
-                  obs_coef: float = 0.01) -> tuple[jax.Array, dict[str, jax.Array]]:
+def pretrain_loss(
+    model: BaseModel, batch: dict[str, jax.Array], key: jax.Array, obs_coef: float = 0.01
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Eq. 5: action NLL + obs_coef * observation NLL, averaged over valid steps
     (per-token mean rather than the paper's per-sequence sum: only rescales the LR).
 

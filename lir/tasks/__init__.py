@@ -14,5 +14,14 @@ from lir.tasks.registry import (
     get_task,
 )
 
-__all__ = ["NEGATIVE_CONTROL", "PRETRAIN_NAMES", "PRETRAIN_TASKS", "TASK_NAMES", "TASKS",
-           "Record", "TaskSpec", "generate", "get_task"]
+__all__ = [
+    "NEGATIVE_CONTROL",
+    "PRETRAIN_NAMES",
+    "PRETRAIN_TASKS",
+    "TASK_NAMES",
+    "TASKS",
+    "Record",
+    "TaskSpec",
+    "generate",
+    "get_task",
+]

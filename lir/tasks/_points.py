@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 
-def far_points(rng: np.random.Generator, n: int, size: int, margin: int, min_dist: float,
-               avoid=(), tries: int = 2000) -> np.ndarray:
+def far_points(
+    rng: np.random.Generator,
+    n: int,
+    size: int,
+    margin: int,
+    min_dist: float,
+    avoid=(),
+    tries: int = 2000,
+) -> np.ndarray:
     """n integer points (y, x) in [margin, size - margin) that are >= min_dist apart from
     each other and from every point of ``avoid``. int[n, 2]; raises if the budget runs out."""
     pts: list[np.ndarray] = []

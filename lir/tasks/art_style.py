@@ -51,7 +51,10 @@ def painting(rng: np.random.Generator, size: int, style: int, split: str) -> np.
     elif pattern == "checks":
         t = (np.sin(2 * np.pi * freq * u + ph[0]) * np.sin(2 * np.pi * freq * v + ph[1]) > 0) * 1.0
     elif pattern == "dots":
-        t = ((np.sin(2 * np.pi * freq * u + ph[0]) > 0.6) & (np.sin(2 * np.pi * freq * v + ph[1]) > 0.6)) * 1.0
+        t = (
+            (np.sin(2 * np.pi * freq * u + ph[0]) > 0.6)
+            & (np.sin(2 * np.pi * freq * v + ph[1]) > 0.6)
+        ) * 1.0
     elif pattern == "rings":
         cy, cx = rng.uniform(0.2, 0.8, 2)
         t = 0.5 + 0.5 * np.sin(2 * np.pi * freq * np.hypot(yy - cy, xx - cx) + ph[0])
@@ -81,5 +84,12 @@ def make(rng: np.random.Generator, split: str, size: int, target: int) -> Record
     cands = [pos, neg] if target == 0 else [neg, pos]
     prompt = encode(f"artstyle which image same style first ? {options(2)}")
     styles = (style, other) if target == 0 else (other, style)
-    return Record(NAME, np.stack([ref] + cands), prompt, CHOICES[[target]], CHOICES,
-                  int(target), {"ref_style": style, "candidate_styles": styles})
+    return Record(
+        NAME,
+        np.stack([ref] + cands),
+        prompt,
+        CHOICES[[target]],
+        CHOICES,
+        int(target),
+        {"ref_style": style, "candidate_styles": styles},
+    )

@@ -41,8 +41,10 @@ def retries(limit: int = 10_000):
     """range(limit) for rejection-sampling loops that ``break`` on success; exhausting it
     raises instead of looping forever."""
     yield from range(limit)
-    raise RuntimeError(f"rejection sampling failed {limit} times; the image size is probably "
-                       "too small for this task")
+    raise RuntimeError(
+        f"rejection sampling failed {limit} times; the image size is probably "
+        "too small for this task"
+    )
 
 
 def check_size(size: int, minimum: int = 32) -> None:

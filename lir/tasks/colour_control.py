@@ -41,6 +41,6 @@ def make(rng: np.random.Generator, split: str, size: int, target: int) -> Record
         else:
             render.fill_triangle(img, cy, cx, r, render.PALETTE[others[i - 1]])
     prompt = encode("colourof circle ?")
-    return Record(NAME, img[None], prompt, CHOICES[[target]], CHOICES, int(target),
-                  {"centre": centres[0]})
-
+    return Record(
+        NAME, img[None], prompt, CHOICES[[target]], CHOICES, int(target), {"centre": centres[0]}
+    )

@@ -42,5 +42,12 @@ def make(rng: np.random.Generator, split: str, size: int, target: int) -> Record
             r = (cell - 1) / 2
             render.fill_disk(img, y0 + r, x0 + r, max(r, 1.2), render.PALETTE[col])
     prompt = encode(f"count how many {COLOURS[colour]} ?")
-    return Record(NAME, img[None], prompt, CHOICES[[target]], CHOICES, int(target),
-                  {"count": count, "colour": colour, "cells": cells[:count]})
+    return Record(
+        NAME,
+        img[None],
+        prompt,
+        CHOICES[[target]],
+        CHOICES,
+        int(target),
+        {"count": count, "colour": colour, "cells": cells[:count]},
+    )

@@ -60,8 +60,13 @@ def tool(rng: np.random.Generator, size: int, category: str, split: str):
         render.fill_disk(img, mid[0], mid[1], head_len / 2, head)
     elif category == "knife":  # a blade tapering to the tip
         for t in np.linspace(0, 1, 12):
-            _segment(img, neck + u * head_len * t, neck + u * head_len * t + v * 3 * s * (1 - t),
-                     1.5 * s, head)
+            _segment(
+                img,
+                neck + u * head_len * t,
+                neck + u * head_len * t + v * 3 * s * (1 - t),
+                1.5 * s,
+                head,
+            )
     else:  # spatula: a wide flat blade
         _segment(img, neck + u * 1.0 * s, tip, 5 * s, head)
     kps = np.stack([grip, grip + u * handle_len / 2, neck, mid, tip])
@@ -86,6 +91,18 @@ def make(rng: np.random.Generator, split: str, size: int, target: int) -> Record
         render.draw_marker(img2, *p, name)
     action = "hold" if k < 2 else ACTION[cats[c1]]
     prompt = encode(f"funccorr which point {action} ? {options(4)}")
-    return Record(NAME, np.stack([img1, img2]), prompt, CHOICES[[target]], CHOICES,
-                  int(target), {"keypoint": KEYPOINTS[k], "categories": (cats[c1], cats[c2]),
-                                "kp1": kp1, "kp2": kp2, "points": kp2[shown]})
+    return Record(
+        NAME,
+        np.stack([img1, img2]),
+        prompt,
+        CHOICES[[target]],
+        CHOICES,
+        int(target),
+        {
+            "keypoint": KEYPOINTS[k],
+            "categories": (cats[c1], cats[c2]),
+            "kp1": kp1,
+            "kp2": kp2,
+            "points": kp2[shown],
+        },
+    )

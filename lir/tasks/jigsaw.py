@@ -37,7 +37,7 @@ def make(rng: np.random.Generator, split: str, size: int, target: int) -> Record
         # the distractor's top-left corner lies on the top row (y = 0) or left column (x = 0)
         off = int(rng.integers(0, h + 1))
         y, x = (0, off) if rng.random() < 0.5 else (off, 0)
-        distract = scene[y:y + h, x:x + h].copy()
+        distract = scene[y : y + h, x : x + h].copy()
         # options must differ visibly (flat scenes can repeat a patch)
         if np.abs(gold.astype(int) - distract.astype(int)).mean() > 8:
             break
@@ -46,5 +46,12 @@ def make(rng: np.random.Generator, split: str, size: int, target: int) -> Record
     opts = [gold, distract] if target == 0 else [distract, gold]
     images = np.stack([masked] + [render.upscale(o, 2) for o in opts])
     prompt = encode(f"jigsaw which image fits missing quadrant ? {options(2)}")
-    return Record(NAME, images, prompt, CHOICES[[target]], CHOICES, int(target),
-                  {"scene": scene, "distractor_yx": (y, x)})
+    return Record(
+        NAME,
+        images,
+        prompt,
+        CHOICES[[target]],
+        CHOICES,
+        int(target),
+        {"scene": scene, "distractor_yx": (y, x)},
+    )

@@ -43,8 +43,9 @@ def _object(rng, split, size):
         kind = rng.integers(2)
         col = render.PALETTE[colour]
         if kind == 0 and split == "train":
-            render.fill_rect(img, int(cy - h / 2), int(cx - w / 2), int(cy + h / 2),
-                             int(cx + w / 2), col)
+            render.fill_rect(
+                img, int(cy - h / 2), int(cx - w / 2), int(cy + h / 2), int(cx + w / 2), col
+            )
         elif kind == 0:
             render.fill_triangle(img, cy, cx, min(h, w) / 2, col)
         else:
@@ -75,5 +76,12 @@ def make(rng: np.random.Generator, split: str, size: int, target: int) -> Record
     for name in order:
         render.box_outline(img, *boxes[name], render.MARKERS[name])
     prompt = encode(f"localize which box fits object {COLOURS[colour]} ? {options(2)}")
-    return Record(NAME, img[None], prompt, CHOICES[[target]], CHOICES, int(target),
-                  {"boxes": boxes, "colour": colour, "object_mask": obj})
+    return Record(
+        NAME,
+        img[None],
+        prompt,
+        CHOICES[[target]],
+        CHOICES,
+        int(target),
+        {"boxes": boxes, "colour": colour, "object_mask": obj},
+    )

@@ -24,8 +24,9 @@ def _regions(rng, size, n_colours):
     seeds = rng.uniform(0, size, (n_colours, 2))
     cols = rng.choice(len(COLOURS), n_colours, replace=False)
     yy, xx = np.mgrid[:size, :size] + 0.5
-    region = np.argmin((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2,
-                       axis=-1)
+    region = np.argmin(
+        (yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2, axis=-1
+    )
     colour = cols[region]
     return render.PALETTE[colour].copy(), colour
 
@@ -55,8 +56,15 @@ def ref_colour(rng, split, size, target) -> Record:
     else:
         raise RuntimeError("ref_colour: could not place the REF marker")
     render.draw_marker(img, *p, "REF")
-    return Record("ref_colour", img[None], encode("colour under ref ?"), COLOUR_IDS[[target]],
-                  COLOUR_IDS, int(target), {"point": p})
+    return Record(
+        "ref_colour",
+        img[None],
+        encode("colour under ref ?"),
+        COLOUR_IDS[[target]],
+        COLOUR_IDS,
+        int(target),
+        {"point": p},
+    )
 
 
 def marker_on_colour(rng, split, size, target) -> Record:
@@ -79,8 +87,15 @@ def marker_on_colour(rng, split, size, target) -> Record:
         render.draw_marker(img, *p, name)
     queried = int(order[target])
     prompt = encode(f"which marker on {COLOURS[queried]} ?")
-    return Record("marker_on_colour", img[None], prompt, LETTER_IDS[[target]], LETTER_IDS,
-                  int(target), {"points": np.array(pts)})
+    return Record(
+        "marker_on_colour",
+        img[None],
+        prompt,
+        LETTER_IDS[[target]],
+        LETTER_IDS,
+        int(target),
+        {"points": np.array(pts)},
+    )
 
 
 def _apart(pts, d):
@@ -104,8 +119,15 @@ def is_there(rng, split, size, target) -> Record:
     for c, k in zip(cols, rng.choice(16, n, replace=False), strict=True):
         cy, cx = (k // 4 + 0.5) * cell, (k % 4 + 0.5) * cell
         render.fill_disk(img, cy, cx, cell * 0.42, render.PALETTE[c])
-    return Record("is_there", img[None], encode(f"is there {COLOURS[colour]} ?"),
-                  YES_NO[[target]], YES_NO, int(target), {})
+    return Record(
+        "is_there",
+        img[None],
+        encode(f"is there {COLOURS[colour]} ?"),
+        YES_NO[[target]],
+        YES_NO,
+        int(target),
+        {},
+    )
 
 
 def largest_colour(rng, split, size, target) -> Record:
@@ -114,16 +136,22 @@ def largest_colour(rng, split, size, target) -> Record:
     check_size(size)
     img = render.canvas(size)
     n = int(rng.integers(2, 5))
-    cols = [target] + list(rng.choice([c for c in range(8) if c != target], n - 1,
-                                      replace=False))
+    cols = [target] + list(rng.choice([c for c in range(8) if c != target], n - 1, replace=False))
     sides = np.sort(rng.choice(np.arange(size // 8, size // 2 + 1), n, replace=False))[::-1]
     half = size // 2
     for c, s, q in zip(cols, sides, rng.permutation(4)[:n], strict=True):
         y0, x0 = (q // 2) * half, (q % 2) * half
         oy, ox = rng.integers(0, half - s + 1, 2)
         render.fill_rect(img, y0 + oy, x0 + ox, y0 + oy + s, x0 + ox + s, render.PALETTE[c])
-    return Record("largest_colour", img[None], encode("colour largest object ?"),
-                  COLOUR_IDS[[target]], COLOUR_IDS, int(target), {"sides": sides})
+    return Record(
+        "largest_colour",
+        img[None],
+        encode("colour largest object ?"),
+        COLOUR_IDS[[target]],
+        COLOUR_IDS,
+        int(target),
+        {"sides": sides},
+    )
 
 
 def quadrant_of_colour(rng, split, size, target) -> Record:
@@ -135,11 +163,19 @@ def quadrant_of_colour(rng, split, size, target) -> Record:
     img = render.canvas(size)
     h = size // 2
     for q, c in enumerate(cols):
-        render.fill_rect(img, (q // 2) * h, (q % 2) * h, (q // 2 + 1) * h, (q % 2 + 1) * h,
-                         render.PALETTE[c])
+        render.fill_rect(
+            img, (q // 2) * h, (q % 2) * h, (q // 2 + 1) * h, (q % 2 + 1) * h, render.PALETTE[c]
+        )
     prompt = encode(f"quadrant on {COLOURS[int(cols[target])]} ?")
-    return Record("quadrant_of_colour", img[None], prompt, LETTER_IDS[[target]], LETTER_IDS,
-                  int(target), {"colours": cols})
+    return Record(
+        "quadrant_of_colour",
+        img[None],
+        prompt,
+        LETTER_IDS[[target]],
+        LETTER_IDS,
+        int(target),
+        {"colours": cols},
+    )
 
 
 # name -> (make, choices, chance)

@@ -46,16 +46,32 @@ class TaskSpec:
 
 
 def _spec(mod: ModuleType) -> TaskSpec:
-    return TaskSpec(mod.NAME, mod.make, mod.N_IMAGES, mod.CHOICES, mod.CHANCE,
-                    getattr(mod, "CLASS_WEIGHTS", None), (mod.__doc__ or "").strip())
+    return TaskSpec(
+        mod.NAME,
+        mod.make,
+        mod.N_IMAGES,
+        mod.CHOICES,
+        mod.CHANCE,
+        getattr(mod, "CLASS_WEIGHTS", None),
+        (mod.__doc__ or "").strip(),
+    )
 
 
 # Order fixes each task's seed stream; append new tasks at the end.
 TASKS: dict[str, TaskSpec] = {
     m.NAME: _spec(m)
-    for m in (counting, jigsaw, localization, visual_correspondence, semantic_correspondence,
-              functional_correspondence, relative_reflectance, visual_similarity, art_style,
-              colour_control)
+    for m in (
+        counting,
+        jigsaw,
+        localization,
+        visual_correspondence,
+        semantic_correspondence,
+        functional_correspondence,
+        relative_reflectance,
+        visual_similarity,
+        art_style,
+        colour_control,
+    )
 }
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 NEGATIVE_CONTROL = colour_control.NAME
@@ -73,13 +89,14 @@ _SPLIT_ID = {"train": 0, "test": 1}
 def get_task(name: str) -> TaskSpec:
     """The target task or Phase-P skill called ``name``."""
     if name not in _ALL:
-        raise ValueError(f"task {name!r} is unknown; expected one of {TASK_NAMES} or a "
-                         f"pretraining skill {PRETRAIN_NAMES}")
+        raise ValueError(
+            f"task {name!r} is unknown; expected one of {TASK_NAMES} or a "
+            f"pretraining skill {PRETRAIN_NAMES}"
+        )
     return _ALL[name]
 
 
-def balanced_targets(rng: np.random.Generator, n: int, n_choices: int,
-                     weights=None) -> np.ndarray:
+def balanced_targets(rng: np.random.Generator, n: int, n_choices: int, weights=None) -> np.ndarray:
     """int[n] choice indices whose counts match ``weights`` (uniform by default) as closely
     as integer counts allow, in random order, so no answer is favoured a priori."""
     w = np.full(n_choices, 1 / n_choices) if weights is None else np.asarray(weights, float)
@@ -89,8 +106,9 @@ def balanced_targets(rng: np.random.Generator, n: int, n_choices: int,
     return rng.permutation(np.repeat(np.arange(n_choices), counts))
 
 
-def generate(name: str, n: int, seed: int, split: str = "train", size: int = 32,
-             offset: int = 0) -> list[Record]:
+def generate(
+    name: str, n: int, seed: int, split: str = "train", size: int = 32, offset: int = 0
+) -> list[Record]:
     """``n`` records of task ``name``; deterministic in (name, seed, split, size, offset).
 
     ``offset`` starts a disjoint stream of the same split (e.g. train = offset 0 and

@@ -55,8 +55,9 @@ def make(rng: np.random.Generator, split: str, size: int, target: int) -> Record
     for _ in retries():
         seeds = rng.uniform(0, size, (int(rng.integers(5, 8)), 2))
         yy, xx = np.mgrid[:size, :size] + 0.5
-        region = np.argmin((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2,
-                           axis=-1)
+        region = np.argmin(
+            (yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2, axis=-1
+        )
         pa, pb = far_points(rng, 2, size, margin + 1, size / 3)
         ra, rb = region[tuple(pa)], region[tuple(pb)]
         if ra != rb:
@@ -82,5 +83,12 @@ def make(rng: np.random.Generator, split: str, size: int, target: int) -> Record
     render.draw_marker(img, *pa, "A")
     render.draw_marker(img, *pb, "B")
     prompt = encode(f"reflectance which point darker ? {options(3)}")
-    return Record(NAME, img[None], prompt, CHOICES[[target]], CHOICES, int(target),
-                  {"albedo": albedo.astype(np.float32), "points": np.stack([pa, pb])})
+    return Record(
+        NAME,
+        img[None],
+        prompt,
+        CHOICES[[target]],
+        CHOICES,
+        int(target),
+        {"albedo": albedo.astype(np.float32), "points": np.stack([pa, pb])},
+    )

@@ -13,16 +13,19 @@ import numpy as np
 
 from lir.tasks.vocab import COLOURS
 
-PALETTE = np.array([
-    (200, 60, 60),    # red
-    (60, 170, 70),    # green
-    (60, 90, 210),    # blue
-    (220, 200, 60),   # yellow
-    (60, 190, 200),   # cyan
-    (190, 70, 190),   # magenta
-    (230, 130, 40),   # orange
-    (150, 150, 150),  # grey
-], dtype=np.uint8)
+PALETTE = np.array(
+    [
+        (200, 60, 60),  # red
+        (60, 170, 70),  # green
+        (60, 90, 210),  # blue
+        (220, 200, 60),  # yellow
+        (60, 190, 200),  # cyan
+        (190, 70, 190),  # magenta
+        (230, 130, 40),  # orange
+        (150, 150, 150),  # grey
+    ],
+    dtype=np.uint8,
+)
 assert len(PALETTE) == len(COLOURS)
 
 MARKERS = {
@@ -51,7 +54,7 @@ def marker_side(size: int) -> int:
 def fill_rect(img, y0, x0, y1, x1, colour) -> None:
     """Fill rows [y0, y1) and columns [x0, x1), clipped to the canvas."""
     h, w = img.shape[:2]
-    img[max(y0, 0):min(y1, h), max(x0, 0):min(x1, w)] = colour
+    img[max(y0, 0) : min(y1, h), max(x0, 0) : min(x1, w)] = colour
 
 
 def disk_mask(size: int, cy: float, cx: float, r: float) -> np.ndarray:
@@ -76,13 +79,13 @@ def box_outline(img, y0, x0, y1, x1, colour) -> None:
     h, w = img.shape[:2]
     y0c, y1c, x0c, x1c = max(y0, 0), min(y1, h - 1), max(x0, 0), min(x1, w - 1)
     if 0 <= y0 < h:
-        img[y0, x0c:x1c + 1] = colour
+        img[y0, x0c : x1c + 1] = colour
     if 0 <= y1 < h:
-        img[y1, x0c:x1c + 1] = colour
+        img[y1, x0c : x1c + 1] = colour
     if 0 <= x0 < w:
-        img[y0c:y1c + 1, x0] = colour
+        img[y0c : y1c + 1, x0] = colour
     if 0 <= x1 < w:
-        img[y0c:y1c + 1, x1] = colour
+        img[y0c : y1c + 1, x1] = colour
 
 
 def draw_marker(img, cy: int, cx: int, name: str) -> tuple[int, int, int, int]:
@@ -106,8 +109,9 @@ def find_marker(img, name: str) -> tuple[float, float] | None:
     return float(ys.mean()), float(xs.mean())
 
 
-def textured_scene(rng: np.random.Generator, size: int, n_shapes: int = 6,
-                   gradient: bool = True) -> np.ndarray:
+def textured_scene(
+    rng: np.random.Generator, size: int, n_shapes: int = 6, gradient: bool = True
+) -> np.ndarray:
     """A random scene of palette-coloured rectangles and disks over a shaded background.
 
     uint8[size, size, 3]; every channel stays inside the muted palette range (no marker
@@ -143,5 +147,5 @@ def box_blur(img: np.ndarray, k: int = 3) -> np.ndarray:
     c = np.cumsum(np.cumsum(x, 0), 1)
     c = np.pad(c, ((1, 0), (1, 0), (0, 0)))
     h, w = img.shape[:2]
-    s = c[k:k + h, k:k + w] - c[:h, k:k + w] - c[k:k + h, :w] + c[:h, :w]
+    s = c[k : k + h, k : k + w] - c[:h, k : k + w] - c[k : k + h, :w] + c[:h, :w]
     return s / (k * k)

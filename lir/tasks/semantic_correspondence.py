@@ -56,8 +56,13 @@ def creature(rng: np.random.Generator, size: int, mirror: bool):
     yy, xx = np.mgrid[:size, :size] + 0.5
     img[((yy - by) / bh) ** 2 + ((xx - bx) / bw) ** 2 <= 1] = render.PALETTE[body_c]
     render.fill_disk(img, head[0], head[1], hr, render.PALETTE[head_c])
-    parts = {"head": head, "body": np.array([by, bx]), "tail": tail,
-             "front_foot": front, "back_foot": back}
+    parts = {
+        "head": head,
+        "body": np.array([by, bx]),
+        "tail": tail,
+        "front_foot": front,
+        "back_foot": back,
+    }
     parts = {k: np.clip(np.round(v - 0.5).astype(int), 2, size - 3) for k, v in parts.items()}
     if mirror:
         img = img[:, ::-1].copy()
@@ -88,6 +93,18 @@ def make(rng: np.random.Generator, split: str, size: int, target: int) -> Record
     for name, p in zip(render.LETTER_MARKERS, pts, strict=True):
         render.draw_marker(img2, *p, name)
     prompt = encode(f"semcorr which part is ref ? {options(4)}")
-    return Record(NAME, np.stack([img1, img2]), prompt, CHOICES[[target]], CHOICES,
-                  int(target), {"part": PARTS[k], "shown": [PARTS[p] for p in shown],
-                                "parts1": parts1, "parts2": parts2, "points": np.array(pts)})
+    return Record(
+        NAME,
+        np.stack([img1, img2]),
+        prompt,
+        CHOICES[[target]],
+        CHOICES,
+        int(target),
+        {
+            "part": PARTS[k],
+            "shown": [PARTS[p] for p in shown],
+            "parts1": parts1,
+            "parts2": parts2,
+            "points": np.array(pts),
+        },
+    )

@@ -33,8 +33,8 @@ def make(rng: np.random.Generator, split: str, size: int, target: int) -> Record
     big = render.textured_scene(rng, size + 2 * max_shift, n_shapes=12, gradient=True)
     dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, 2))
     m = max_shift
-    img1 = big[m:m + size, m:m + size].copy()
-    img2 = big[m + dy:m + dy + size, m + dx:m + dx + size].astype(np.float32)
+    img1 = big[m : m + size, m : m + size].copy()
+    img2 = big[m + dy : m + dy + size, m + dx : m + dx + size].astype(np.float32)
     img2 = np.clip(img2 * rng.uniform(lo, hi), 20, 235).astype(np.uint8)
     margin = render.marker_side(size)
     for _ in retries():
@@ -49,5 +49,12 @@ def make(rng: np.random.Generator, split: str, size: int, target: int) -> Record
     for name, p in zip(render.LETTER_MARKERS, pts, strict=True):
         render.draw_marker(img2, *p, name)
     prompt = encode(f"viscorr which point is ref ? {options(4)}")
-    return Record(NAME, np.stack([img1, img2]), prompt, CHOICES[[target]], CHOICES,
-                  int(target), {"ref": ref, "points": np.array(pts), "shift": (dy, dx)})
+    return Record(
+        NAME,
+        np.stack([img1, img2]),
+        prompt,
+        CHOICES[[target]],
+        CHOICES,
+        int(target),
+        {"ref": ref, "points": np.array(pts), "shift": (dy, dx)},
+    )

@@ -55,5 +55,12 @@ def make(rng: np.random.Generator, split: str, size: int, target: int) -> Record
             break
     cands = [near, far] if target == 0 else [far, near]
     prompt = encode(f"vissim which image similar first ? {options(2)}")
-    return Record(NAME, np.stack([ref] + cands), prompt, CHOICES[[target]], CHOICES,
-                  int(target), {"distances": (dn, df) if target == 0 else (df, dn)})
+    return Record(
+        NAME,
+        np.stack([ref] + cands),
+        prompt,
+        CHOICES[[target]],
+        CHOICES,
+        int(target),
+        {"distances": (dn, df) if target == 0 else (df, dn)},
+    )

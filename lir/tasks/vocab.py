@@ -14,13 +14,56 @@ SPECIALS = ("<pad>", "<bos>", "<vs>", "<img>", "<ve>", "<ans>", "<eos>")
 LETTERS = ("A", "B", "C", "D")
 NUMBERS = tuple(str(i) for i in range(11))
 COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta", "orange", "grey")
-TASK_WORDS = ("count", "jigsaw", "localize", "viscorr", "semcorr", "funccorr", "reflectance",
-              "vissim", "artstyle", "colourof")
+TASK_WORDS = (
+    "count",
+    "jigsaw",
+    "localize",
+    "viscorr",
+    "semcorr",
+    "funccorr",
+    "reflectance",
+    "vissim",
+    "artstyle",
+    "colourof",
+)
 ACTIONS = ("hold", "strike", "pour", "cut")
-WORDS = ("how", "many", "which", "image", "point", "box", "part", "same", "darker", "about",
-         "missing", "fits", "circle", "square", "triangle", "object", "ref", "options", "?",
-         "is", "there", "yes", "no", "under", "marker", "largest", "quadrant", "shape",
-         "colour", "style", "similar", "first", "second", "third", "on")
+WORDS = (
+    "how",
+    "many",
+    "which",
+    "image",
+    "point",
+    "box",
+    "part",
+    "same",
+    "darker",
+    "about",
+    "missing",
+    "fits",
+    "circle",
+    "square",
+    "triangle",
+    "object",
+    "ref",
+    "options",
+    "?",
+    "is",
+    "there",
+    "yes",
+    "no",
+    "under",
+    "marker",
+    "largest",
+    "quadrant",
+    "shape",
+    "colour",
+    "style",
+    "similar",
+    "first",
+    "second",
+    "third",
+    "on",
+)
 
 TOKENS: tuple[str, ...] = SPECIALS + LETTERS + NUMBERS + COLOURS + TASK_WORDS + ACTIONS + WORDS
 ID: dict[str, int] = {t: i for i, t in enumerate(TOKENS)}

@@ -62,7 +62,9 @@ def main():
         state, metrics = step(state, batch)
 
     # Parameters are replicated, so every process holds a full copy of each leaf.
-    leaves = [np.asarray(jax.device_get(x.addressable_data(0))) for x in jax.tree.leaves(state.params)]
+    leaves = [
+        np.asarray(jax.device_get(x.addressable_data(0))) for x in jax.tree.leaves(state.params)
+    ]
     if jax.process_index() == 0:
         np.savez(OUT, *leaves, loss=np.asarray(jax.device_get(metrics["loss"].addressable_data(0))))
     if MODE == "multihost":

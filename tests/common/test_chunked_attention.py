@@ -30,8 +30,12 @@ def test_chunked_attention_equals_one_pass(chunk):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # a mask broadcast over queries ([B, 1, 1, K]) is passed whole to every chunk
     pad = mask[:, :, -1:, :]
-    np.testing.assert_allclose(chunked_attention(q, k, v, mask=pad, query_chunk=chunk),
-                               dot_product_attention(q, k, v, mask=pad), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        chunked_attention(q, k, v, mask=pad, query_chunk=chunk),
+        dot_product_attention(q, k, v, mask=pad),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_chunked_attention_gradients_equal_one_pass():
@@ -40,11 +44,14 @@ def test_chunked_attention_gradients_equal_one_pass():
     def loss(fn, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v)))
 
-    one = jax.grad(lambda *a: loss(lambda q, k, v: dot_product_attention(q, k, v, mask=mask),
-                                   *a), argnums=(0, 1, 2))(q, k, v)
-    chunked = jax.grad(lambda *a: loss(
-        lambda q, k, v: chunked_attention(q, k, v, mask=mask, query_chunk=8), *a),
-        argnums=(0, 1, 2))(q, k, v)
+    one = jax.grad(
+        lambda *a: loss(lambda q, k, v: dot_product_attention(q, k, v, mask=mask), *a),
+        argnums=(0, 1, 2),
+    )(q, k, v)
+    chunked = jax.grad(
+        lambda *a: loss(lambda q, k, v: chunked_attention(q, k, v, mask=mask, query_chunk=8), *a),
+        argnums=(0, 1, 2),
+    )(q, k, v)
     for g, w in zip(chunked, one, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
@@ -53,8 +60,11 @@ def test_chunked_attention_keeps_one_chunk_of_softmax_live():
     """The compiled gradient's temporaries shrink with the chunk (the point of chunking)."""
     B, S, H, D = 1, 1024, 8, 16
     spec = jax.ShapeDtypeStruct
-    args = (spec((B, S, H, D), jnp.float32), spec((B, S, H, D), jnp.float32),
-            spec((B, S, H, D), jnp.float32))
+    args = (
+        spec((B, S, H, D), jnp.float32),
+        spec((B, S, H, D), jnp.float32),
+        spec((B, S, H, D), jnp.float32),
+    )
 
     def temp(fn):
         g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2)))

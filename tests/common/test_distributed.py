@@ -26,7 +26,11 @@ def _env(**extra):
 def _run(mode, out, **extra):
     return subprocess.Popen(
         [sys.executable, str(WORKER), mode, str(out)],
-        env=_env(**extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=_env(**extra),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -57,8 +61,13 @@ def test_two_processes_match_one_process(single_device_result, tmp_path):
     port = _free_port()
     out = tmp_path / "multihost.npz"
     procs = [
-        _run("multihost", out, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-             JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        _run(
+            "multihost",
+            out,
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(i),
+        )
         for i in range(2)
     ]
     for proc in procs:

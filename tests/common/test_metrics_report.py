@@ -40,17 +40,29 @@ def test_progress_excludes_first_step_from_rate(monkeypatch):
 
 
 def test_plot_and_report(tmp_path):
-    png = metrics.plot_curves({"a": ([0, 1, 2], [3.0, 2.0, 1.0])}, tmp_path / "curve.png",
-                              hlines={"paper": 1.5}, title="t")
+    png = metrics.plot_curves(
+        {"a": ([0, 1, 2], [3.0, 2.0, 1.0])},
+        tmp_path / "curve.png",
+        hlines={"paper": 1.5},
+        title="t",
+    )
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     rep = report.Report("Toy reproduction", command="python -m toy reproduce --preset tiny")
     rep.paragraph("What ran.")
     rep.compare("Table 1", {"acc": 0.81234, "extra": None}, paper={"acc": 0.9, "only_paper": 1.0})
     rep.image("curve.png", "loss")
-    md_path, json_path = rep.write(tmp_path, {"table1": {"acc": np.float32(0.5)}}, wall_seconds=12.0)
+    md_path, json_path = rep.write(
+        tmp_path, {"table1": {"acc": np.float32(0.5)}}, wall_seconds=12.0
+    )
     md = open(md_path).read()
     assert "| acc | 0.812 | 0.9 |" in md and "| only_paper | — | 1 |" in md
     assert "python -m toy reproduce --preset tiny" in md and "wall time: 12 s" in md
     data = json.load(open(json_path))
     assert data["results"]["table1"]["acc"] == 0.5
-    assert set(data["provenance"]) >= {"command", "git_revision", "date", "hardware", "wall_time_seconds"}
+    assert set(data["provenance"]) >= {
+        "command",
+        "git_revision",
+        "date",
+        "hardware",
+        "wall_time_seconds",
+    }

@@ -388,8 +388,9 @@ def test_kv_cache_decode_matches_full_forward(nn_stacks, variant):
         for t in range(n_prefill, T):
             y, caches = step(x[:, t : t + 1], caches)
             outs.append(y)
-        assert_decode_matches_forward(full, jnp.concatenate(outs, axis=1), atol=1e-5,
-                                      rtol=1e-5, decode_time_axis=1)
+        assert_decode_matches_forward(
+            full, jnp.concatenate(outs, axis=1), atol=1e-5, rtol=1e-5, decode_time_axis=1
+        )
         assert np.asarray(caches[0].length).tolist() == ([T] * B if per_seq else T)
         assert caches[0].k.shape == (B, max_len, stack.num_kv_heads, D // H)
 

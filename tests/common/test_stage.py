@@ -49,8 +49,17 @@ def _data():
 def _stage(directory, steps, **kw):
     graphdef, state = create_train_state(Toy(nnx.Rngs(0)), STEPS.optimizer(OPT), 0)
     step = STEPS.train_step(graphdef, OPT, toy_loss)
-    return run_stage("toy", state, step, ArrayIterator(_data(), 16, seed=1), steps,
-                     directory=directory, save_every=3, verbose=False, **kw)
+    return run_stage(
+        "toy",
+        state,
+        step,
+        ArrayIterator(_data(), 16, seed=1),
+        steps,
+        directory=directory,
+        save_every=3,
+        verbose=False,
+        **kw,
+    )
 
 
 def test_run_stage_resumes_bit_for_bit_and_logs(tmp_path):
@@ -112,13 +121,19 @@ def test_stage_clock_keeps_compute_time_of_cached_results(tmp_path, monkeypatch)
     assert out == {"acc": 0.5} and clock.seconds == {"probe": 15.5}
     rebuilt = report.StageClock()
     assert rebuilt.cached("probe", tmp_path / "probe.json", lambda: 1 / 0) == {"acc": 0.5}
-    assert rebuilt.to_json() == {"total_seconds": 15.5, "stages": {"probe": 15.5},
-                                 "stages_from_cache": ["probe"]}
+    assert rebuilt.to_json() == {
+        "total_seconds": 15.5,
+        "stages": {"probe": 15.5},
+        "stages_from_cache": ["probe"],
+    }
     r = report.Report("t", command="python -m toy reproduce")
     r.rows("Table", [report.Row("acc", 0.5, 0.7, ci=(0.4, 0.6))])
     md, js = r.write(tmp_path / "rep", {}, clock=rebuilt)
     text = open(md).read()
-    assert "compute time: 16 s in all (probe 16 s)" in text and "| acc | 0.5 | [0.4, 0.6] | 0.7 |" in text
+    assert (
+        "compute time: 16 s in all (probe 16 s)" in text
+        and "| acc | 0.5 | [0.4, 0.6] | 0.7 |" in text
+    )
     assert json.load(open(js))["provenance"]["compute"]["total_seconds"] == 15.5
 
 
@@ -129,8 +144,10 @@ def test_stream_seed_is_stable_distinct_and_typed():
     assert stream_seed(0, "data", 1) != stream_seed(0, "data1")
     assert stream_seed(0, 1) != stream_seed(0, "1")
     assert 0 <= stream_seed(7, "x") < 2**31
-    np.testing.assert_array_equal(jax.random.key_data(stream_key(3, "eval")),
-                                  jax.random.key_data(jax.random.key(stream_seed(3, "eval"))))
+    np.testing.assert_array_equal(
+        jax.random.key_data(stream_key(3, "eval")),
+        jax.random.key_data(jax.random.key(stream_seed(3, "eval"))),
+    )
     with pytest.raises(TypeError, match="str or int"):
         stream_seed(0, 1.5)
 

@@ -306,8 +306,15 @@ def test_resume_equals_uninterrupted(step_fn, uninterrupted, tmp_path):
 
         _, state = fresh()
         with pytest.raises(Crash):
-            T.train(state, step_fn, T.ArrayIterator(toy_arrays(), BATCH, seed=3), RESUME_STEPS,
-                    checkpointer=Checkpointer(directory), save_every=4, progress=stop)
+            T.train(
+                state,
+                step_fn,
+                T.ArrayIterator(toy_arrays(), BATCH, seed=3),
+                RESUME_STEPS,
+                checkpointer=Checkpointer(directory),
+                save_every=4,
+                progress=stop,
+            )
 
     def resume(directory, total):
         ckpt = Checkpointer(directory)
@@ -316,8 +323,14 @@ def test_resume_equals_uninterrupted(step_fn, uninterrupted, tmp_path):
         assert ckpt.all_steps() == [4, 8, 12]
         return outcome
 
-    assert_resume_bit_exact(resume, tmp_path, kill_after=6, total=RESUME_STEPS,
-                            uninterrupted=uninterrupted, interrupt=crash)
+    assert_resume_bit_exact(
+        resume,
+        tmp_path,
+        kill_after=6,
+        total=RESUME_STEPS,
+        uninterrupted=uninterrupted,
+        interrupt=crash,
+    )
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(step_fn, tmp_path):
@@ -395,8 +408,7 @@ def test_sigkill_then_resume_is_bit_identical(step_fn, uninterrupted, tmp_path):
         directory.mkdir(parents=True)
         code = f"from tests.common.test_train import _worker; _worker({str(directory)!r}, 0.25)"
         proc = subprocess.Popen(
-            [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT
+            [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         try:
             deadline = time.monotonic() + 120
@@ -418,6 +430,12 @@ def test_sigkill_then_resume_is_bit_identical(step_fn, uninterrupted, tmp_path):
         assert resumed_from is not None and 4 <= resumed_from < total
         return _resume(step_fn, ckpt, seed=7, save_every=2)
 
-    assert_resume_bit_exact(resume, tmp_path, kill_after=4, total=RESUME_STEPS,
-                            uninterrupted=uninterrupted, interrupt=kill)
+    assert_resume_bit_exact(
+        resume,
+        tmp_path,
+        kill_after=4,
+        total=RESUME_STEPS,
+        uninterrupted=uninterrupted,
+        interrupt=kill,
+    )
     assert not [p for p in os.listdir(tmp_path / "interrupted") if "tmp" in p]

@@ -61,15 +61,16 @@ UP_Y, PLUS_X, DOWN_Y, MINUS_X = 2, 1, 0, 3  # move ids (neighbour_table order)
 
 
 def pad_for(task, agent=5, progress=0):
-    pad = _layout(jnp.asarray(WALLS), jnp.asarray(COLOURS), jnp.int32(agent),
-                  jnp.asarray(make_task(task, 4)))
+    pad = _layout(
+        jnp.asarray(WALLS), jnp.asarray(COLOURS), jnp.int32(agent), jnp.asarray(make_task(task, 4))
+    )
     return pad._replace(progress=jnp.int32(progress))
 
 
 def naive_directions(walls, colours, target_colour):
     """Plain-Python BFS from the target, then per cell the first neighbour move with the
     smallest distance (-1 at the target, at walls and where no neighbour reaches it)."""
-    n, inf = G * G, 10 ** 9
+    n, inf = G * G, 10**9
     target = colours[target_colour]
     blocked = set(walls) | (set(colours) - {target})
     table = neighbour_table(G)
@@ -149,8 +150,9 @@ def test_intrinsic_and_shaped_reward():
     np.testing.assert_allclose(intrinsic_reward(env, prev, across), 0.0, atol=1e-6)
     cfg = AntExpertConfig(ctrl_cost=0.5, alive_bonus=0.25)
     no = jnp.asarray(False)
-    info = dict(colour_visited=jnp.asarray(True), wrong_colour=no, wall=no, out_of_arena=no,
-                failure=no)
+    info = dict(
+        colour_visited=jnp.asarray(True), wrong_colour=no, wall=no, out_of_arena=no, failure=no
+    )
     r = shaped_reward(cfg, env, prev, along, jnp.full(8, 2.0), jnp.float32(1.0), info)
     expected = 0.1 / env.dt + cfg.subgoal_bonus + cfg.success_bonus - 0.5 * 8 + 0.25
     np.testing.assert_allclose(r, expected, rtol=1e-5)  # the action is clipped to [-1, 1]
@@ -166,8 +168,13 @@ def test_gae_matches_naive_loop():
     t, b, gamma, lam = 9, 3, 0.97, 0.9
     reward, value = rng.normal(size=(t, b)), rng.normal(size=(t, b))
     done, last = rng.random((t, b)) < 0.25, rng.normal(size=b)
-    adv, ret = gae(*(jnp.asarray(x, jnp.float32) for x in (reward, value)), jnp.asarray(done),
-                   jnp.asarray(last, jnp.float32), gamma, lam)
+    adv, ret = gae(
+        *(jnp.asarray(x, jnp.float32) for x in (reward, value)),
+        jnp.asarray(done),
+        jnp.asarray(last, jnp.float32),
+        gamma,
+        lam,
+    )
     ref = np.zeros((t, b))
     for j in range(b):
         running, v_next = 0.0, last[j]
@@ -183,8 +190,9 @@ def test_gae_matches_naive_loop():
 def test_obs_norm_merges_batches_exactly():
     rng = np.random.default_rng(1)
     a, b = rng.normal(2.0, 3.0, (50, 4)), rng.normal(-1.0, 0.5, (30, 4))
-    norm = update_obs_norm(update_obs_norm(init_obs_norm(4), jnp.asarray(a, jnp.float32)),
-                           jnp.asarray(b, jnp.float32))
+    norm = update_obs_norm(
+        update_obs_norm(init_obs_norm(4), jnp.asarray(a, jnp.float32)), jnp.asarray(b, jnp.float32)
+    )
     both = np.concatenate([a, b])
     np.testing.assert_allclose(norm.mean, both.mean(0), rtol=1e-5)
     np.testing.assert_allclose(norm.var, both.var(0), rtol=1e-4)
@@ -192,30 +200,43 @@ def test_obs_norm_merges_batches_exactly():
 
 
 def test_ppo_update_improves_the_surrogate_on_a_toy_batch():
-    cfg = AntExpertConfig(num_envs=4, rollout_len=16, total_env_steps=64, epochs=4,
-                          minibatches=2, hidden=(16,),
-                          optim=OptimizerConfig(learning_rate=3e-3, schedule="constant",
-                                                grad_clip_norm=0.5))
+    cfg = AntExpertConfig(
+        num_envs=4,
+        rollout_len=16,
+        total_env_steps=64,
+        epochs=4,
+        minibatches=2,
+        hidden=(16,),
+        optim=OptimizerConfig(learning_rate=3e-3, schedule="constant", grad_clip_norm=0.5),
+    )
     graphdef, params = nnx.split(make_model(cfg, 5, 2, seed=0))
     rng = jax.random.split(jax.random.key(0), 4)
     obs = jax.random.normal(rng[0], (64, 5))
     mean, log_std, value = nnx.merge(graphdef, params)(obs)
     action = mean + jnp.exp(log_std) * jax.random.normal(rng[1], mean.shape)
-    batch = dict(obs=obs, action=action, logp=gaussian_log_prob(action, mean, log_std),
-                 value=value, adv=jax.random.normal(rng[2], (64,)),
-                 ret=value + jax.random.normal(rng[3], (64,)))
+    batch = dict(
+        obs=obs,
+        action=action,
+        logp=gaussian_log_prob(action, mean, log_std),
+        value=value,
+        adv=jax.random.normal(rng[2], (64,)),
+        ret=value + jax.random.normal(rng[3], (64,)),
+    )
     tx = cfg.optimizer()
     before, aux0 = _loss(cfg, graphdef, params, batch)
     new, _, metrics = jax.jit(make_ppo_update(cfg, graphdef, tx))(
-        params, tx.init(params), batch, jax.random.key(1))
+        params, tx.init(params), batch, jax.random.key(1)
+    )
     after, aux1 = _loss(cfg, graphdef, new, batch)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new))
     assert all(np.isfinite(float(v)) for v in metrics.values())
     np.testing.assert_allclose(aux0["approx_kl"], 0.0, atol=1e-6)  # on-policy start: ratio 1
     assert float(aux1["policy_loss"]) < float(aux0["policy_loss"]) - 1e-4
     assert float(after) < float(before)
-    moved = [float(jnp.max(jnp.abs(x - y))) for x, y in
-             zip(jax.tree.leaves(new), jax.tree.leaves(params), strict=True)]
+    moved = [
+        float(jnp.max(jnp.abs(x - y)))
+        for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(params), strict=True)
+    ]
     assert max(moved) > 0
 
 
@@ -232,8 +253,9 @@ def test_config_validation_names_the_field():
 def runs(tmp_path_factory):
     """Two updates uninterrupted (the one MJX Ant training compile of the file)."""
     root = tmp_path_factory.mktemp("ant_expert")
-    return dict(root=root, full=train_ant_expert(TINY, root / "full", num_updates=2,
-                                                 log=lambda line: None))
+    return dict(
+        root=root, full=train_ant_expert(TINY, root / "full", num_updates=2, log=lambda line: None)
+    )
 
 
 @pytest.mark.slow  # one MJX Ant training compile (minutes on 2 cores): make test-all
@@ -247,8 +269,13 @@ def test_resume_equals_uninterrupted(runs, tmp_path):
         return result
 
     assert_resume_bit_exact(
-        run, tmp_path, kill_after=1, total=2, uninterrupted=runs["full"],
-        compare=lambda r: dict(net=r.params.net, norm=r.params.norm, history=r.history))
+        run,
+        tmp_path,
+        kill_after=1,
+        total=2,
+        uninterrupted=runs["full"],
+        compare=lambda r: dict(net=r.params.net, norm=r.params.norm, history=r.history),
+    )
     assert any("resumed at update 1" in line for line in logs)
     lines = (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # one line per update, none repeated by the resume
@@ -276,11 +303,11 @@ def test_expert_policy_mean_and_noise(runs):
     env, params = program.env, runs["full"].params
     runner = program.init(jax.random.key(7))["runner"]  # reset envs, already compiled
     s0 = jax.tree.map(lambda x: x[0], runner.env_state)
-    o0 = runner.obs[0, :env.obs_dim]
+    o0 = runner.obs[0, : env.obs_dim]
     x = expert_observation(TINY, env, s0, o0)
     np.testing.assert_array_equal(x, runner.obs[0])
     assert x.shape == (env.obs_dim + 64,)
-    np.testing.assert_array_equal(x[env.obs_dim:], plan_features(G, s0.pad))
+    np.testing.assert_array_equal(x[env.obs_dim :], plan_features(G, s0.pad))
     mean_pol, noisy_pol = expert_policy(TINY, params), expert_policy(TINY, params, noise=True)
     a1 = mean_pol((), jax.random.key(0), o0, s0)[1]
     a2 = mean_pol((), jax.random.key(1), o0, s0)[1]
@@ -317,8 +344,13 @@ def test_ant_expert_run_feeds_the_continuous_pipeline_data(runs):
 
     run_dir = runs["root"] / "full"
     (run_dir / "config.json").write_text(to_json(TINY))
-    sets = [f"data.expert_run_dir={run_dir}", "data.batch_size=3", "data.n_candidates=4",
-            "data.max_len=24", f"env.horizon={TINY.horizon}"]
+    sets = [
+        f"data.expert_run_dir={run_dir}",
+        "data.batch_size=3",
+        "data.n_candidates=4",
+        "data.max_len=24",
+        f"env.horizon={TINY.horizon}",
+    ]
     cfg = make_config("paper", sets)
     d, d_star = make_dataset(cfg, "data"), make_dataset(cfg, "data", star=True)
     batch, again, star = d.batch_at(0), d.batch_at(0), d_star.batch_at(0)
@@ -334,5 +366,9 @@ def test_ant_expert_run_feeds_the_continuous_pipeline_data(runs):
     mask, success = np.asarray(batch["mask"]), np.asarray(batch["success"])
     assert not mask[~success].any()
     with pytest.raises(ValueError, match="horizon"):
-        make_dataset(make_config("paper", sets[:-1] + [f"env.horizon={TINY.horizon - 100}",
-                                                       "data.max_len=24"]), "data")
+        make_dataset(
+            make_config(
+                "paper", sets[:-1] + [f"env.horizon={TINY.horizon - 100}", "data.max_len=24"]
+            ),
+            "data",
+        )

@@ -57,23 +57,42 @@ def test_paper_preset_runs_one_step_on_tiny_data():
     cfg = make_config("paper")
     env = GridPinpad()
     batch = jax.jit(lambda k: expert_batch(env, k, pretrain_tasks(), 2, 12, n_candidates=8))(
-        jax.random.key(0))
+        jax.random.key(0)
+    )
     tx = make_optimizer(cfg.pretrain.optim)
-    graphdef, state = create_train_state(BaseModel(cfg.model, rngs=nnx.Rngs(0)), tx,
-                                         jax.random.key(0))
+    graphdef, state = create_train_state(
+        BaseModel(cfg.model, rngs=nnx.Rngs(0)), tx, jax.random.key(0)
+    )
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     assert 3.0e6 < n_params < 4.0e6  # ≈3.5 M parameters at paper size
-    step = make_train_step(graphdef, lambda m, b, k: pretrain_loss(m, b, k, cfg.pretrain.obs_coef), tx)
+    step = make_train_step(
+        graphdef, lambda m, b, k: pretrain_loss(m, b, k, cfg.pretrain.obs_coef), tx
+    )
     state, metrics = step(state, batch)
     assert int(state.step) == 1 and jnp.isfinite(metrics["loss"])
 
 
 @pytest.mark.slow
 def test_cli_tiny_end_to_end_and_resume(tmp_path):
-    sets = ["--set", "pretrain.steps=20", "--set", "pretrain.eval_every=10",
-            "--set", "pretrain.save_every=10", "--set", "pretrain.eval_episodes=8",
-            "--set", "probe.steps=20", "--set", "control.steps=10",
-            "--set", "control.eval_episodes=8", "--set", "control.layers=(1,)", "--quiet"]
+    sets = [
+        "--set",
+        "pretrain.steps=20",
+        "--set",
+        "pretrain.eval_every=10",
+        "--set",
+        "pretrain.save_every=10",
+        "--set",
+        "pretrain.eval_episodes=8",
+        "--set",
+        "probe.steps=20",
+        "--set",
+        "control.steps=10",
+        "--set",
+        "control.eval_episodes=8",
+        "--set",
+        "control.layers=(1,)",
+        "--quiet",
+    ]
     run = str(tmp_path / "run")
     assert main(["all", "--preset", "tiny", "--run-dir", run, *sets]) == 0
     probe = json.loads((tmp_path / "run/probe/results.json").read_text())

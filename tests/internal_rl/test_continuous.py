@@ -33,13 +33,26 @@ from tests.contracts import assert_resume_bit_exact
 
 STEPS, SPLIT = 8, 4
 OVERRIDES = [
-    "data.batch_size=6", "data.n_candidates=10", "data.max_len=128", "env.horizon=128",
-    "model.dim=16", "model.depth=2", "model.num_heads=2", "model.mlp_hidden=32",
-    f"pretrain.steps={STEPS}", f"pretrain.optim.total_steps={STEPS}",
-    "pretrain.optim.learning_rate=0.01", "pretrain.log_every=1",
-    f"pretrain.save_every={SPLIT}", "pretrain.eval_every=0", "pretrain.eval_episodes=4",
-    "probe.train_trajectories=12", "probe.eval_trajectories=6", "probe.steps=60",
-    "probe.batch_size=64", "probe.max_position=8",
+    "data.batch_size=6",
+    "data.n_candidates=10",
+    "data.max_len=128",
+    "env.horizon=128",
+    "model.dim=16",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.mlp_hidden=32",
+    f"pretrain.steps={STEPS}",
+    f"pretrain.optim.total_steps={STEPS}",
+    "pretrain.optim.learning_rate=0.01",
+    "pretrain.log_every=1",
+    f"pretrain.save_every={SPLIT}",
+    "pretrain.eval_every=0",
+    "pretrain.eval_episodes=4",
+    "probe.train_trajectories=12",
+    "probe.eval_trajectories=6",
+    "probe.steps=60",
+    "probe.batch_size=64",
+    "probe.max_position=8",
 ]
 
 
@@ -60,17 +73,29 @@ def test_presets_build_and_match_the_spec():
         assert c.model.obs_dim == make_env(c).obs_dim
     small = make_config("small")
     m, p = small.model, small.pretrain
-    assert (m.dim, m.depth, p.obs_coef, small.data.batch_size, small.data.max_len) == \
-        (128, 4, 10.0, 32, 200)
-    assert (p.optim.learning_rate, p.optim.weight_decay, p.optim.schedule, p.steps) == \
-        (3e-4, 0.03, "constant", 4000)
+    assert (m.dim, m.depth, p.obs_coef, small.data.batch_size, small.data.max_len) == (
+        128,
+        4,
+        10.0,
+        32,
+        200,
+    )
+    assert (p.optim.learning_rate, p.optim.weight_decay, p.optim.schedule, p.steps) == (
+        3e-4,
+        0.03,
+        "constant",
+        4000,
+    )
     assert (small.data.noise_std, small.data.star_noise_std) == (0.1, 0.0)
     paper = make_config("paper")  # Tables A5 / A10 / A14 / A15 (ant)
     assert paper.env.kind == "ant" and paper.env.horizon == 500
     assert (paper.model.dim, paper.model.depth, paper.model.mlp_hidden) == (256, 8, 512)
     assert (paper.pretrain.steps, paper.data.batch_size) == (204_800, 512)
-    assert (paper.mctrain.steps, paper.mctrain.batch_size, paper.mctrain.optim.learning_rate) == \
-        (32_000, 128, 3e-4)
+    assert (paper.mctrain.steps, paper.mctrain.batch_size, paper.mctrain.optim.learning_rate) == (
+        32_000,
+        128,
+        3e-4,
+    )
     assert (paper.rl.batch_episodes, paper.rl.optim.learning_rate) == (256, 3e-5)
     assert paper.rl.episodes == 51_200 * 256
 
@@ -109,11 +134,17 @@ def test_ant_data_needs_a_trained_expert_run(tmp_path):
 # ------------------------------------------------------------------------ data
 def test_batch_shapes_and_dtypes(cfg, batch):
     b, t = cfg.data.batch_size, cfg.data.max_len
-    expected = dict(obs=((b, t, 16), np.float32), action=((b, t, 2), np.float32),
-                    next_obs=((b, t, 16), np.float32), mask=((b, t), np.bool_),
-                    subgoal=((b, t), np.int32), seg_pos=((b, t), np.int32),
-                    task_id=((b,), np.int32), length=((b,), np.int32),
-                    success=((b,), np.bool_))
+    expected = dict(
+        obs=((b, t, 16), np.float32),
+        action=((b, t, 2), np.float32),
+        next_obs=((b, t, 16), np.float32),
+        mask=((b, t), np.bool_),
+        subgoal=((b, t), np.int32),
+        seg_pos=((b, t), np.int32),
+        task_id=((b,), np.int32),
+        length=((b,), np.int32),
+        success=((b,), np.bool_),
+    )
     assert set(batch) == set(expected)
     for k, (shape, dtype) in expected.items():
         assert batch[k].shape == shape and batch[k].dtype == dtype, k
@@ -138,7 +169,7 @@ def test_batch_keeps_only_successful_masked_steps(batch):
 
 def _cell_of_target(obs, colour, grid_side=4.0, cell=1.0):
     """Is the point inside colour's cell? obs[4 + 2c : 6 + 2c] = (centre − xy) / (G·c)."""
-    rel = obs[..., 4 + 2 * colour: 6 + 2 * colour] * grid_side
+    rel = obs[..., 4 + 2 * colour : 6 + 2 * colour] * grid_side
     return np.all(np.abs(rel) < 0.5 * cell + 1e-4, axis=-1)
 
 
@@ -163,8 +194,15 @@ def test_subgoal_labels_follow_the_task(batch):
 
 def test_dataset_determinism_and_state_round_trip(cfg, batch):
     env, d = make_env(cfg), cfg.data
-    ds = PointExpertDataset(env, pretrain_tasks(), d.batch_size, d.max_len, d.noise_std,
-                            seed=stream_seed(cfg.seed, "data"), n_candidates=d.n_candidates)
+    ds = PointExpertDataset(
+        env,
+        pretrain_tasks(),
+        d.batch_size,
+        d.max_len,
+        d.noise_std,
+        seed=stream_seed(cfg.seed, "data"),
+        n_candidates=d.n_candidates,
+    )
     first = jax.tree.map(np.asarray, ds.next())
     for k in batch:  # the same stream as make_dataset's, batch for batch
         np.testing.assert_array_equal(first[k], batch[k])
@@ -172,8 +210,15 @@ def test_dataset_determinism_and_state_round_trip(cfg, batch):
     state = ds.get_state()
     assert state == {"seed": stream_seed(cfg.seed, "data"), "step": 2}
     third = np.asarray(ds.next()["obs"])
-    again = PointExpertDataset(env, pretrain_tasks(), d.batch_size, d.max_len, d.noise_std,
-                               seed=12345, n_candidates=d.n_candidates)
+    again = PointExpertDataset(
+        env,
+        pretrain_tasks(),
+        d.batch_size,
+        d.max_len,
+        d.noise_std,
+        seed=12345,
+        n_candidates=d.n_candidates,
+    )
     assert not np.array_equal(np.asarray(again.batch_at(2)["obs"]), third)
     again.set_state(json.loads(json.dumps(state)))  # survives the JSON checkpoint item
     np.testing.assert_array_equal(np.asarray(again.next()["obs"]), third)
@@ -224,8 +269,10 @@ def test_pretraining_lowers_the_loss(cfg, full_run):
     n = cfg.pretrain.eval_episodes
     for name, task_len in (("pretrain_task", 3), ("post_task", 4)):
         for suffix in ("", "_greedy"):
-            success, progress, length = (summary[f"{name}{suffix}_{k}"] for k in
-                                         ("success_rate", "mean_progress", "mean_length"))
+            success, progress, length = (
+                summary[f"{name}{suffix}_{k}"]
+                for k in ("success_rate", "mean_progress", "mean_length")
+            )
             assert _multiple(success, 1 / n) and _multiple(progress, 1 / (n * task_len))
             assert _multiple(length, 1 / n) and 1 <= length <= cfg.env.horizon
             assert success <= progress and (success == 1) == (progress == 1)
@@ -254,8 +301,13 @@ def test_resume_equals_uninterrupted(cfg, full_run, tmp_path):
         return summary, _params(load_base_model(cfg, directory))
 
     _, (summary, _) = assert_resume_bit_exact(
-        run, tmp_path, kill_after=SPLIT, total=STEPS, compare=lambda r: r[1],
-        uninterrupted=(None, _params(load_base_model(cfg, run_dir))))
+        run,
+        tmp_path,
+        kill_after=SPLIT,
+        total=STEPS,
+        compare=lambda r: r[1],
+        uninterrupted=(None, _params(load_base_model(cfg, run_dir))),
+    )
     assert summary["step"] == STEPS and summary["resumed_from"] == SPLIT
 
 
@@ -266,16 +318,19 @@ def test_probes_run_on_every_layer(cfg, full_run):
     assert res["layers"] == list(range(layers))
     counts = np.asarray(res["position_counts"])
     assert counts.sum() == res["eval_tokens"] > 0
-    for key, tokens in (("eval_accuracy", res["eval_tokens"]),
-                        ("train_accuracy", res["train_tokens"])):
+    for key, tokens in (
+        ("eval_accuracy", res["eval_tokens"]),
+        ("train_accuracy", res["train_tokens"]),
+    ):
         acc = np.asarray(res[key])
         # a fraction of the probed tokens
         assert acc.shape == (layers,) and all(_multiple(a, 1 / tokens) for a in acc)
     # the overall accuracy is the token-weighted mean of the per-position accuracies
     by_pos = np.asarray(res["eval_accuracy_by_position"], float)
     seen = counts > 0
-    np.testing.assert_allclose(by_pos[:, seen] @ counts[seen] / counts.sum(),
-                               res["eval_accuracy"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        by_pos[:, seen] @ counts[seen] / counts.sum(), res["eval_accuracy"], rtol=1e-9, atol=1e-12
+    )
     assert res["chance"] == 0.25
     # the probes learn: the cross-entropy falls from log 4 (zero-initialised probes)
     assert res["final_train_loss"] < res["first_train_loss"] < np.log(4) + 1e-3
@@ -285,8 +340,17 @@ def test_cli_rejects_a_bad_override_and_a_mismatched_env(tmp_path, capsys):
     from internal_rl.__main__ import main
 
     with pytest.raises(SystemExit):
-        main(["pretrain", "--env", "point", "--set", "model.widht=3",
-              "--run-dir", str(tmp_path / "run")])
+        main(
+            [
+                "pretrain",
+                "--env",
+                "point",
+                "--set",
+                "model.widht=3",
+                "--run-dir",
+                str(tmp_path / "run"),
+            ]
+        )
     err = capsys.readouterr().err
     assert "model.widht" in err and "model.dim" in err  # names the key, lists valid ones
     with pytest.raises(SystemExit):  # the continuous paper preset is the ant's
@@ -296,14 +360,27 @@ def test_cli_rejects_a_bad_override_and_a_mismatched_env(tmp_path, capsys):
 
 # ------------------------------------------------------------------------ later stages
 CHAIN = [
-    "control.steps=3", "control.batch_size=4", "control.eval_episodes=4",
-    "metacontroller.n_z=4", "metacontroller.gru_hidden=8", "metacontroller.embed_dim=8",
-    "metacontroller.embed_width=8", "metacontroller.encoder_hidden=16",
-    "metacontroller.switch_hidden=16", "metacontroller.decoder_hidden=8",
-    "metacontroller.rank=4", "mctrain.batch_size=4", "mctrain.steps=3",
-    "mctrain.eval_batches=1", "mctrain.trace_examples=2",
-    "rl.episodes=8", "rl.batch_episodes=4", "rl.horizon=16", "rl.updates_per_call=2",
-    "rl.policy_width=8", "reproduce.methods=(internal_rl,raw_action_rl)",
+    "control.steps=3",
+    "control.batch_size=4",
+    "control.eval_episodes=4",
+    "metacontroller.n_z=4",
+    "metacontroller.gru_hidden=8",
+    "metacontroller.embed_dim=8",
+    "metacontroller.embed_width=8",
+    "metacontroller.encoder_hidden=16",
+    "metacontroller.switch_hidden=16",
+    "metacontroller.decoder_hidden=8",
+    "metacontroller.rank=4",
+    "mctrain.batch_size=4",
+    "mctrain.steps=3",
+    "mctrain.eval_batches=1",
+    "mctrain.trace_examples=2",
+    "rl.episodes=8",
+    "rl.batch_episodes=4",
+    "rl.horizon=16",
+    "rl.updates_per_call=2",
+    "rl.policy_width=8",
+    "reproduce.methods=(internal_rl,raw_action_rl)",
 ]
 
 

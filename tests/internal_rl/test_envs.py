@@ -30,8 +30,16 @@ def cell(r, c):
 # Agent at (3,3); colour 0 right of it, colour 1 two to the right, colour 2 below it;
 # walls above the agent and above colour 0.
 WALLS = [cell(2, 3), cell(2, 4), cell(0, 0), cell(0, 1)]
-COLOURS = [cell(3, 4), cell(3, 5), cell(4, 3), cell(6, 0), cell(6, 1), cell(6, 2),
-           cell(6, 3), cell(6, 4)]
+COLOURS = [
+    cell(3, 4),
+    cell(3, 5),
+    cell(4, 3),
+    cell(6, 0),
+    cell(6, 1),
+    cell(6, 2),
+    cell(6, 3),
+    cell(6, 4),
+]
 AGENT = cell(3, 3)
 
 
@@ -44,6 +52,7 @@ def step():
 def layout_state():
     def make(task, agent=AGENT, env=ENV):
         return env.state_from_layout(WALLS, COLOURS, agent, make_task(task, 6))
+
     return make
 
 
@@ -68,12 +77,12 @@ def test_observation_is_entity_major_637_binary(layout_state):
 
 def test_wall_and_edge_moves_are_noops(step, layout_state):
     state = layout_state([0, 1])
-    (s1, *_), = run(step, state, [UP])  # wall above
+    ((s1, *_),) = run(step, state, [UP])  # wall above
     assert int(s1.agent) == AGENT and int(s1.t) == 1 and not bool(s1.done)
     corner = layout_state([0, 1], agent=cell(0, 6))
     outs = run(step, corner, [UP, RIGHT])
     assert [int(o[0].agent) for o in outs] == [cell(0, 6), cell(0, 6)]
-    (s2, *_), = run(step, corner, [LEFT])
+    ((s2, *_),) = run(step, corner, [LEFT])
     assert int(s2.agent) == cell(0, 5)
 
 
@@ -94,7 +103,7 @@ def test_visit_on_entering_only_and_full_sequence_rewards_one(step, layout_state
 
 def test_wrong_colour_terminates_with_zero_reward(step, layout_state):
     state = layout_state([0, 1])
-    (s1, _, reward, done, info), = run(step, state, [DOWN])  # colour 2
+    ((s1, _, reward, done, info),) = run(step, state, [DOWN])  # colour 2
     assert done and reward == 0.0 and not bool(s1.success) and bool(info["wrong_colour"])
     # revisiting an already visited colour out of order is also fatal
     outs = run(step, state, [RIGHT, DOWN, UP])  # enter 0, leave, re-enter 0 (target is 1)
@@ -217,8 +226,10 @@ def test_fixed_layout_pool():
     env = GridPinpad(layouts=pool)
     rows = jnp.asarray(tasks)[jnp.arange(32) % tasks.shape[0]]
     states, _ = jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.key(0), 32), rows)
-    fixed = {tuple(w) + tuple(c) for w, c in
-             zip(states.walls.tolist(), states.colours.tolist(), strict=True)}
+    fixed = {
+        tuple(w) + tuple(c)
+        for w, c in zip(states.walls.tolist(), states.colours.tolist(), strict=True)
+    }
     assert fixed == set(pool)  # only pool layouts, both drawn
     cells = np.concatenate([states.walls, states.colours, states.agent[:, None]], axis=1)
     assert all(len(set(row)) == 13 for row in cells)  # the agent starts on a free cell

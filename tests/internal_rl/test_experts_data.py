@@ -68,8 +68,9 @@ def test_expert_is_uniform_over_optimal_actions():
 
 def test_segment_position():
     sub = jnp.asarray([[3, 3, 3, 1, 1, 0, 0, 0, 0], [2, 2, 2, 2, 2, 2, 2, 2, 2]])
-    np.testing.assert_array_equal(segment_position(sub),
-                                  [[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    np.testing.assert_array_equal(
+        segment_position(sub), [[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +96,11 @@ def test_batch_shapes_masks_and_labels(dataset):
     tasks = pretrain_tasks()[np.asarray(b["task_id"])]
     for i in range(8):
         first_pairs = tasks[i, ::2] // 2
-        seen = [int(g) for j, g in enumerate(np.asarray(b["subgoal"][i])[: length[i]])
-                if j == 0 or g != b["subgoal"][i, j - 1]]
+        seen = [
+            int(g)
+            for j, g in enumerate(np.asarray(b["subgoal"][i])[: length[i]])
+            if j == 0 or g != b["subgoal"][i, j - 1]
+        ]
         assert seen == first_pairs.tolist()
 
 
@@ -122,8 +126,7 @@ def test_oracle_action_accuracy_is_a_probability_above_chance():
     from internal_rl.experts import oracle_action_accuracy
 
     tasks = jnp.asarray(pretrain_tasks())[:8]
-    acc, success = jax.jit(lambda k: oracle_action_accuracy(ENV, k, tasks, 100))(
-        jax.random.key(0))
+    acc, success = jax.jit(lambda k: oracle_action_accuracy(ENV, k, tasks, 100))(jax.random.key(0))
     # 1/k per step with k in 1..4 optimal actions, never below 1/4; the expert always succeeds
     assert 0.25 <= float(acc) <= 1.0 and float(success) == 1.0
     assert float(acc) > 0.5  # most steps of a shortest path have one or two optimal moves

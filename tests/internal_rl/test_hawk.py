@@ -89,7 +89,10 @@ def test_step_path_equals_sequence_path(forward, stepped, obs):
     # residuals compared as [B, T, L+1, D]: forward [L+1, B, T, D], stepped [T, L+1, B, D]
     assert_decode_matches_forward(
         (full.action_mean, full.obs_mean, jnp.moveaxis(full.residuals, 0, 2)),
-        (act, ob, jnp.swapaxes(res, 1, 2)), atol=1e-5, rtol=1e-5)
+        (act, ob, jnp.swapaxes(res, 1, 2)),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     for c_step, c_seq in zip(caches, full.caches, strict=True):
         np.testing.assert_allclose(c_step.conv, c_seq.conv, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(c_step.h, c_seq.h, atol=1e-5, rtol=1e-5)
@@ -129,11 +132,13 @@ def test_interventions(model, obs):
         base = m(o)
         same = m(o, intervention=lambda e: e, intervention_layer=1)
         edited = m(o, intervention=lambda e: e + 1.0, intervention_layer=1)
-        step_out, _ = m.decode_step(o[:, 0], m.init_caches(B),
-                                    intervention=lambda e: e + 1.0, intervention_layer=1)
+        step_out, _ = m.decode_step(
+            o[:, 0], m.init_caches(B), intervention=lambda e: e + 1.0, intervention_layer=1
+        )
         # lower half then upper half (Alg. 1 split)
-        lo, _, caches = m.run_blocks(m.embed(o), m.init_caches(B), stop_layer=1,
-                                     return_residuals=False)
+        lo, _, caches = m.run_blocks(
+            m.embed(o), m.init_caches(B), stop_layer=1, return_residuals=False
+        )
         hi, _, _ = m.run_blocks(lo, caches, start_layer=1, return_residuals=False)
         return base, same, edited, step_out, m.heads(hi)[0]
 
@@ -147,8 +152,12 @@ def test_interventions(model, obs):
     # the split stack equals the whole stack
     np.testing.assert_allclose(split, base.action_mean, atol=1e-6)
     with pytest.raises(ValueError, match="intervention_layer"):
-        model.run_blocks(jnp.zeros((B, 1, CFG.dim)), model.init_caches(B),
-                         intervention=lambda e: e, intervention_layer=CFG.depth + 1)
+        model.run_blocks(
+            jnp.zeros((B, 1, CFG.dim)),
+            model.init_caches(B),
+            intervention=lambda e: e,
+            intervention_layer=CFG.depth + 1,
+        )
 
 
 def test_gaussian_nll_closed_form():
@@ -202,23 +211,27 @@ def test_policy_interface_matches_the_step_and_sequence_paths(model, forward, ob
             head, caches = m.upper_step(e, caches, 1)
             return caches, (head[0], m.action_log_prob(head, a_t))
 
-        return jax.lax.scan(body, m.init_caches(B), (jnp.swapaxes(o, 0, 1),
-                                                      jnp.swapaxes(a, 0, 1)))[1]
+        return jax.lax.scan(body, m.init_caches(B), (jnp.swapaxes(o, 0, 1), jnp.swapaxes(a, 0, 1)))[
+            1
+        ]
 
     mean, logp_steps = split_steps(obs, action)
-    np.testing.assert_allclose(jnp.swapaxes(mean, 0, 1), forward(obs).action_mean,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        jnp.swapaxes(mean, 0, 1), forward(obs).action_mean, rtol=1e-4, atol=1e-5
+    )
     logp_seq, entropy = model.action_log_probs(obs, action)
     np.testing.assert_allclose(logp_seq, jnp.swapaxes(logp_steps, 0, 1), rtol=1e-4, atol=1e-4)
     log_std = model.log_std()
-    np.testing.assert_allclose(entropy, jnp.sum(log_std + 0.5 * (np.log(2 * np.pi) + 1)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(entropy, jnp.sum(log_std + 0.5 * (np.log(2 * np.pi) + 1)), rtol=1e-6)
     # greedy sampling is the mean; sampled actions have the head's spread
     head = (mean[0], log_std)
     np.testing.assert_array_equal(model.sample_action(jax.random.key(0), head, True), mean[0])
-    draws = jax.vmap(lambda k: model.sample_action(k, head))(jax.random.split(jax.random.key(1), 4000))
-    np.testing.assert_allclose(jnp.std(draws, axis=0), jnp.broadcast_to(jnp.exp(log_std), mean[0].shape),
-                               rtol=0.1)
+    draws = jax.vmap(lambda k: model.sample_action(k, head))(
+        jax.random.split(jax.random.key(1), 4000)
+    )
+    np.testing.assert_allclose(
+        jnp.std(draws, axis=0), jnp.broadcast_to(jnp.exp(log_std), mean[0].shape), rtol=0.1
+    )
 
 
 def test_parameters_are_strongly_typed():

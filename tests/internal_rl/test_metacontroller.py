@@ -26,8 +26,16 @@ from internal_rl.metacontroller import (
 from internal_rl.models import BaseModel, ModelConfig
 
 BASE_CFG = ModelConfig(dim=32, depth=2, num_heads=2, mlp_hidden=64)
-MC_CFG = MetacontrollerConfig(gru_hidden=8, embed_dim=8, embed_width=16, encoder_hidden=16,
-                              switch_hidden=16, decoder_hidden=8, rank=4, kl_weight=0.3)
+MC_CFG = MetacontrollerConfig(
+    gru_hidden=8,
+    embed_dim=8,
+    embed_width=16,
+    encoder_hidden=16,
+    switch_hidden=16,
+    decoder_hidden=8,
+    rank=4,
+    kl_weight=0.3,
+)
 B, T, D = 2, 8, BASE_CFG.dim
 
 
@@ -118,8 +126,9 @@ def test_module_scan_matches_step_api(mc, mc_forward, residuals):
 def test_no_temporal_abstraction_variant(residuals):
     cfg = MetacontrollerConfig(**{**MC_CFG.__dict__, "temporal_abstraction": False})
     graphdef, state = nnx.split(Metacontroller(cfg, D, rngs=nnx.Rngs(2)))
-    out = jax.jit(lambda st, e: nnx.merge(graphdef, st)(e, jnp.ones((B, T), bool),
-                                                         jax.random.key(0)))(state, residuals)
+    out = jax.jit(
+        lambda st, e: nnx.merge(graphdef, st)(e, jnp.ones((B, T), bool), jax.random.key(0))
+    )(state, residuals)
     np.testing.assert_array_equal(out.beta, np.ones((B, T)))
     np.testing.assert_array_equal(out.z, out.z_tilde)
 
@@ -131,7 +140,7 @@ def test_switch_and_history_are_causal(mc, residuals):
     """Given the proposals, β_t, z_t and h_{t} ignore residuals after t."""
     t = 3
     z_tilde = jax.random.normal(jax.random.key(4), (B, T, MC_CFG.n_z))
-    perturbed = residuals.at[:, t + 1:].add(5.0)
+    perturbed = residuals.at[:, t + 1 :].add(5.0)
 
     def run(e):
         x = mc.in_norm(e)
@@ -144,7 +153,7 @@ def test_switch_and_history_are_causal(mc, residuals):
     np.testing.assert_array_equal(h1[:, : t + 2], h0[:, : t + 2])  # h_prev[t+1] = h_t
     np.testing.assert_array_equal(b1[:, : t + 1], b0[:, : t + 1])
     np.testing.assert_array_equal(z1[:, : t + 1], z0[:, : t + 1])
-    assert not np.allclose(b1[:, t + 1:], b0[:, t + 1:])
+    assert not np.allclose(b1[:, t + 1 :], b0[:, t + 1 :])
 
 
 def test_only_the_encoder_sees_the_future(mc, mc_forward, residuals):
@@ -152,7 +161,7 @@ def test_only_the_encoder_sees_the_future(mc, mc_forward, residuals):
     the past: with the encoder's embedding input zeroed, the whole pass becomes causal."""
     fwd, state = mc_forward
     t, key, mask = 3, jax.random.key(5), jnp.ones((B, T), bool)
-    perturbed = residuals.at[:, t + 1:].add(5.0)
+    perturbed = residuals.at[:, t + 1 :].add(5.0)
     a, b = fwd(state, residuals, mask, key), fwd(state, perturbed, mask, key)
     assert not np.allclose(a.embedding, b.embedding)
     assert not np.allclose(a.mu[:, : t + 1], b.mu[:, : t + 1])  # the posterior looks ahead
@@ -162,12 +171,13 @@ def test_only_the_encoder_sees_the_future(mc, mc_forward, residuals):
 
     blind_mc = nnx.clone(mc)
     kernel = blind_mc.encoder.hidden.kernel
-    kernel[...] = kernel[...].at[D + MC_CFG.gru_hidden:].set(0.0)  # rows reading s
+    kernel[...] = kernel[...].at[D + MC_CFG.gru_hidden :].set(0.0)  # rows reading s
     blind = nnx.split(blind_mc)[1]
     a, b = fwd(blind, residuals, mask, key), fwd(blind, perturbed, mask, key)
     for name in ("mu", "log_var", "z_tilde", "beta", "z", "h_prev"):
-        np.testing.assert_array_equal(getattr(a, name)[:, : t + 1], getattr(b, name)[:, : t + 1],
-                                      err_msg=name)
+        np.testing.assert_array_equal(
+            getattr(a, name)[:, : t + 1], getattr(b, name)[:, : t + 1], err_msg=name
+        )
 
 
 def test_embedding_ignores_padding(mc_forward, residuals):
@@ -214,8 +224,9 @@ def test_zero_decoder_leaves_base_logits_unchanged(base, batch, mc_model, model_
     np.testing.assert_array_equal(out.action_logits, base_out.action_logits)
     np.testing.assert_array_equal(out.obs_logits, base_out.obs_logits)
     # a non-zero decoder does edit the stream (so the check above can fail)
-    out2, _ = run(nnx.split(_with_active_heads(mc_model))[1], batch["obs"], batch["mask"],
-                  jax.random.key(1))
+    out2, _ = run(
+        nnx.split(_with_active_heads(mc_model))[1], batch["obs"], batch["mask"], jax.random.key(1)
+    )
     assert not np.allclose(out2.action_logits, base_out.action_logits)
 
 
@@ -234,7 +245,7 @@ def test_kl_closed_form_on_hand_values():
     # Monte Carlo: E_q[log q(z) − log p(z)]
     z = mu[2] + jnp.exp(0.5 * log_var[2]) * jax.random.normal(jax.random.key(0), (200_000, 2))
     log_q = -0.5 * jnp.sum((z - mu[2]) ** 2 / jnp.exp(log_var[2]) + log_var[2], -1)
-    log_p = -0.5 * jnp.sum(z ** 2, -1)
+    log_p = -0.5 * jnp.sum(z**2, -1)
     np.testing.assert_allclose(jnp.mean(log_q - log_p), expected[2], rtol=0.02)
 
 
@@ -242,8 +253,9 @@ def test_kl_closed_form_on_hand_values():
 def train_setup(mc_model):
     """One jitted `common.train` step (no donation) on a model with active heads, base frozen."""
     tx = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant"))
-    graphdef, state = create_train_state(_with_active_heads(mc_model), tx, jax.random.key(0),
-                                         trainable=trainable_filter(MC_CFG))
+    graphdef, state = create_train_state(
+        _with_active_heads(mc_model), tx, jax.random.key(0), trainable=trainable_filter(MC_CFG)
+    )
     return state, make_train_step(graphdef, metacontroller_loss, tx, donate=False)
 
 
@@ -257,36 +269,47 @@ def test_loss_is_nll_plus_weighted_kl_on_valid_steps(train_setup, model_fwd, bat
     kl = np.asarray(gaussian_kl(mc.mu, mc.log_var))
     np.testing.assert_allclose(m["kl"], kl[mask].mean(), rtol=1e-5)
     assert float(m["kl"]) > 0
-    np.testing.assert_allclose(m["loss"], m["action_nll"] + MC_CFG.kl_weight * m["kl"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(m["loss"], m["action_nll"] + MC_CFG.kl_weight * m["kl"], rtol=1e-6)
     beta = np.asarray(mc.beta)
     np.testing.assert_allclose(m["switches"], ((beta > 0.5) & mask).sum(1).mean(), rtol=1e-6)
     assert {"switch_precision", "switch_recall", "beta_mean", "action_acc"} <= set(m)
 
     # anything at padded steps (obs, actions, labels) changes neither loss nor update
-    padded = dict(batch, obs=batch["obs"].at[1, 5:].set(1.0 - batch["obs"][1, 5:]),
-                  action=batch["action"].at[1, 5:].set(3),
-                  subgoal=batch["subgoal"].at[1, 5:].set(2))
+    padded = dict(
+        batch,
+        obs=batch["obs"].at[1, 5:].set(1.0 - batch["obs"][1, 5:]),
+        action=batch["action"].at[1, 5:].set(3),
+        subgoal=batch["subgoal"].at[1, 5:].set(2),
+    )
     new2, m2 = step(state, padded)
     for k in m:
         np.testing.assert_allclose(m2[k], m[k], rtol=1e-6, err_msg=k)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 jax.tree.map(np.asarray, new2.params), jax.tree.map(np.asarray, new.params))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        jax.tree.map(np.asarray, new2.params),
+        jax.tree.map(np.asarray, new.params),
+    )
 
 
 # --- switch metrics ---------------------------------------------------------------------
 
 
 def test_switch_metrics_on_hand_sequences():
-    subgoal = jnp.asarray([[0, 0, 0, 1, 1, 2, 2, 2],
-                           [5, 5, 5, 5, 7, 7, 7, 7]])
+    subgoal = jnp.asarray([[0, 0, 0, 1, 1, 2, 2, 2], [5, 5, 5, 5, 7, 7, 7, 7]])
     mask = jnp.asarray([[True] * 8, [True] * 6 + [False] * 2])
-    np.testing.assert_array_equal(subgoal_boundaries(subgoal, mask),
-                                  [[1, 0, 0, 1, 0, 1, 0, 0], [1, 0, 0, 0, 1, 0, 0, 0]])
-    np.testing.assert_array_equal(subgoal_boundaries(subgoal, mask, include_start=False),
-                                  [[0, 0, 0, 1, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0]])
-    beta = jnp.asarray([[0.9, 0.1, 0.2, 0.3, 0.8, 0.1, 0.2, 0.7],    # switches at 0, 4, 7
-                        [0.6, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9, 0.9]])  # 0; 6, 7 are padding
+    np.testing.assert_array_equal(
+        subgoal_boundaries(subgoal, mask), [[1, 0, 0, 1, 0, 1, 0, 0], [1, 0, 0, 0, 1, 0, 0, 0]]
+    )
+    np.testing.assert_array_equal(
+        subgoal_boundaries(subgoal, mask, include_start=False),
+        [[0, 0, 0, 1, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0]],
+    )
+    beta = jnp.asarray(
+        [
+            [0.9, 0.1, 0.2, 0.3, 0.8, 0.1, 0.2, 0.7],  # switches at 0, 4, 7
+            [0.6, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9, 0.9],
+        ]
+    )  # 0; 6, 7 are padding
     np.testing.assert_array_equal(switches_per_trajectory(beta, mask), [3.0, 1.0])
     pr = switch_precision_recall(beta, subgoal, mask)
     # row 0: 0 hits 0, 4 is within ±1 of both 3 and 5, 7 is 2 away from 5 -> 2/3 correct,
@@ -317,11 +340,13 @@ def test_train_step_with_frozen_base_changes_only_the_metacontroller(train_setup
     params_before = jax.tree.map(np.asarray, state.params)
     new, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new.frozen),
-                 frozen_before)
-    changed = {_path(p): not np.array_equal(v[...], old[...])
-               for (p, v), (_, old) in zip(nnx.to_flat_state(new.params),
-                                           nnx.to_flat_state(params_before), strict=True)}
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new.frozen), frozen_before)
+    changed = {
+        _path(p): not np.array_equal(v[...], old[...])
+        for (p, v), (_, old) in zip(
+            nnx.to_flat_state(new.params), nnx.to_flat_state(params_before), strict=True
+        )
+    }
     # every part of φ gets a gradient: decoder, encoder, switch, GRU, embedder, input norm
     for part in ("decoder", "encoder", "switch", "gru", "embedder", "in_norm"):
         assert any(v for p, v in changed.items() if f"/{part}/" in p), part
@@ -336,8 +361,14 @@ def test_trainable_filters_and_config_validation(base):
     roots = {_path(p).split("/")[0] for p, _ in nnx.to_flat_state(params)}
     assert roots == {"base", "metacontroller"}
     paper = MetacontrollerConfig()
-    assert (paper.n_z, paper.gru_hidden, paper.embed_dim, paper.encoder_hidden,
-            paper.decoder_hidden, paper.rank) == (8, 32, 32, 64, 32, 16)
+    assert (
+        paper.n_z,
+        paper.gru_hidden,
+        paper.embed_dim,
+        paper.encoder_hidden,
+        paper.decoder_hidden,
+        paper.rank,
+    ) == (8, 32, 32, 64, 32, 16)
     assert paper.insertion_layer(6) == 3
     with pytest.raises(ValueError, match="layer"):
         MetacontrollerConfig(layer=5).insertion_layer(4)

@@ -29,8 +29,7 @@ from internal_rl.point_expert import expert_action, next_cell
 
 B_POINT, B_ANT, STEPS = 16, 4, 200
 TASK_LEN = 4  # room for the held-out 0-1-2-3: one compiled shape for every task
-EVENTS = ("wrong_colour", "wall", "out_of_arena", "failure", "success", "timeout",
-          "colour_visited")
+EVENTS = ("wrong_colour", "wall", "out_of_arena", "failure", "success", "timeout", "colour_visited")
 
 
 def make_programs(env, with_expert: bool = False):
@@ -45,8 +44,15 @@ def make_programs(env, with_expert: bool = False):
             if with_expert:
                 a = jnp.where(use_expert, expert_action(env, k, s, noise_std), a)
             s, obs, reward, done, info = env.step(s, a)
-            return s, dict(obs=obs, reward=reward, done=done, qpos=s.data.qpos,
-                           progress=s.pad.progress, t=s.pad.t, **{k: info[k] for k in EVENTS})
+            return s, dict(
+                obs=obs,
+                reward=reward,
+                done=done,
+                qpos=s.data.qpos,
+                progress=s.pad.progress,
+                t=s.pad.t,
+                **{k: info[k] for k in EVENTS},
+            )
 
         keys = jax.random.split(key, actions.shape[0])
         return jax.lax.scan(body, state, (actions, keys))[1]
@@ -71,8 +77,9 @@ def tile(items, n):
 
 
 # one compiled layout builder (BFS included) for every constructed state
-_pad_from_layout = jax.jit(jax.vmap(GridPinpad.state_from_layout, (None, None, None, 0, 0)),
-                           static_argnums=0)
+_pad_from_layout = jax.jit(
+    jax.vmap(GridPinpad.state_from_layout, (None, None, None, 0, 0)), static_argnums=0
+)
 
 
 def with_layout(env, states, walls, colours, agents, tasks, xy):
@@ -80,8 +87,13 @@ def with_layout(env, states, walls, colours, agents, tasks, xy):
     agents, tasks and xy are tiled to the batch size)."""
     n = states.pad.t.shape[0]
     tasks = np.stack([make_task(t, TASK_LEN) for t in tile(tasks, n)])
-    pad = _pad_from_layout(env.layouts, jnp.asarray(walls), jnp.asarray(colours),
-                           jnp.asarray(tile(agents, n)), jnp.asarray(tasks))
+    pad = _pad_from_layout(
+        env.layouts,
+        jnp.asarray(walls),
+        jnp.asarray(colours),
+        jnp.asarray(tile(agents, n)),
+        jnp.asarray(tasks),
+    )
     qpos = states.data.qpos.at[:, :2].set(jnp.asarray(tile(xy, n), jnp.float32))
     data = states.data.replace(qpos=qpos, qvel=jnp.zeros_like(states.data.qvel))
     return states._replace(pad=pad, data=data)
@@ -113,8 +125,13 @@ def test_tables_and_unseen_transitions():
 def test_advance_timeout_and_freeze():
     env = PointPinpad(horizon=5)
     tasks = jnp.asarray(np.stack([make_task([0, 1], TASK_LEN)] * B_POINT))
-    pads = _pad_from_layout(env.layouts, jnp.asarray([8]), jnp.asarray([1, 2, 4, 15]),
-                            jnp.zeros(B_POINT, jnp.int32), tasks)
+    pads = _pad_from_layout(
+        env.layouts,
+        jnp.asarray([8]),
+        jnp.asarray([1, 2, 4, 15]),
+        jnp.zeros(B_POINT, jnp.int32),
+        tasks,
+    )
     pad = jax.tree.map(lambda x: x[0], pads)
     pad, reward, info = advance(pad._replace(t=jnp.int32(4)), jnp.int32(0), env.horizon)
     assert bool(pad.done) and bool(info["timeout"]) and float(reward) == 0.0
@@ -154,8 +171,9 @@ def test_point_random_steps_finite(point):
     np.testing.assert_array_equal(out["reward"] > 0, out["success"])
     for b in range(B_POINT):  # frozen after done
         first = int(np.argmax(done[b]))
-        np.testing.assert_array_equal(out["obs"][b, first:],
-                                      np.repeat(out["obs"][b, first:first + 1], STEPS - first, 0))
+        np.testing.assert_array_equal(
+            out["obs"][b, first:], np.repeat(out["obs"][b, first : first + 1], STEPS - first, 0)
+        )
 
 
 # Layout on the 4 x 4 grid of unit cells (cell = row * 4 + col, x = col - 1.5,
@@ -166,8 +184,9 @@ START = [-1.5, -1.5]  # centre of cell 0
 
 def test_point_task_logic(point):
     env, _, run, states, _ = point
-    s = with_layout(env, states, WALLS, COLOURS, agents=[0], tasks=[[0, 1], [1, 0], [3], [3]],
-                    xy=[START])
+    s = with_layout(
+        env, states, WALLS, COLOURS, agents=[0], tasks=[[0, 1], [1, 0], [3], [3]], xy=[START]
+    )
     push = jnp.asarray(tile([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], B_POINT))
     out = run_actions(run, s, jnp.repeat(push[:, None], STEPS, 1))
     first_done = out["done"].argmax(1)
@@ -191,8 +210,7 @@ def test_point_visit_only_on_entering(point):
     env, _, run, states, _ = point
     # start inside colour 0's cell with colour 0 required: standing there is no visit;
     # leaving to cell 0 and coming back is one
-    s = with_layout(env, states, WALLS, COLOURS, agents=[1], tasks=[[0, 1]],
-                    xy=[[-0.5, -1.5]])
+    s = with_layout(env, states, WALLS, COLOURS, agents=[1], tasks=[[0, 1]], xy=[[-0.5, -1.5]])
     still = jnp.zeros((B_POINT, STEPS, 2))
     back_and_forth = still.at[:, :8, 0].set(-1.0).at[:, 8:, 0].set(1.0)
     half = B_POINT // 2
@@ -208,8 +226,13 @@ def test_point_expert_solves_every_task(point, layout_seed, noise_std):
     env, reset, run, _, _ = point
     for tasks in (tasks_batch(B_POINT), jnp.tile(jnp.asarray(post_task())[None], (B_POINT, 1))):
         states, _ = reset(jax.random.split(jax.random.key(layout_seed), B_POINT), tasks)
-        out = run(states, jnp.zeros((B_POINT, STEPS, 2)), jnp.ones(B_POINT, bool),
-                  jax.random.split(jax.random.key(layout_seed), B_POINT), noise_std)
+        out = run(
+            states,
+            jnp.zeros((B_POINT, STEPS, 2)),
+            jnp.ones(B_POINT, bool),
+            jax.random.split(jax.random.key(layout_seed), B_POINT),
+            noise_std,
+        )
         out = jax.tree.map(np.asarray, out)
         assert np.all(states.pad.solvable)
         success = out["success"].any(1)
@@ -219,8 +242,9 @@ def test_point_expert_solves_every_task(point, layout_seed, noise_std):
 
 def test_point_expert_waypoint_is_a_shortest_path_step(point):
     env, _, _, states, _ = point
-    s = with_layout(env, states, WALLS, COLOURS, agents=[5], tasks=[[3], [0], [2]],
-                    xy=[[-0.5, -0.5]])
+    s = with_layout(
+        env, states, WALLS, COLOURS, agents=[5], tasks=[[3], [0], [2]], xy=[[-0.5, -0.5]]
+    )
     nxt = np.asarray(jax.jit(jax.vmap(lambda st: next_cell(env, st)))(s))
     # from cell 5 to colour 3 (cell 15): both open neighbours (6, 9) are 3 moves away;
     # cell 1 (colour 0) and cell 4 (the wall) are blocked
@@ -247,8 +271,9 @@ def test_ant_model_matches_spec():
     # only foot-floor contacts: the feet have contype, only the floor has conaffinity
     names = [mujoco.mj_id2name(m, mujoco.mjtObj.mjOBJ_GEOM, g) for g in range(m.ngeom)]
     colliders = {n for n, ct in zip(names, m.geom_contype, strict=True) if ct}
-    assert colliders == {f"{leg}_foot" for leg in
-                         ("front_left", "front_right", "back_left", "back_right")}
+    assert colliders == {
+        f"{leg}_foot" for leg in ("front_left", "front_right", "back_left", "back_right")
+    }
     assert [n for n, ca in zip(names, m.geom_conaffinity, strict=True) if ca] == ["floor"]
     assert m.opt.solver == mujoco.mjtSolver.mjSOL_NEWTON and m.opt.iterations == 1
     assert m.opt.disableflags & mujoco.mjtDisableBit.mjDSBL_EULERDAMP
@@ -258,12 +283,14 @@ def test_ant_reset_and_observation(ant):
     env, _, _, states, obs = ant
     assert obs.shape == (B_ANT, 41) and env.obs_dim == 41 and env.action_shape == (8,)
     qpos, qvel = np.asarray(states.data.qpos), np.asarray(states.data.qvel)
-    np.testing.assert_allclose(obs[:, :27], symlog(np.concatenate([qpos[:, 2:], qvel], 1)),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        obs[:, :27], symlog(np.concatenate([qpos[:, 2:], qvel], 1)), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(np.linalg.norm(qpos[:, 3:7], axis=1), 1.0, rtol=1e-5)
     assert np.all(np.abs(qvel) <= 0.1 + 1e-6)
-    np.testing.assert_allclose(qpos[:, 7:], np.broadcast_to(env.init_qpos[7:], (B_ANT, 8)),
-                               atol=0.1 + 1e-6)
+    np.testing.assert_allclose(
+        qpos[:, 7:], np.broadcast_to(env.init_qpos[7:], (B_ANT, 8)), atol=0.1 + 1e-6
+    )
     np.testing.assert_array_equal(env.grid.cell_of(qpos[:, :2]), states.pad.agent)
     # position features: normalised xy, vectors to colour / wall centres, in-cell coords
     half, side = env.grid.half_extent, env.grid.size * env.grid.cell_size
@@ -288,8 +315,9 @@ def test_ant_random_steps_finite(ant):
     # every episode end has a cause, reported on the step that ends it
     ended = done & ~np.concatenate([np.zeros((B_ANT, 1), bool), done[:, :-1]], 1)
     causes = np.stack([out[k] for k in EVENTS if k != "colour_visited"]).any(0)
-    np.testing.assert_array_equal(causes & ~np.concatenate(
-        [np.zeros((B_ANT, 1), bool), done[:, :-1]], 1), ended)
+    np.testing.assert_array_equal(
+        causes & ~np.concatenate([np.zeros((B_ANT, 1), bool), done[:, :-1]], 1), ended
+    )
 
 
 def test_ant_height_termination(ant):

@@ -49,11 +49,11 @@ def test_shapes_and_residuals(forward, obs):
 def test_no_causal_leakage(forward, obs):
     base = forward(obs)
     t = 3
-    perturbed = obs.at[:, t + 1:].set(1.0 - obs[:, t + 1:])
+    perturbed = obs.at[:, t + 1 :].set(1.0 - obs[:, t + 1 :])
     out = forward(perturbed)
     np.testing.assert_array_equal(out.action_logits[:, : t + 1], base.action_logits[:, : t + 1])
     np.testing.assert_array_equal(out.residuals[:, :, : t + 1], base.residuals[:, :, : t + 1])
-    assert not np.allclose(out.action_logits[:, t + 1:], base.action_logits[:, t + 1:])
+    assert not np.allclose(out.action_logits[:, t + 1 :], base.action_logits[:, t + 1 :])
 
 
 def test_decode_step_equals_full_sequence(model, forward, obs):
@@ -75,17 +75,26 @@ def test_decode_step_equals_full_sequence(model, forward, obs):
     # residuals compared as [B, T, L+1, D]: forward [L+1, B, T, D], decoded [T, L+1, B, D]
     assert_decode_matches_forward(
         (full.action_logits, full.obs_logits, jnp.moveaxis(full.residuals, 0, 2)),
-        (act, ob, jnp.swapaxes(res, 1, 2)), atol=1e-5, rtol=1e-7)
+        (act, ob, jnp.swapaxes(res, 1, 2)),
+        atol=1e-5,
+        rtol=1e-7,
+    )
 
 
 def test_loss_ignores_padding(model, obs):
     rng = np.random.default_rng(0)
-    batch = dict(obs=obs, action=jnp.asarray(rng.integers(0, 4, (B, T))),
-                 next_cells=jnp.asarray(rng.integers(0, 49, (B, T, 13))),
-                 mask=jnp.arange(T)[None] < jnp.asarray([[5], [3]]))
+    batch = dict(
+        obs=obs,
+        action=jnp.asarray(rng.integers(0, 4, (B, T))),
+        next_cells=jnp.asarray(rng.integers(0, 49, (B, T, 13))),
+        mask=jnp.arange(T)[None] < jnp.asarray([[5], [3]]),
+    )
     loss, metrics = pretrain_loss(model, batch, None, 0.01)
-    padded = dict(batch, obs=batch["obs"].at[0, 5:].set(0.0).at[1, 3:].set(1.0),
-                  action=batch["action"].at[:, 5:].set(0))
+    padded = dict(
+        batch,
+        obs=batch["obs"].at[0, 5:].set(0.0).at[1, 3:].set(1.0),
+        action=batch["action"].at[:, 5:].set(0),
+    )
     loss2, _ = pretrain_loss(model, padded, None, 0.01)
     np.testing.assert_allclose(loss, loss2, rtol=1e-6)
     # the loss is action NLL + λ obs NLL, near log 4 + λ·13 log 49 at the 0.1-scaled init
@@ -135,12 +144,17 @@ def test_low_rank_controller_matches_dense_matrix():
 
 def test_controller_training_updates_only_the_controller(controlled, obs):
     rng = np.random.default_rng(1)
-    batch = dict(obs=obs, action=jnp.asarray(rng.integers(0, 4, (B, T))),
-                 next_cells=jnp.zeros((B, T, 13), jnp.int32), mask=jnp.ones((B, T), bool),
-                 subgoal=jnp.asarray(rng.integers(0, 4, (B, T))))
+    batch = dict(
+        obs=obs,
+        action=jnp.asarray(rng.integers(0, 4, (B, T))),
+        next_cells=jnp.zeros((B, T, 13), jnp.int32),
+        mask=jnp.ones((B, T), bool),
+        subgoal=jnp.asarray(rng.integers(0, 4, (B, T))),
+    )
     tx = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant"))
-    graphdef, state = create_train_state(controlled, tx, jax.random.key(0),
-                                         trainable=CONTROLLER_PARAMS)
+    graphdef, state = create_train_state(
+        controlled, tx, jax.random.key(0), trainable=CONTROLLER_PARAMS
+    )
     assert all("controller" in "/".join(map(str, p)) for p, _ in nnx.to_flat_state(state.params))
     frozen_before = jax.tree.map(np.asarray, state.frozen)
     params_before = jax.tree.map(np.asarray, state.params)

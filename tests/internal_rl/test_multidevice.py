@@ -14,9 +14,19 @@ from tests.multidevice import assert_params_close, run_with_devices
 
 # A tiny base model on batches of 8 (divisible by the 8 devices); evaluation on, so that the
 # eval programs run on the mesh too.
-TINY = ["data.batch_size=8", "data.max_len=24", "model.dim=16", "model.depth=2",
-        "model.num_heads=2", "model.mlp_hidden=32", "pretrain.steps=3", "pretrain.log_every=1",
-        "pretrain.save_every=3", "pretrain.eval_every=0", "pretrain.eval_episodes=8"]
+TINY = [
+    "data.batch_size=8",
+    "data.max_len=24",
+    "model.dim=16",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.mlp_hidden=32",
+    "pretrain.steps=3",
+    "pretrain.log_every=1",
+    "pretrain.save_every=3",
+    "pretrain.eval_every=0",
+    "pretrain.eval_episodes=8",
+]
 
 PRETRAIN = """
 from flax import nnx
@@ -46,12 +56,25 @@ def test_pretraining_on_8_devices_matches_one_device(tmp_path):
 
 
 def test_plan_measures_every_stage_of_a_preset():
-    cfg = make_config("tiny", TINY + ["control.batch_size=8", "mctrain.batch_size=8",
-                                      "rl.batch_episodes=8", "rl.episodes=16", "rl.horizon=16"])
+    cfg = make_config(
+        "tiny",
+        TINY
+        + [
+            "control.batch_size=8",
+            "mctrain.batch_size=8",
+            "rl.batch_episodes=8",
+            "rl.episodes=16",
+            "rl.horizon=16",
+        ],
+    )
     rows = plan_rows(cfg, make_mesh(), ACCELERATORS["h100"])
     assert [r.stage for r in rows] == [
-        "pretrain", "controller (layer 1)", "metacontroller (frozen base)",
-        "metacontroller (co-trained)", "internal RL (PPO step)"]
+        "pretrain",
+        "controller (layer 1)",
+        "metacontroller (frozen base)",
+        "metacontroller (co-trained)",
+        "internal RL (PPO step)",
+    ]
     assert all(r.flops_per_device > 0 and r.fits and r.devices == 1 for r in rows)
     model = build_model(cfg)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -18,10 +18,20 @@ from tests.multidevice import assert_params_close, flat_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # batch 4: two rows per process; evaluation (held-out batch and closed-loop episodes) on
-SETS = ["data.batch_size=4", "data.max_len=24", "model.dim=16", "model.depth=2",
-        "model.num_heads=2", "model.mlp_hidden=32", "pretrain.steps=3",
-        "pretrain.optim.total_steps=3", "pretrain.log_every=1", "pretrain.save_every=3",
-        "pretrain.eval_every=0", "pretrain.eval_episodes=4"]
+SETS = [
+    "data.batch_size=4",
+    "data.max_len=24",
+    "model.dim=16",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.mlp_hidden=32",
+    "pretrain.steps=3",
+    "pretrain.optim.total_steps=3",
+    "pretrain.log_every=1",
+    "pretrain.save_every=3",
+    "pretrain.eval_every=0",
+    "pretrain.eval_episodes=4",
+]
 
 
 def _free_port() -> int:
@@ -33,12 +43,22 @@ def _free_port() -> int:
 def _launch(run_dir: pathlib.Path, **env_vars) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **env_vars)
-    cmd = [sys.executable, "-m", "internal_rl", "pretrain", "--preset", "tiny", "--quiet",
-           "--run-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "internal_rl",
+        "pretrain",
+        "--preset",
+        "tiny",
+        "--quiet",
+        "--run-dir",
+        str(run_dir),
+    ]
     for s in SETS:
         cmd += ["--set", s]
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -48,8 +68,15 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> None:
 
 def test_two_process_cli_pretraining_matches_one_process(tmp_path):
     port = _free_port()
-    pair = [_launch(tmp_path / "two", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)) for i in range(2)]
+    pair = [
+        _launch(
+            tmp_path / "two",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(i),
+        )
+        for i in range(2)
+    ]
     # the one-process reference: the same verb, in this process, while the pair runs
     from internal_rl.__main__ import main
 

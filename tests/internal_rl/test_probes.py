@@ -21,9 +21,14 @@ def _data(rng, n, dim=8):
 def test_probe_decodes_informative_layer_only():
     rng = np.random.default_rng(0)
     train, test = _data(rng, 2000), _data(rng, 1000)
-    params, losses = fit_probes(train, 4, jax.random.key(0), steps=300, batch_size=256,
-                                optim=OptimizerConfig(learning_rate=3e-2, schedule="constant",
-                                                      grad_clip_norm=None))
+    params, losses = fit_probes(
+        train,
+        4,
+        jax.random.key(0),
+        steps=300,
+        batch_size=256,
+        optim=OptimizerConfig(learning_rate=3e-2, schedule="constant", grad_clip_norm=None),
+    )
     assert losses[-10:].mean() < losses[:10].mean()
     res = evaluate_probes(params, test, max_position=4)
     acc = res["accuracy"]
@@ -31,4 +36,5 @@ def test_probe_decodes_informative_layer_only():
     # by-position bins pool positions >= 3 into the last bin and cover every token
     assert res["position_counts"].sum() == 1000 and res["accuracy_by_position"].shape == (2, 4)
     np.testing.assert_allclose(
-        (res["accuracy_by_position"][1] * res["position_counts"]).sum() / 1000, acc[1], atol=1e-6)
+        (res["accuracy_by_position"][1] * res["position_counts"]).sum() / 1000, acc[1], atol=1e-6
+    )

@@ -11,28 +11,58 @@ from internal_rl.config import RL_METHODS, make_config
 from internal_rl.report import final_success, quantile_curves, summarize_rl, write_report
 
 REDUCED = [
-    "data.batch_size=8", "data.max_len=32",
-    "model.dim=16", "model.depth=2", "model.num_heads=2", "model.mlp_hidden=32",
-    "pretrain.steps=20", "pretrain.optim.total_steps=20", "pretrain.eval_every=20",
-    "pretrain.save_every=20", "pretrain.eval_episodes=8",
-    "probe.train_trajectories=16", "probe.eval_trajectories=16", "probe.steps=10",
+    "data.batch_size=8",
+    "data.max_len=32",
+    "model.dim=16",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.mlp_hidden=32",
+    "pretrain.steps=20",
+    "pretrain.optim.total_steps=20",
+    "pretrain.eval_every=20",
+    "pretrain.save_every=20",
+    "pretrain.eval_episodes=8",
+    "probe.train_trajectories=16",
+    "probe.eval_trajectories=16",
+    "probe.steps=10",
     "probe.batch_size=64",
-    "control.steps=4", "control.batch_size=4", "control.eval_episodes=8",
-    "metacontroller.n_z=4", "metacontroller.gru_hidden=8", "metacontroller.embed_dim=8",
-    "metacontroller.embed_width=8", "metacontroller.encoder_hidden=16",
-    "metacontroller.switch_hidden=16", "metacontroller.decoder_hidden=8",
+    "control.steps=4",
+    "control.batch_size=4",
+    "control.eval_episodes=8",
+    "metacontroller.n_z=4",
+    "metacontroller.gru_hidden=8",
+    "metacontroller.embed_dim=8",
+    "metacontroller.embed_width=8",
+    "metacontroller.encoder_hidden=16",
+    "metacontroller.switch_hidden=16",
+    "metacontroller.decoder_hidden=8",
     "metacontroller.rank=4",
-    "mctrain.batch_size=4", "mctrain.steps=4", "mctrain.cotrain_steps=4",
-    "mctrain.alphas=(0.1,0.3)", "mctrain.eval_batches=1", "mctrain.trace_examples=2",
-    "rl.episodes=16", "rl.batch_episodes=8", "rl.horizon=24", "rl.updates_per_call=2",
-    "rl.policy_width=8", "reproduce.rl_seeds=2", "reproduce.cotrain_alphas=(0.3,)",
+    "mctrain.batch_size=4",
+    "mctrain.steps=4",
+    "mctrain.cotrain_steps=4",
+    "mctrain.alphas=(0.1,0.3)",
+    "mctrain.eval_batches=1",
+    "mctrain.trace_examples=2",
+    "rl.episodes=16",
+    "rl.batch_episodes=8",
+    "rl.horizon=24",
+    "rl.updates_per_call=2",
+    "rl.policy_width=8",
+    "reproduce.rl_seeds=2",
+    "reproduce.cotrain_alphas=(0.3,)",
 ]
 
 
 def _curve(method, seed, success):
     n = len(success)
-    return dict(method=method, seed=seed, episodes=list(range(8, 8 * n + 1, 8)),
-                success_rate=list(success), decisions_per_episode=[3.0] * n, wall_seconds=1.0)
+    return dict(
+        method=method,
+        seed=seed,
+        episodes=list(range(8, 8 * n + 1, 8)),
+        success_rate=list(success),
+        decisions_per_episode=[3.0] * n,
+        wall_seconds=1.0,
+    )
 
 
 def test_final_success_and_quantiles():
@@ -51,24 +81,41 @@ def test_final_success_and_quantiles():
 
 def test_report_from_stage_outputs(tmp_path):
     cfg = make_config("tiny")
-    traces = dict(beta=[[0.9, 0.1, 0.8, 0.2]], subgoal=[[0, 0, 2, 2]],
-                  mask=[[True, True, True, True]])
-    metrics = dict(action_nll=0.4, kl=1.0, switches=2.0, subgoals_per_trajectory=2.0,
-                   switch_precision=1.0, switch_recall=1.0)
+    traces = dict(
+        beta=[[0.9, 0.1, 0.8, 0.2]], subgoal=[[0, 0, 2, 2]], mask=[[True, True, True, True]]
+    )
+    metrics = dict(
+        action_nll=0.4,
+        kl=1.0,
+        switches=2.0,
+        subgoals_per_trajectory=2.0,
+        switch_precision=1.0,
+        switch_recall=1.0,
+    )
 
     def mc_result(alpha, **kw):
         return dict(variant=dict(alpha=alpha, seed=0, **kw), metrics=metrics, traces=traces)
 
     parts = dict(
         pretrain=dict(heldout_action_acc=0.8, pretrain_task_success_rate=0.06),
-        probe=dict(layers=[0, 1, 2], eval_accuracy=[0.3, 0.5, 0.45],
-                   train_accuracy=[0.3, 0.5, 0.5], chance=0.25, majority_baseline=0.27),
-        metacontroller=dict(frozen=[mc_result(0.1), mc_result(0.3)], selected_alpha=0.1,
-                            beta1=mc_result(0.1), cotrained=[mc_result(0.1)],
-                            cotrained_alpha=0.1),
-        rl={task: {m: [_curve(m, s, [0.1 * s, scale * s]) for s in range(3)]
-                   for m in RL_METHODS}
-            for task, scale in (("heldout", 0.2), ("seen_transitions", 0.4))},
+        probe=dict(
+            layers=[0, 1, 2],
+            eval_accuracy=[0.3, 0.5, 0.45],
+            train_accuracy=[0.3, 0.5, 0.5],
+            chance=0.25,
+            majority_baseline=0.27,
+        ),
+        metacontroller=dict(
+            frozen=[mc_result(0.1), mc_result(0.3)],
+            selected_alpha=0.1,
+            beta1=mc_result(0.1),
+            cotrained=[mc_result(0.1)],
+            cotrained_alpha=0.1,
+        ),
+        rl={
+            task: {m: [_curve(m, s, [0.1 * s, scale * s]) for s in range(3)] for m in RL_METHODS}
+            for task, scale in (("heldout", 0.2), ("seen_transitions", 0.4))
+        },
     )
     md, js = write_report(cfg, tmp_path, parts, preset="tiny", command="cmd", wall_seconds=1.0)
     results = json.loads(open(js).read())["results"]
@@ -96,14 +143,19 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
     # final success = the last update's success (10% of 2 updates, at least one), median
     # over the seeds' cached curves; each a fraction of the update's 8 episodes
     for method in RL_METHODS:
-        curves = [json.loads((tmp_path / "rl" / f"{method}_seed{s}.json").read_text())
-                  for s in range(2)]
+        curves = [
+            json.loads((tmp_path / "rl" / f"{method}_seed{s}.json").read_text()) for s in range(2)
+        ]
         for c in curves:
             assert len(c["success_rate"]) == 2
-            np.testing.assert_allclose(np.multiply(c["success_rate"], 8),
-                                       np.round(np.multiply(c["success_rate"], 8)), atol=1e-5)
+            np.testing.assert_allclose(
+                np.multiply(c["success_rate"], 8),
+                np.round(np.multiply(c["success_rate"], 8)),
+                atol=1e-5,
+            )
         assert results["rl_final_success"][method] == pytest.approx(
-            np.median([c["success_rate"][-1] for c in curves]), abs=1e-12), method
+            np.median([c["success_rate"][-1] for c in curves]), abs=1e-12
+        ), method
     assert len(results["probe_accuracy_by_layer"]) == 3
     rl_files = sorted(p.name for p in (tmp_path / "rl").iterdir())
     assert len(rl_files) == 2 * len(RL_METHODS)

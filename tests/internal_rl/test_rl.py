@@ -35,10 +35,26 @@ from tests.contracts import assert_resume_bit_exact
 ENV = GridPinpad(size=3, num_colours=2, num_walls=1, horizon=8)
 TASK = make_task([0])
 B, T = 8, ENV.horizon
-BASE_CFG = ModelConfig(dim=16, depth=2, num_heads=2, mlp_hidden=32, obs_dim=ENV.obs_dim,
-                       num_entities=ENV.num_entities, num_cells=ENV.num_cells)
-MC_CFG = MetacontrollerConfig(n_z=4, gru_hidden=8, embed_dim=8, embed_width=8, encoder_hidden=8,
-                              switch_hidden=8, decoder_hidden=8, rank=2, switch_bias_init=0.0)
+BASE_CFG = ModelConfig(
+    dim=16,
+    depth=2,
+    num_heads=2,
+    mlp_hidden=32,
+    obs_dim=ENV.obs_dim,
+    num_entities=ENV.num_entities,
+    num_cells=ENV.num_cells,
+)
+MC_CFG = MetacontrollerConfig(
+    n_z=4,
+    gru_hidden=8,
+    embed_dim=8,
+    embed_width=8,
+    encoder_hidden=8,
+    switch_hidden=8,
+    decoder_hidden=8,
+    rank=2,
+    switch_bias_init=0.0,
+)
 LAYER = 1
 
 
@@ -75,8 +91,9 @@ def run_episodes(models, reset):
     @jax.jit
     def run(state, key):
         b, m, p = nnx.merge(graph, state)
-        return internal_episodes(ENV, b, m, p, states, obs, key, layer=LAYER, horizon=T,
-                                 record_obs=True)
+        return internal_episodes(
+            ENV, b, m, p, states, obs, key, layer=LAYER, horizon=T, record_obs=True
+        )
 
     def call(mc, seed=0):
         out = run(nnx.state((base, mc, policy)), jax.random.key(seed))
@@ -97,8 +114,9 @@ def test_never_firing_switch_gives_one_decision_per_episode(models, run_episodes
     assert traj["decision"][:, 0].all()
     # the single code is held for the whole episode and collects the whole return
     np.testing.assert_array_equal(traj["z"], np.broadcast_to(traj["z"][:, :1], traj["z"].shape))
-    np.testing.assert_allclose(np.asarray(abstract_rewards(traj["reward"], traj["decision"]))[:, 0],
-                               ep["ret"])
+    np.testing.assert_allclose(
+        np.asarray(abstract_rewards(traj["reward"], traj["decision"]))[:, 0], ep["ret"]
+    )
 
 
 def test_always_firing_switch_decides_every_raw_step(models, run_episodes):
@@ -112,8 +130,9 @@ def test_beta_always_one_metacontroller_decides_every_step(models):
     """The forced-reset variant (temporal_abstraction=False): β ≡ 1, so the rollout's rule
     decides at every valid step; it binds to the base model like any metacontroller."""
     base, _, policy = models
-    mc = Metacontroller(dataclasses.replace(MC_CFG, temporal_abstraction=False), BASE_CFG.dim,
-                        rngs=nnx.Rngs(1))
+    mc = Metacontroller(
+        dataclasses.replace(MC_CFG, temporal_abstraction=False), BASE_CFG.dim, rngs=nnx.Rngs(1)
+    )
     e = jax.random.normal(jax.random.key(0), (B, BASE_CFG.dim))
     h, z = mc.initial_state(B)
     beta, _ = mc.switch_step(e, h, z)
@@ -182,18 +201,22 @@ def test_initial_policy_is_the_prior(mixed):
     h, mean, log_std = policy.step(policy.initial_carry(B), e)
     np.testing.assert_array_equal(mean, 0.0)
     np.testing.assert_array_equal(log_std, 0.0)
-    np.testing.assert_allclose(policy.entropy(), 0.5 * MC_CFG.n_z * math.log(2 * math.pi * math.e),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        policy.entropy(), 0.5 * MC_CFG.n_z * math.log(2 * math.pi * math.e), rtol=1e-6
+    )
     # the rollout's codes were drawn from N(0, I): their recorded log-probs are the prior's
     traj, _ = mixed
     prior = -0.5 * np.sum(traj["z"] ** 2 + math.log(2 * math.pi), axis=-1)
-    np.testing.assert_allclose(traj["logp"][traj["decision"]], prior[traj["decision"]],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        traj["logp"][traj["decision"]], prior[traj["decision"]], rtol=1e-5, atol=1e-5
+    )
     # ... and re-evaluating them (the PPO ratio's numerator) gives the same values
-    re = policy.log_probs(jnp.asarray(traj["e"]), jnp.asarray(traj["z"]),
-                          jnp.asarray(traj["decision"]))
-    np.testing.assert_allclose(np.asarray(re)[traj["decision"]], prior[traj["decision"]],
-                               rtol=1e-5, atol=1e-5)
+    re = policy.log_probs(
+        jnp.asarray(traj["e"]), jnp.asarray(traj["z"]), jnp.asarray(traj["decision"])
+    )
+    np.testing.assert_allclose(
+        np.asarray(re)[traj["decision"]], prior[traj["decision"]], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_advantages_zero_rewards_and_normalisation():
@@ -208,8 +231,14 @@ def test_advantages_zero_rewards_and_normalisation():
 # ------------------------------------------------------------------------------ bandit
 
 
-BANDIT = RLConfig(episodes=64, batch_episodes=64, epochs=2, minibatches=2,
-                  optim=OptimizerConfig(learning_rate=0.05, schedule="constant"), policy_width=8)
+BANDIT = RLConfig(
+    episodes=64,
+    batch_episodes=64,
+    epochs=2,
+    minibatches=2,
+    optim=OptimizerConfig(learning_rate=0.05, schedule="constant"),
+    policy_width=8,
+)
 BANDIT_DIM, BANDIT_NZ = 4, 2
 
 
@@ -235,13 +264,19 @@ def bandit():
         _, mean, log_std = pol.step(pol.initial_carry(64), e)
         z = mean + jnp.exp(log_std) * jax.random.normal(k_z, mean.shape)
         ret = jnp.where(zero_returns, 0.0, (z[:, 0] > 1.0).astype(jnp.float32))
-        batch = dict(e=e[:, None], z=z[:, None], logp=gaussian_log_prob(z, mean, log_std)[:, None],
-                     decision=jnp.ones((64, 1), bool))
+        batch = dict(
+            e=e[:, None],
+            z=z[:, None],
+            logp=gaussian_log_prob(z, mean, log_std)[:, None],
+            decision=jnp.ones((64, 1), bool),
+        )
         adv = trajectory_advantages(ret, BANDIT.adv_eps)
         params, opt_state, metrics = ppo(params, opt_state, rest, batch, adv, k_ppo)
         # probability of success of the updated policy, averaged over inputs
         _, mean, log_std = nnx.merge(graph, params, rest).step(pol.initial_carry(64), e)
-        p_success = 0.5 * jax.scipy.special.erfc((1.0 - mean[:, 0]) / jnp.exp(log_std[0]) / math.sqrt(2))
+        p_success = 0.5 * jax.scipy.special.erfc(
+            (1.0 - mean[:, 0]) / jnp.exp(log_std[0]) / math.sqrt(2)
+        )
         return params, opt_state, jnp.mean(p_success), metrics
 
     return iterate, params, tx.init(params)
@@ -269,15 +304,21 @@ def test_ppo_learns_a_bandit(bandit):
 
 def test_raw_action_ppo_step_decreases_its_loss(models, reset):
     base = models[0]
-    cfg = RLConfig(episodes=B, batch_episodes=B, epochs=2, minibatches=2,
-                   optim=OptimizerConfig(learning_rate=1e-2, schedule="constant"))
+    cfg = RLConfig(
+        episodes=B,
+        batch_episodes=B,
+        epochs=2,
+        minibatches=2,
+        optim=OptimizerConfig(learning_rate=1e-2, schedule="constant"),
+    )
     program = make_raw_action_rl(cfg, base, ENV, TASK)
     states, obs = reset
 
     @jax.jit
     def episodes(params, static, key):
-        return raw_episodes(ENV, nnx.merge(program.graphdef, params, static), states, obs, key,
-                            horizon=T)
+        return raw_episodes(
+            ENV, nnx.merge(program.graphdef, params, static), states, obs, key, horizon=T
+        )
 
     traj, ep = episodes(program.params, program.static, jax.random.key(0))
     batch = {k: traj[k] for k in ("obs", "action", "logp", "decision")}
@@ -285,8 +326,7 @@ def test_raw_action_ppo_step_decreases_its_loss(models, reset):
     # KV-cached sampling and the full forward of the PPO ratio agree: ρ = 1 on-policy
     logp, _ = program.logp_fn(program.params, program.static, batch)
     valid = np.asarray(traj["valid"])
-    np.testing.assert_allclose(np.asarray(logp)[valid], np.asarray(traj["logp"])[valid],
-                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(logp)[valid], np.asarray(traj["logp"])[valid], atol=1e-4)
 
     # a fixed batch with non-degenerate returns: the surrogate loss goes down
     adv = trajectory_advantages(jnp.arange(B, dtype=jnp.float32) % 3)
@@ -294,8 +334,9 @@ def test_raw_action_ppo_step_decreases_its_loss(models, reset):
     params, opt_state = program.params, program.tx.init(program.params)
     losses = []
     for i in range(4):
-        params, opt_state, metrics = ppo(params, opt_state, program.static, batch, adv,
-                                         jax.random.key(i))
+        params, opt_state, metrics = ppo(
+            params, opt_state, program.static, batch, adv, jax.random.key(i)
+        )
         losses.append(float(metrics["loss_first"]))
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 1e-3, losses
 
@@ -303,9 +344,17 @@ def test_raw_action_ppo_step_decreases_its_loss(models, reset):
 # ------------------------------------------------------------------- config and public API
 
 
-@pytest.mark.parametrize("field,value", [("batch_episodes", 0), ("minibatches", 3),
-                                         ("clip_eps", 1.5), ("beta_threshold", 1.0),
-                                         ("episodes", 4), ("raw_trainable", "lora")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("batch_episodes", 0),
+        ("minibatches", 3),
+        ("clip_eps", 1.5),
+        ("beta_threshold", 1.0),
+        ("episodes", 4),
+        ("raw_trainable", "lora"),
+    ],
+)
 def test_rl_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"RLConfig.{field}"):
         dataclasses.replace(RLConfig(episodes=64, batch_episodes=8), **{field: value})
@@ -325,13 +374,16 @@ def test_public_runs_return_learning_curves(models):
     before = jax.tree.map(np.array, nnx.state((base, mc)))
     cfg = RLConfig(episodes=3 * B, batch_episodes=B, updates_per_call=2)  # 2 chunk shapes
     lines = []
-    for result in (run_internal_rl(cfg, base, mc, ENV, TASK, 0, log=lines.append),
-                   run_raw_action_rl(cfg, base, ENV, TASK, 0, log=lines.append)):
+    for result in (
+        run_internal_rl(cfg, base, mc, ENV, TASK, 0, log=lines.append),
+        run_raw_action_rl(cfg, base, ENV, TASK, 0, log=lines.append),
+    ):
         np.testing.assert_array_equal(result.episodes, [B, 2 * B, 3 * B])
         assert result.success_rate.shape == result.decisions_per_episode.shape == (3,)
         # success over B episodes per update
-        np.testing.assert_allclose(result.success_rate * B, np.round(result.success_rate * B),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            result.success_rate * B, np.round(result.success_rate * B), atol=1e-5
+        )
         assert (result.decisions_per_episode >= 1).all() and result.wall_seconds > 0
     assert len(lines) == 4
     # the caller's (frozen) modules are neither trained nor donated away
@@ -350,12 +402,14 @@ def test_resumed_run_equals_uninterrupted(models, tmp_path):
         """Internal RL to `updates` updates (one per chunk, checkpointed after each):
         the trained policy and optimizer state of the last checkpoint, and the curves."""
         cfg = RLConfig(episodes=updates * B, batch_episodes=B, updates_per_call=1)
-        result = run_internal_rl(cfg, base, mc, ENV, TASK, 0, log=lines.append,
-                                 checkpoint_dir=directory)
+        result = run_internal_rl(
+            cfg, base, mc, ENV, TASK, 0, log=lines.append, checkpoint_dir=directory
+        )
         program = make_internal_rl(cfg, base, mc, ENV, TASK, 0)
         with Checkpointer(directory) as ckpt:
-            state, _ = ckpt.restore(dict(params=program.params,
-                                         opt_state=program.tx.init(program.params)))
+            state, _ = ckpt.restore(
+                dict(params=program.params, opt_state=program.tx.init(program.params))
+            )
         return dict(state=state, metrics=result.metrics)
 
     assert_resume_bit_exact(run, tmp_path, kill_after=2, total=3)

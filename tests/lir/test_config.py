@@ -23,7 +23,13 @@ def test_paper_recipe():
     ft = cfg.finetune
     o = ft.optim
     assert (o.name, o.learning_rate, o.weight_decay, o.b1, o.b2, o.eps) == (
-        "adamw", 1e-4, 0.01, 0.9, 0.999, 1e-8)
+        "adamw",
+        1e-4,
+        0.01,
+        0.9,
+        0.999,
+        1e-8,
+    )
     assert (ft.lora.rank, ft.lora.alpha, ft.lora.dropout) == (16, 32.0, 0.05)
     assert ft.num_latents == 16 and ft.batch_size * ft.accumulation_steps == 8
     assert (ft.sft_epochs, ft.stage1_epochs, ft.stage2_epochs) == (10, 4, 6)
@@ -56,8 +62,11 @@ def test_overrides_and_validation():
     cfg2 = override(cfg, ["finetune.optim.learning_rate=3e-4", "pretrain.optim.total_steps=80"])
     assert cfg2.finetune.optim.learning_rate == 3e-4 and cfg2.pretrain.calls == 80
     # per-stage fields of the template are set from the finetune section, not by hand
-    with pytest.raises(ValueError, match=r"optim.warmup_steps left at its default 0: .*"
-                                         "warmup_fraction"):
+    with pytest.raises(
+        ValueError,
+        match=r"optim.warmup_steps left at its default 0: .*"
+        "warmup_fraction",
+    ):
         override(cfg, ["finetune.optim.warmup_steps=10"])
     with pytest.raises(ValueError, match=r"accumulation_steps left at its default 1"):
         override(cfg, ["finetune.prompt_tuning_optim.accumulation_steps=8"])

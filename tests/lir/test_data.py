@@ -16,8 +16,14 @@ def records():
 
 
 def lay(k, max_latents=4):
-    return Layout(n_images=2, image_size=32, patch_size=8, max_prompt_len=12, num_latents=k,
-                  max_latents=max_latents)
+    return Layout(
+        n_images=2,
+        image_size=32,
+        patch_size=8,
+        max_prompt_len=12,
+        num_latents=k,
+        max_latents=max_latents,
+    )
 
 
 def test_roles_tokens_and_targets(records):
@@ -28,8 +34,9 @@ def test_roles_tokens_and_targets(records):
     want = "S" + ("I" * (n + 2)) * 2 + "_" * (12 - p) + "P" * p + "LLL" + "TA"
     assert roles_to_string(b.roles[0]) == want
     pc = len(records[2].prompt)
-    assert roles_to_string(b.roles[2]) == ("S" + "I" * (n + 2) + "_" * (n + 2) + "_" * (12 - pc)
-                                           + "P" * pc + "LLLTA")
+    assert roles_to_string(b.roles[2]) == (
+        "S" + "I" * (n + 2) + "_" * (n + 2) + "_" * (12 - pc) + "P" * pc + "LLLTA"
+    )
     t0 = lay(3).tail_index
     assert (b.tokens[:, t0] == ANSWER_HEADER).all() and (b.answer_index == t0).all()
     # only the TAIL query carries loss, and its target is the gold answer token
@@ -50,13 +57,13 @@ def test_image_slots(records):
     for j in range(2):
         a = 1 + j * (n + 2)
         assert row[a] == VISION_START and row[a + n + 1] == VISION_END
-        assert (row[a + 1:a + 1 + n] == IMAGE_PAD).all()
-        np.testing.assert_array_equal(b.image_slots[0, a + 1:a + 1 + n], j * n + np.arange(n))
-        assert (b.image_ids[0, a:a + n + 2] == j).all()
+        assert (row[a + 1 : a + 1 + n] == IMAGE_PAD).all()
+        np.testing.assert_array_equal(b.image_slots[0, a + 1 : a + 1 + n], j * n + np.arange(n))
+        assert (b.image_ids[0, a : a + n + 2] == j).all()
     assert (b.image_slots[0][b.roles[0] != Role.IMAGE] == -1).all()
     # the counting record has one image: its second slot is padding, invisible and invalid
     assert b.image_valid[2].tolist() == [True, False] and (b.images[2, 1] == 0).all()
-    assert (b.image_slots[2, 1 + n + 2:1 + 2 * (n + 2)] == -1).all()
+    assert (b.image_slots[2, 1 + n + 2 : 1 + 2 * (n + 2)] == -1).all()
     np.testing.assert_array_equal(b.images[0], records[0].images)
 
 
@@ -80,18 +87,30 @@ def test_latents_do_not_shift_positions(records):
 
 def test_latents_before_prompt(records):
     after = collate(records, lay(3))
-    before = collate(records, Layout(n_images=2, image_size=32, patch_size=8, max_prompt_len=12,
-                                     num_latents=3, max_latents=4,
-                                     latent_placement="before_prompt"))
+    before = collate(
+        records,
+        Layout(
+            n_images=2,
+            image_size=32,
+            patch_size=8,
+            max_prompt_len=12,
+            num_latents=3,
+            max_latents=4,
+            latent_placement="before_prompt",
+        ),
+    )
     n, p = 16, len(records[0].prompt)
-    assert roles_to_string(before.roles[0]) == ("S" + ("I" * (n + 2)) * 2 + "LLL"
-                                                + "_" * (12 - p) + "P" * p + "TA")
+    assert roles_to_string(before.roles[0]) == (
+        "S" + ("I" * (n + 2)) * 2 + "LLL" + "_" * (12 - p) + "P" * p + "TA"
+    )
     # the same tokens carry the same position ids in both placements; only the order differs
     for role in (Role.PROMPT, Role.LATENT, Role.TAIL, Role.ANSWER):
-        np.testing.assert_array_equal(after.positions[after.roles == role],
-                                      before.positions[before.roles == role])
-        np.testing.assert_array_equal(after.tokens[after.roles == role],
-                                      before.tokens[before.roles == role])
+        np.testing.assert_array_equal(
+            after.positions[after.roles == role], before.positions[before.roles == role]
+        )
+        np.testing.assert_array_equal(
+            after.tokens[after.roles == role], before.tokens[before.roles == role]
+        )
     assert (before.answer_index == after.answer_index).all()
     with pytest.raises(ValueError, match="latent_placement"):
         Layout(latent_placement="middle")
@@ -112,8 +131,9 @@ def test_errors_and_iteration(records):
     with pytest.raises(ValueError, match="num_latents"):
         Layout(num_latents=5, max_latents=4)
     assert layout_for(records, 32, 8).n_images == 2
-    data = collate(generate("counting", 10, 0, size=32), Layout(n_images=1, image_size=32,
-                                                                 patch_size=8))
+    data = collate(
+        generate("counting", 10, 0, size=32), Layout(n_images=1, image_size=32, patch_size=8)
+    )
     e0 = [b.answer.tolist() for b, _ in iterate_batches(data, 4, seed=1, epoch=0)]
     assert len(e0) == 2 and e0 == [b.answer.tolist() for b, _ in iterate_batches(data, 4, 1, 0)]
     e1 = [b.answer.tolist() for b, _ in iterate_batches(data, 4, seed=1, epoch=1)]

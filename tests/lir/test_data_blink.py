@@ -22,13 +22,30 @@ def _write_images(root, n=3, size=(40, 60)):
 
 def _records():
     return [
-        {"id": "a", "task": "localization", "images": ["img/0.png"],
-         "prompt": "Which box?", "choices": ["Box A", "Box B"], "answer": "(B)"},
-        {"idx": "b", "sub_task": "Jigsaw", "image_1": "img/0.png", "image_2": "img/1.png",
-         "question": "Pick one.\n(A) the second image\n(B) the third image",
-         "choices": ["the second image", "the third image"], "answer": "A"},
-        {"id": "c", "task": "counting", "image": "img/2.png",
-         "prompt": "How many dogs are there in the image?", "answer": 7},
+        {
+            "id": "a",
+            "task": "localization",
+            "images": ["img/0.png"],
+            "prompt": "Which box?",
+            "choices": ["Box A", "Box B"],
+            "answer": "(B)",
+        },
+        {
+            "idx": "b",
+            "sub_task": "Jigsaw",
+            "image_1": "img/0.png",
+            "image_2": "img/1.png",
+            "question": "Pick one.\n(A) the second image\n(B) the third image",
+            "choices": ["the second image", "the third image"],
+            "answer": "A",
+        },
+        {
+            "id": "c",
+            "task": "counting",
+            "image": "img/2.png",
+            "prompt": "How many dogs are there in the image?",
+            "answer": 7,
+        },
     ]
 
 
@@ -48,20 +65,29 @@ def test_records_prompts_and_answers(folder):
     assert [r.kind for r in recs] == ["mcq", "mcq", "count"]
     assert recs[1].images == (folder / "img/0.png", folder / "img/1.png")
     assert recs[1].task == "Jigsaw"
-    assert db.build_prompt(recs[0]) == ("Which box?\nSelect from the following choices.\n"
-                                        "(A) Box A\n(B) Box B")
+    assert db.build_prompt(recs[0]) == (
+        "Which box?\nSelect from the following choices.\n(A) Box A\n(B) Box B"
+    )
     assert db.build_prompt(recs[1]) == recs[1].prompt  # options already listed: verbatim
     assert db.build_prompt(recs[2]) == recs[2].prompt
     img = db.load_image(recs[0].images[0])
     assert img.dtype == np.uint8 and img.shape == (40, 60, 3)
 
 
-@pytest.mark.parametrize("text,kind,n,want", [
-    ("B", "mcq", 2, "B"), ("(C) Point C", "mcq", 4, "C"), ("Answer: D.", "mcq", 4, "D"),
-    ("The answer is A", "mcq", 2, "A"), ("none", "mcq", 4, None), ("E", "mcq", 4, None),
-    ("There are 12 dogs, not 3", "count", 0, "12"), ("seven", "count", 0, None),
-    ("07", "count", 0, "7"),
-])
+@pytest.mark.parametrize(
+    "text,kind,n,want",
+    [
+        ("B", "mcq", 2, "B"),
+        ("(C) Point C", "mcq", 4, "C"),
+        ("Answer: D.", "mcq", 4, "D"),
+        ("The answer is A", "mcq", 2, "A"),
+        ("none", "mcq", 4, None),
+        ("E", "mcq", 4, None),
+        ("There are 12 dogs, not 3", "count", 0, "12"),
+        ("seven", "count", 0, None),
+        ("07", "count", 0, "7"),
+    ],
+)
 def test_parse_prediction(text, kind, n, want):
     assert db.parse_prediction(text, kind, n) == want
 
@@ -82,10 +108,12 @@ def test_clear_errors(folder, tmp_path_factory):
     (folder / "test.jsonl").write_text(json.dumps(bad) + "\n")
     with pytest.raises(FileNotFoundError, match="nope.png"):
         db.load_split(folder, "test")
-    for broken, match in [(dict(_records()[0], answer="(E)"), "not one of the letters"),
-                          ({k: v for k, v in _records()[0].items() if k != "prompt"}, "prompt"),
-                          ({k: v for k, v in _records()[0].items() if k != "images"}, "image"),
-                          (dict(_records()[2], answer="many"), "integer")]:
+    for broken, match in [
+        (dict(_records()[0], answer="(E)"), "not one of the letters"),
+        ({k: v for k, v in _records()[0].items() if k != "prompt"}, "prompt"),
+        ({k: v for k, v in _records()[0].items() if k != "images"}, "image"),
+        (dict(_records()[2], answer="many"), "integer"),
+    ]:
         (folder / "test.jsonl").write_text(json.dumps(broken) + "\n")
         with pytest.raises(ValueError, match=match):
             db.load_split(folder, "test")
@@ -104,12 +132,37 @@ def test_finetune_and_evaluate_cli(folder, tmp_path):
     ckpt = save_checkpoint(QwenVL(CFG, rngs=nnx.Rngs(0)), tmp_path / "ckpt")
     (folder / "test.jsonl").write_text((folder / "train.jsonl").read_text())
     run = tmp_path / "run"
-    common = ["--checkpoint", str(ckpt), "--task-data", str(folder), "--run-dir", str(run),
-              "--tokenizer", "bytes", "--dtype", "float32", "--max-pixels", str(28 * 28 * 4),
-              "--min-pixels", str(28 * 28), "--max-new-tokens", "2", "--quiet",
-              "--set", "finetune.batch_size=3", "--set", "finetune.sft_epochs=2",
-              "--set", "finetune.stage1_epochs=1", "--set", "finetune.stage2_epochs=1",
-              "--set", "finetune.num_latents=2", "--set", "finetune.lora.rank=4"]
+    common = [
+        "--checkpoint",
+        str(ckpt),
+        "--task-data",
+        str(folder),
+        "--run-dir",
+        str(run),
+        "--tokenizer",
+        "bytes",
+        "--dtype",
+        "float32",
+        "--max-pixels",
+        str(28 * 28 * 4),
+        "--min-pixels",
+        str(28 * 28),
+        "--max-new-tokens",
+        "2",
+        "--quiet",
+        "--set",
+        "finetune.batch_size=3",
+        "--set",
+        "finetune.sft_epochs=2",
+        "--set",
+        "finetune.stage1_epochs=1",
+        "--set",
+        "finetune.stage2_epochs=1",
+        "--set",
+        "finetune.num_latents=2",
+        "--set",
+        "finetune.lora.rank=4",
+    ]
     assert main(["finetune", "--backbone", "qwen2_5_vl", "--method", "livr"] + common) == 0
     res = json.loads((run / "results.json").read_text())
     assert res["steps"] == 2 and res["num_latents"] == 2
@@ -120,9 +173,20 @@ def test_finetune_and_evaluate_cli(folder, tmp_path):
     # the accuracy is the fraction of generations whose parsed answer is the gold one
     records = db.load_split(folder, "test")
     assert [p["id"] for p in ev["predictions"]] == [r.id for r in records]
-    hits = [db.parse_prediction(p["text"], r.kind, len(r.choices)) == r.answer
-            for p, r in zip(ev["predictions"], records, strict=True)]
+    hits = [
+        db.parse_prediction(p["text"], r.kind, len(r.choices)) == r.answer
+        for p, r in zip(ev["predictions"], records, strict=True)
+    ]
     assert ev["accuracy"] == sum(hits) / len(hits)
     with pytest.raises(SystemExit):
-        main(["finetune", "--checkpoint", str(tmp_path / "none"), "--task-data", str(folder),
-              "--run-dir", str(run)])
+        main(
+            [
+                "finetune",
+                "--checkpoint",
+                str(tmp_path / "none"),
+                "--task-data",
+                str(folder),
+                "--run-dir",
+                str(run),
+            ]
+        )

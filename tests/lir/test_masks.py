@@ -6,8 +6,15 @@ import pytest
 
 from lir.masks import MASK_VARIANTS, Role, attention_mask, resolve_variant
 
-R = {"_": Role.PAD, "S": Role.SYSTEM, "I": Role.IMAGE, "P": Role.PROMPT,
-     "L": Role.LATENT, "T": Role.TAIL, "A": Role.ANSWER}
+R = {
+    "_": Role.PAD,
+    "S": Role.SYSTEM,
+    "I": Role.IMAGE,
+    "P": Role.PROMPT,
+    "L": Role.LATENT,
+    "T": Role.TAIL,
+    "A": Role.ANSWER,
+}
 
 # Two images with text between them, latents, tail, a 2-token answer, trailing pads; and a row
 # with pads inside the prompt region and a missing second image (pads mid-sequence).
@@ -114,8 +121,9 @@ def test_padding_rows_and_columns():
 def test_jit_and_errors():
     roles = roles_of(*ROWS)
     f = jax.jit(attention_mask, static_argnums=1)
-    np.testing.assert_array_equal(np.asarray(f(roles, "bottleneck")),
-                                  reference_mask(roles, "bottleneck"))
+    np.testing.assert_array_equal(
+        np.asarray(f(roles, "bottleneck")), reference_mask(roles, "bottleneck")
+    )
     with pytest.raises(ValueError, match="mask variant"):
         attention_mask(roles, "nope")
     with pytest.raises(ValueError, match=r"\[B, S\]"):

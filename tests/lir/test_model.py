@@ -23,8 +23,18 @@ from lir.model import (
 )
 from lir.tasks import generate
 
-CFG = ModelConfig(image_size=32, patch_size=16, vit_dim=16, vit_depth=1, vit_heads=2,
-                  lm_dim=32, lm_depth=2, lm_heads=2, max_images=2, num_latents=4)
+CFG = ModelConfig(
+    image_size=32,
+    patch_size=16,
+    vit_dim=16,
+    vit_depth=1,
+    vit_heads=2,
+    lm_dim=32,
+    lm_depth=2,
+    lm_heads=2,
+    max_images=2,
+    num_latents=4,
+)
 
 
 def layout(k):
@@ -84,8 +94,14 @@ def test_lora_zero_b_equals_frozen_model_and_only_in_lm(setup):
     b0 = setup["b0"]
     model = nnx.clone(setup["model"])
     paths = add_lora(model, LoRAConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(2))
-    assert {p[-1] for p in paths} == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
-                                      "down_proj"}
+    assert {p[-1] for p in paths} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert not jax.tree.leaves(nnx.state(model.vit, nnx.LoRAParam))
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda s, b: answer_logits(nnx.merge(graphdef, s)(b, "causal"), b))
@@ -164,8 +180,9 @@ def test_shared_latents_repeat_one_row():
     model = LMM(cfg, rngs=nnx.Rngs(0))
     assert model.latents.shape == (1, CFG.lm_dim)
     recs = generate("counting", 1, 0, size=32)
-    b = collate(recs, Layout(n_images=2, image_size=32, patch_size=16, num_latents=4,
-                             max_latents=4))
+    b = collate(
+        recs, Layout(n_images=2, image_size=32, patch_size=16, num_latents=4, max_latents=4)
+    )
     graphdef, state = nnx.split(model)
     x = np.asarray(jax.jit(lambda s, b: nnx.merge(graphdef, s).embed_inputs(b))(state, b))
     lat = x[0][b.roles[0] == Role.LATENT]

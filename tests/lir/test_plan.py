@@ -14,8 +14,15 @@ from lir.plan import divisible_batch, param_count
 from lir.train import _pretrain_model
 
 # the tiny preset, shrunk so that the four compiles stay fast
-SHRINK = ["model.patch_size=16", "model.vit_dim=16", "model.vit_depth=1", "model.vit_heads=2",
-          "model.lm_dim=32", "model.lm_depth=1", "model.lm_heads=2"]
+SHRINK = [
+    "model.patch_size=16",
+    "model.vit_dim=16",
+    "model.vit_depth=1",
+    "model.vit_heads=2",
+    "model.lm_dim=32",
+    "model.lm_depth=1",
+    "model.lm_heads=2",
+]
 
 
 def _count(model, filt) -> int:
@@ -23,15 +30,18 @@ def _count(model, filt) -> int:
 
 
 def test_plan_verb_rows_match_the_real_models(tmp_path, capsys):
-    argv = ["plan", "--preset", "tiny", "--devices", "1", "--out", str(tmp_path),
-            "--models", "lmm"]
+    argv = ["plan", "--preset", "tiny", "--devices", "1", "--out", str(tmp_path), "--models", "lmm"]
     for s in SHRINK:
         argv += ["--set", s]
     assert main(argv) == 0
     plan = json.loads((tmp_path / "lir_1dev.json").read_text())
     rows = {r["stage"].split(" (")[0]: r for r in plan["rows"]}
-    assert list(rows) == ["phase P: pretrain", "phase F: LIVR stage 1", "phase F: LIVR stage 2",
-                          "phase F: SFT"]
+    assert list(rows) == [
+        "phase P: pretrain",
+        "phase F: LIVR stage 1",
+        "phase F: LIVR stage 2",
+        "phase F: SFT",
+    ]
     assert (tmp_path / "lir_1dev.md").exists() and plan["preset"] == "tiny"
 
     from common.config import get_preset, override
@@ -42,8 +52,11 @@ def test_plan_verb_rows_match_the_real_models(tmp_path, capsys):
     add_lora(ft, cfg.finetune.lora, rngs=nnx.Rngs(1))
     assert rows["phase P: pretrain"]["params"] == param_count(pre)
     assert rows["phase P: pretrain"]["trainable"] == _count(pre, PRETRAIN_FILTER)
-    for stage, filt in (("phase F: LIVR stage 1", LIVR_FILTER),
-                        ("phase F: LIVR stage 2", LIVR_FILTER), ("phase F: SFT", LORA_FILTER)):
+    for stage, filt in (
+        ("phase F: LIVR stage 1", LIVR_FILTER),
+        ("phase F: LIVR stage 2", LIVR_FILTER),
+        ("phase F: SFT", LORA_FILTER),
+    ):
         assert rows[stage]["params"] == param_count(ft), stage
         assert rows[stage]["trainable"] == _count(ft, filt), stage
     spe = cfg.data.n_train // cfg.finetune.batch_size
@@ -75,18 +88,41 @@ def test_qwen_plan_extrapolated_in_depth_equals_the_real_compile():
     from lir.backbones.qwen2_5_vl.config import QwenVLConfig, TextConfig, VisionConfig
     from lir.model import LoRAConfig
 
-    vision = VisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                          out_hidden_size=64, fullatt_block_indexes=(0,))
-    text = TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=3,
-                      num_heads=4, num_kv_heads=2, mrope_section=(2, 3, 3))
+    vision = VisionConfig(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        fullatt_block_indexes=(0,),
+    )
+    text = TextConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        mrope_section=(2, 3, 3),
+    )
     cfg = QwenVLConfig(vision=vision, text=text)
-    shapes = qp.Shapes(images=1, tokens_per_image=16, text_tokens=40, answer_tokens=4,
-                       train_examples=16)
+    shapes = qp.Shapes(
+        images=1, tokens_per_image=16, text_tokens=40, answer_tokens=4, train_examples=16
+    )
     lora, opt = LoRAConfig(rank=2, alpha=4.0), OptimizerConfig(total_steps=10)
     mesh, acc = make_mesh(), ACCELERATORS["h100"]
     # one stage keeps the test short: the stages differ only in mask and trainable filter
-    rows = qp.plan_rows(mesh, acc, opt, lora, num_latents=4, configs={"t": cfg}, shapes=shapes,
-                        attention_chunk=32, stages=qp.STAGES[:1])
+    rows = qp.plan_rows(
+        mesh,
+        acc,
+        opt,
+        lora,
+        num_latents=4,
+        configs={"t": cfg},
+        shapes=shapes,
+        attention_chunk=32,
+        stages=qp.STAGES[:1],
+    )
     assert [r.stage for r in rows] == ["t LIVR stage 1"]
     full = dataclasses.replace(cfg, remat=True, attention_chunk=32)
     for row, (_, variant, trainable, latents, _) in zip(rows, qp.STAGES[:1], strict=True):

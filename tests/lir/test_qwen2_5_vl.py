@@ -34,16 +34,35 @@ IMAGE_SIZES = ((80, 150), (50, 61))
 
 def hf_config(tied: bool):
     return transformers.Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         rms_norm_eps=1e-6, max_position_embeddings=512, bos_token_id=0,
-                         eos_token_id=EOS, pad_token_id=0,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
-                           out_hidden_size=64, window_size=56, fullatt_block_indexes=[1]),
-        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART,
-        vision_end_token_id=VEND, tie_word_embeddings=tied)
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=512,
+            bos_token_id=0,
+            eos_token_id=EOS,
+            pad_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=2,
+            out_hidden_size=64,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=IMG,
+        video_token_id=VID,
+        vision_start_token_id=VSTART,
+        vision_end_token_id=VEND,
+        tie_word_embeddings=tied,
+    )
 
 
 def _scale_weights(model, seed: int) -> None:
@@ -52,8 +71,13 @@ def _scale_weights(model, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name or "ln_q" in name or \
-                    "norm1" in name or "norm2" in name:
+            if (
+                name.endswith("norm.weight")
+                or "layernorm" in name
+                or "ln_q" in name
+                or "norm1" in name
+                or "norm2" in name
+            ):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / max(p.shape[-1], 1) ** 0.5)
@@ -81,9 +105,9 @@ def _rename_to_resaved(src: pathlib.Path, dst: pathlib.Path) -> None:
     renamed = {}
     for k, v in tensors.items():
         if k.startswith("model."):
-            k = "model.language_model." + k[len("model."):]
+            k = "model.language_model." + k[len("model.") :]
         elif k.startswith("visual."):
-            k = "model.visual." + k[len("visual."):]
+            k = "model.visual." + k[len("visual.") :]
         renamed[k] = v
     # two shards plus an index, as the hub stores large checkpoints
     keys = sorted(renamed)
@@ -118,10 +142,13 @@ def inputs():
 
 def _hf_forward(hf, patches, grid, ids):
     with torch.no_grad():
-        out = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(patches),
-                 image_grid_thw=torch.tensor(grid),
-                 mm_token_type_ids=torch.tensor((ids == IMG).astype(np.int64)),
-                 output_hidden_states=True)
+        out = hf(
+            input_ids=torch.tensor(ids),
+            pixel_values=torch.tensor(patches),
+            image_grid_thw=torch.tensor(grid),
+            mm_token_type_ids=torch.tensor((ids == IMG).astype(np.int64)),
+            output_hidden_states=True,
+        )
     return out
 
 
@@ -132,7 +159,8 @@ def _rel(a, b) -> float:
 
 def test_processor_matches_reference():
     ref = transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil(
-        min_pixels=PCFG.min_pixels, max_pixels=PCFG.max_pixels)
+        min_pixels=PCFG.min_pixels, max_pixels=PCFG.max_pixels
+    )
     images = _images()
     want = ref(images=images, return_tensors="np")
     patches, grid = proc.preprocess_images(images, PCFG)
@@ -142,7 +170,8 @@ def test_processor_matches_reference():
     for h, w in ((1000, 37), (5000, 3000), (28, 28), (10, 10)):
         got = proc.smart_resize(h, w, 28, 3136, 1003520)
         assert got == transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.smart_resize(
-            h, w, 28, 3136, 1003520)
+            h, w, 28, 3136, 1003520
+        )
 
 
 def test_rope_index_matches_reference(pair, inputs):
@@ -155,8 +184,11 @@ def test_rope_index_matches_reference(pair, inputs):
     tail = ids[0, -6:]
     batch[1, :6], valid[1, :6] = tail, True
     want_pos, want_delta = hf.model.get_rope_index(
-        torch.tensor(batch), mm_token_type_ids=torch.tensor((batch == IMG).astype(np.int64)),
-        image_grid_thw=torch.tensor(grid), attention_mask=torch.tensor(valid.astype(np.int64)))
+        torch.tensor(batch),
+        mm_token_type_ids=torch.tensor((batch == IMG).astype(np.int64)),
+        image_grid_thw=torch.tensor(grid),
+        attention_mask=torch.tensor(valid.astype(np.int64)),
+    )
     pos, delta = proc.rope_index(batch, grid, IMG, valid)
     np.testing.assert_array_equal(pos[:, valid], want_pos.numpy()[:, valid])
     np.testing.assert_array_equal(delta, want_delta.numpy()[:, 0])
@@ -186,8 +218,9 @@ def test_hidden_states_and_logits_match_reference(pair, inputs):
     pos, _ = proc.rope_index(ids, grid, IMG)
     layout = proc.vision_layout(grid, ours.cfg.vision).arrays()
     mask = causal_valid_mask(jnp.ones(ids.shape, bool))
-    logits, hidden = ours(ids, pos, mask, image_slots(ids, IMG), patches, layout,
-                          return_hidden=True)
+    logits, hidden = ours(
+        ids, pos, mask, image_slots(ids, IMG), patches, layout, return_hidden=True
+    )
     assert len(hidden) == len(out.hidden_states) == 3
     for got, want in zip(hidden, out.hidden_states, strict=True):
         assert _rel(got, want.numpy()) <= 1e-4
@@ -204,8 +237,10 @@ def test_resaved_naming_loads_identically(pair):
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
-    assert canonical_name("model.language_model.layers.0.mlp.up_proj.weight") == \
-        "model.layers.0.mlp.up_proj.weight"
+    assert (
+        canonical_name("model.language_model.layers.0.mlp.up_proj.weight")
+        == "model.layers.0.mlp.up_proj.weight"
+    )
 
 
 def test_greedy_decode_matches_generate(pair, inputs):
@@ -213,17 +248,30 @@ def test_greedy_decode_matches_generate(pair, inputs):
     patches, grid, ids = inputs
     new = 6
     with torch.no_grad():
-        want = hf.generate(input_ids=torch.tensor(ids), pixel_values=torch.tensor(patches),
-                           image_grid_thw=torch.tensor(grid),
-                           mm_token_type_ids=torch.tensor((ids == IMG).astype(np.int64)),
-                           attention_mask=torch.ones(ids.shape, dtype=torch.long),
-                           max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].numpy()
+        want = hf.generate(
+            input_ids=torch.tensor(ids),
+            pixel_values=torch.tensor(patches),
+            image_grid_thw=torch.tensor(grid),
+            mm_token_type_ids=torch.tensor((ids == IMG).astype(np.int64)),
+            attention_mask=torch.ones(ids.shape, dtype=torch.long),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, ids.shape[1] :].numpy()
     pos, delta = proc.rope_index(ids, grid, IMG)
     layout = proc.vision_layout(grid, ours.cfg.vision).arrays()
     embeds = ours.embed(ids, image_slots(ids, IMG), patches, layout)
-    got = greedy_generate(ours, embeds, jnp.asarray(pos), jnp.asarray(delta),
-                          jnp.ones(ids.shape, bool), new, eos_token_id=-1)
+    got = greedy_generate(
+        ours,
+        embeds,
+        jnp.asarray(pos),
+        jnp.asarray(delta),
+        jnp.ones(ids.shape, bool),
+        new,
+        eos_token_id=-1,
+    )
     np.testing.assert_array_equal(np.asarray(got)[0], want)
     # a right-padded batch decodes each row as if alone
     pad = 3
@@ -231,8 +279,15 @@ def test_greedy_decode_matches_generate(pair, inputs):
     valid = np.concatenate([np.ones(ids.shape, bool), np.zeros((1, pad), bool)], 1)
     pos_p, delta_p = proc.rope_index(ids_p, grid, IMG, valid)
     embeds_p = ours.embed(ids_p, image_slots(ids_p, IMG), patches, layout)
-    got_p = greedy_generate(ours, embeds_p, jnp.asarray(pos_p), jnp.asarray(delta_p),
-                            jnp.asarray(valid), new, eos_token_id=-1)
+    got_p = greedy_generate(
+        ours,
+        embeds_p,
+        jnp.asarray(pos_p),
+        jnp.asarray(delta_p),
+        jnp.asarray(valid),
+        new,
+        eos_token_id=-1,
+    )
     np.testing.assert_array_equal(np.asarray(got_p)[0], want)
 
 
@@ -262,8 +317,15 @@ def test_segment_attention_equals_the_dense_mask(impl, monkeypatch):
     from lir.backbones.qwen2_5_vl.vision import segment_attention
 
     monkeypatch.setattr(attn_mod, "DEFAULT_IMPLEMENTATION", impl)
-    cfg = VisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
-                       out_hidden_size=64, window_size=56, fullatt_block_indexes=(1,))
+    cfg = VisionConfig(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=2,
+        out_hidden_size=64,
+        window_size=56,
+        fullatt_block_indexes=(1,),
+    )
     # two images of 5x7 and 7x3 merged tokens: 2x2-merged-token windows (16 patches), with
     # partial windows at the right / bottom edges; 24 padded patches at the end
     grid = np.asarray([[1, 10, 14], [1, 14, 6]])
@@ -274,16 +336,17 @@ def test_segment_attention_equals_the_dense_mask(impl, monkeypatch):
     runs = np.split(win[:n], np.nonzero(np.diff(win[:n]))[0] + 1)
     starts = np.cumsum([0] + [len(r) for r in runs[:-1]])
     assert len(runs) == 3 * 4 + 4 * 2 and max(map(len, runs)) == w
-    assert any(s // w != (s + len(r) - 1) // w for s, r in zip(starts, runs, strict=True)), \
+    assert any(s // w != (s + len(r) - 1) // w for s, r in zip(starts, runs, strict=True)), (
         "some window must straddle a block boundary"
+    )
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(n + 24, 2, 16)).astype(np.float32) for _ in range(3))
     with jax.default_matmul_precision("highest"):
         got_w = np.asarray(segment_attention(q, k, v, win, max_run=w))
         got_i = np.asarray(segment_attention(q, k, v, img, max_run=None, query_chunk=40))
-    np.testing.assert_allclose(got_w[:n], _dense_segment_attention(q, k, v, win)[:n],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got_w[:n], _dense_segment_attention(q, k, v, win)[:n], rtol=1e-5, atol=1e-5
+    )
     assert np.isfinite(got_w).all()
     # full attention: 2 images + the padding segment, query chunks of 40 (the last one filled)
-    np.testing.assert_allclose(got_i, _dense_segment_attention(q, k, v, img),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_i, _dense_segment_attention(q, k, v, img), rtol=1e-5, atol=1e-5)

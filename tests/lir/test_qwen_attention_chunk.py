@@ -13,10 +13,23 @@ def test_qwen_language_model_with_attention_chunk_gives_the_same_logits():
     from lir.backbones.qwen2_5_vl.config import QwenVLConfig, TextConfig, VisionConfig
     from lir.backbones.qwen2_5_vl.model import QwenVL
 
-    vision = VisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                          out_hidden_size=64, fullatt_block_indexes=(0,))
-    text = TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, mrope_section=(2, 3, 3))
+    vision = VisionConfig(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        fullatt_block_indexes=(0,),
+    )
+    text = TextConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        mrope_section=(2, 3, 3),
+    )
     cfg = QwenVLConfig(vision=vision, text=text)
     S = 40
     ids = jax.random.randint(jax.random.key(1), (2, S), 0, 97)

@@ -33,13 +33,31 @@ from lir.masks import Role
 from lir.model import LIVR_FILTER, LORA_FILTER, LoRAConfig
 
 CFG = QwenVLConfig(
-    vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
-                        window_size=56, out_hidden_size=64, fullatt_block_indexes=(1,)),
-    text=TextConfig(vocab_size=200, hidden_size=64, intermediate_size=96, num_layers=2,
-                    num_heads=4, num_kv_heads=2, mrope_section=(2, 3, 3),
-                    tie_word_embeddings=True),
-    image_token_id=190, video_token_id=191, vision_start_token_id=188,
-    vision_end_token_id=189, eos_token_id=187)
+    vision=VisionConfig(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=2,
+        window_size=56,
+        out_hidden_size=64,
+        fullatt_block_indexes=(1,),
+    ),
+    text=TextConfig(
+        vocab_size=200,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        mrope_section=(2, 3, 3),
+        tie_word_embeddings=True,
+    ),
+    image_token_id=190,
+    video_token_id=191,
+    vision_start_token_id=188,
+    vision_end_token_id=189,
+    eos_token_id=187,
+)
 PCFG = proc.ProcessorConfig(min_pixels=28 * 28, max_pixels=28 * 28 * 8)
 LATENT_ID = 186
 SEQ = 160
@@ -51,12 +69,22 @@ def byte_encode(text: str) -> list[int]:
 
 def _batch(seed: int, num_latents: int, answer: str | None = "A"):
     rng = np.random.default_rng(seed)
-    images = [rng.integers(0, 256, (56, 84, 3), np.uint8), rng.integers(0, 256, (56, 56, 3),
-                                                                        np.uint8)]
+    images = [
+        rng.integers(0, 256, (56, 84, 3), np.uint8),
+        rng.integers(0, 256, (56, 56, 3), np.uint8),
+    ]
     patches, grid = proc.preprocess_images(images, PCFG)
-    ex = encode_example(byte_encode, "Which? (A) x (B) y", proc.image_token_counts(grid),
-                        answer, num_latents, vision_start=188, vision_end=189, image_pad=190,
-                        latent_token_id=LATENT_ID)
+    ex = encode_example(
+        byte_encode,
+        "Which? (A) x (B) y",
+        proc.image_token_counts(grid),
+        answer,
+        num_latents,
+        vision_start=188,
+        vision_end=189,
+        image_pad=190,
+        latent_token_id=LATENT_ID,
+    )
     return make_batch([ex], patches, grid, CFG, SEQ, n_patches=64)
 
 
@@ -70,6 +98,7 @@ def forward():
     @nnx.jit(static_argnums=(2,))
     def fn(model, batch, variant):
         return model(batch, variant)
+
     return fn
 
 
@@ -85,11 +114,19 @@ def test_sequence_roles_follow_the_chat_template():
     assert set(roles[np.isin(ids, [188, 189])]) == {int(Role.IMAGE)}
     assert (roles[ids == LATENT_ID] == Role.LATENT).sum() == 4
     order = [r for i, r in enumerate(roles) if i == 0 or r != roles[i - 1]]
-    assert order == [Role.SYSTEM, Role.IMAGE, Role.PROMPT, Role.LATENT, Role.TAIL,
-                     Role.ANSWER, Role.PAD]
+    assert order == [
+        Role.SYSTEM,
+        Role.IMAGE,
+        Role.PROMPT,
+        Role.LATENT,
+        Role.TAIL,
+        Role.ANSWER,
+        Role.PAD,
+    ]
     # loss only where the next token is an answer token
-    np.testing.assert_array_equal(np.nonzero(b.loss_mask[0])[0] + 1,
-                                  np.nonzero(roles == Role.ANSWER)[0])
+    np.testing.assert_array_equal(
+        np.nonzero(b.loss_mask[0])[0] + 1, np.nonzero(roles == Role.ANSWER)[0]
+    )
 
 
 def test_bottleneck_without_latents_hides_the_pixels(base, forward):
@@ -123,9 +160,10 @@ def test_latents_are_not_in_the_output_vocabulary(base, forward):
     # new latent values change nothing before the latents and add no output row
     other = QwenLIVR(base, 4, key=jax.random.key(5))
     before = np.asarray(batch.roles[0]) != Role.LATENT
-    before[np.argmax(np.asarray(batch.roles[0]) == Role.LATENT):] = False
-    np.testing.assert_array_equal(np.asarray(logits)[0, before],
-                                  np.asarray(forward(other, batch, "causal"))[0, before])
+    before[np.argmax(np.asarray(batch.roles[0]) == Role.LATENT) :] = False
+    np.testing.assert_array_equal(
+        np.asarray(logits)[0, before], np.asarray(forward(other, batch, "causal"))[0, before]
+    )
     assert not np.allclose(model.latents[...], other.latents[...])
 
 
@@ -172,29 +210,36 @@ def test_two_stage_schedule_trains_only_lora_and_latents():
     base = QwenVL(CFG, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     k = 4
     model = QwenLIVR(base, k, key=jax.random.key(0))
-    add_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.05),
-             rngs=nnx.Rngs(params=1, dropout=2))
+    add_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.05), rngs=nnx.Rngs(params=1, dropout=2))
     lora = nnx.state(model, nnx.LoRAParam)
     assert {x.dtype for x in jax.tree.leaves(lora)} == {jnp.dtype(jnp.float32)}
-    frozen0 = jax.tree.map(np.asarray, nnx.state(model, nnx.All(nnx.Param,
-                                                                nnx.Not(nnx.LoRAParam))))
+    frozen0 = jax.tree.map(np.asarray, nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
     latents0 = np.asarray(model.latents[...])
     batches = [_batch(0, k, answer="B")]
-    ft = FinetuneConfig(optim=OptimizerConfig(learning_rate=3e-2, weight_decay=0.01),
-                        sft_epochs=4, stage1_epochs=2, stage2_epochs=2,
-                        batch_size=1, warmup_fraction=0.0)
+    ft = FinetuneConfig(
+        optim=OptimizerConfig(learning_rate=3e-2, weight_decay=0.01),
+        sft_epochs=4,
+        stage1_epochs=2,
+        stage2_epochs=2,
+        batch_size=1,
+        warmup_fraction=0.0,
+    )
     seen = []
-    hist = finetune(model, method, ft, batches, seed=0,
-                    on_epoch=lambda m, s, e: seen.append((s, e)) or float(e))
+    hist = finetune(
+        model, method, ft, batches, seed=0, on_epoch=lambda m, s, e: seen.append((s, e)) or float(e)
+    )
     assert seen == [(0, 0), (0, 1), (1, 0), (1, 1)]
     losses = hist["losses"]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert hist["best_epoch"] == 1
     trained = hist["model"]
-    frozen1 = jax.tree.map(np.asarray, nnx.state(trained, nnx.All(nnx.Param,
-                                                                  nnx.Not(nnx.LoRAParam))))
-    changed = [not np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(frozen0), jax.tree.leaves(frozen1), strict=True)]
+    frozen1 = jax.tree.map(
+        np.asarray, nnx.state(trained, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    )
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(frozen0), jax.tree.leaves(frozen1), strict=True)
+    ]
     # only the latent table may move among the non-LoRA parameters
     assert sum(changed) == 1
     assert not np.allclose(np.asarray(trained.latents[...]), latents0)
@@ -214,8 +259,8 @@ def test_generate_with_latents_is_greedy_on_the_full_forward(base, forward):
     n = int(np.sum(np.asarray(batch.roles[0]) != Role.PAD))
     ids, roles = np.array(batch.input_ids), np.array(batch.roles)
     positions = np.array(batch.positions)
-    ids[0, n:n + steps], roles[0, n:n + steps] = out[0], int(Role.ANSWER)
-    positions[:, 0, n:n + steps] = n + np.arange(steps) + int(batch.rope_delta[0])
+    ids[0, n : n + steps], roles[0, n : n + steps] = out[0], int(Role.ANSWER)
+    positions[:, 0, n : n + steps] = n + np.arange(steps) + int(batch.rope_delta[0])
     forced = dataclasses.replace(batch, input_ids=ids, roles=roles, positions=positions)
     logits = np.asarray(forward(model, forced, "causal"))[0]
     for j, tok in enumerate(out[0]):
@@ -233,8 +278,7 @@ def test_fsdp_spec_splits_the_largest_divisible_axis():
     place = fsdp_sharding()
     s = place(("language", "embed_tokens", "embedding"), (200, 64))
     assert s.mesh.devices.size == jax.device_count()
-    state = shard_state(nnx.state(QwenVL(dataclasses.replace(CFG), rngs=nnx.Rngs(0))),
-                        s.mesh)
+    state = shard_state(nnx.state(QwenVL(dataclasses.replace(CFG), rngs=nnx.Rngs(0))), s.mesh)
     assert len(jax.tree.leaves(state)) > 0
 
 
@@ -273,8 +317,9 @@ def test_lora_and_parameter_counts_match_the_published_sizes():
     n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
     assert n_lora == lora_parameters(CFG, 16)
     counts = parameter_counts(CFG)
-    n_base = sum(x.size for x in jax.tree.leaves(nnx.state(QwenVL(CFG, rngs=nnx.Rngs(0)),
-                                                           nnx.Param)))
+    n_base = sum(
+        x.size for x in jax.tree.leaves(nnx.state(QwenVL(CFG, rngs=nnx.Rngs(0)), nnx.Param))
+    )
     assert counts["total"] == n_base
 
 
@@ -285,9 +330,19 @@ def _two_row_batch(num_latents: int, answers=("B", "A) xyz")):
     for i, ans in enumerate(answers):
         images = [rng.integers(0, 256, (56, 56 + 28 * i, 3), np.uint8)]
         p, g = proc.preprocess_images(images, PCFG)
-        exs.append(encode_example(byte_encode, f"Q{i}? (A) x (B) y", proc.image_token_counts(g),
-                                  ans, num_latents, vision_start=188, vision_end=189,
-                                  image_pad=190, latent_token_id=LATENT_ID))
+        exs.append(
+            encode_example(
+                byte_encode,
+                f"Q{i}? (A) x (B) y",
+                proc.image_token_counts(g),
+                ans,
+                num_latents,
+                vision_start=188,
+                vision_end=189,
+                image_pad=190,
+                latent_token_id=LATENT_ID,
+            )
+        )
         patches.append(p)
         grids.append(g)
     return exs, np.concatenate(patches), np.concatenate(grids)
@@ -310,12 +365,14 @@ def test_answer_only_loss_equals_the_full_logits_loss():
         want = answer_loss(model(batch, "causal"), batch)
         hidden = model.hidden(batch, "causal")
         for a in (n_ans, n_ans + 5):  # exact bound, and extra (masked) slots
-            got = answer_only_loss(hidden, model.base.language.logits, batch.targets,
-                                   batch.loss_mask, a)
+            got = answer_only_loss(
+                hidden, model.base.language.logits, batch.targets, batch.loss_mask, a
+            )
             np.testing.assert_allclose(got, want, rtol=1e-5)
         # too small a bound drops the later answer tokens of the longer row
-        short = answer_only_loss(hidden, model.base.language.logits, batch.targets,
-                                 batch.loss_mask, n_ans - 2)
+        short = answer_only_loss(
+            hidden, model.base.language.logits, batch.targets, batch.loss_mask, n_ans - 2
+        )
         assert abs(float(short) - float(want)) > 1e-4
 
         # through loss_fn: the same value and the same gradients for LoRA and latents
@@ -323,7 +380,8 @@ def test_answer_only_loss_equals_the_full_logits_loss():
 
         def value_and_grad(max_answer_tokens):
             f = lambda p: loss_fn("bottleneck", max_answer_tokens)(
-                nnx.merge(graphdef, p, rest), batch, None)[0]
+                nnx.merge(graphdef, p, rest), batch, None
+            )[0]
             return jax.value_and_grad(f)(params)
 
         (l0, g0), (l1, g1) = value_and_grad(None), value_and_grad(n_ans)
@@ -368,8 +426,9 @@ def test_feature_cache_computes_each_example_once(where, dtype, tmp_path):
         direct = base.visual(jnp.asarray(p, dtype), proc.vision_layout(gr, CFG.vision).arrays())
         assert f.dtype == direct.dtype and f.shape == direct.shape
         tol = 1e-5 if dtype == jnp.float32 else 2e-2
-        np.testing.assert_allclose(np.asarray(f, np.float32), np.asarray(direct, np.float32),
-                                   rtol=tol, atol=tol)
+        np.testing.assert_allclose(
+            np.asarray(f, np.float32), np.asarray(direct, np.float32), rtol=tol, atol=tol
+        )
         np.testing.assert_array_equal(g, gr)
         np.testing.assert_array_equal(g2, gr)
         np.testing.assert_array_equal(np.asarray(f2, np.float32), np.asarray(f, np.float32))
@@ -394,8 +453,9 @@ def test_feature_cache_computes_each_example_once(where, dtype, tmp_path):
         fb = make_feature_batch(exs, feats, grid, CFG, SEQ, n_tokens=feats.shape[0] + 4)
         pb = make_batch(exs, patches, grid, CFG, SEQ, n_patches=patches.shape[0] + 16)
         with jax.default_matmul_precision("highest"):
-            np.testing.assert_allclose(model(fb, "causal"), model(pb, "causal"),
-                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                model(fb, "causal"), model(pb, "causal"), rtol=1e-5, atol=1e-5
+            )
         with pytest.raises(ValueError, match="image tokens"):
             make_feature_batch(exs, feats[:-1], grid, CFG, SEQ)
 
@@ -416,5 +476,6 @@ def test_qwen_paper_preset_is_batch_1_times_accumulation_8():
     assert (ft.batch_size, ft.accumulation_steps) == (3, 1)
     ft = backbone_config("qwen2_5_vl", "paper", ["finetune.accumulation_steps=4"]).finetune
     assert (ft.batch_size, ft.accumulation_steps) == (8, 4)
-    assert backbone_config("qwen2_5_vl", "tiny", []).finetune == get_preset(PRESETS,
-                                                                            "tiny").finetune
+    assert (
+        backbone_config("qwen2_5_vl", "tiny", []).finetune == get_preset(PRESETS, "tiny").finetune
+    )

@@ -59,8 +59,8 @@ def test_jigsaw_gold_is_removed_quadrant():
 
 def _iou(a, b):
     ya, xa = np.zeros((SIZE, SIZE), bool), np.zeros((SIZE, SIZE), bool)
-    ya[a[0]:a[2] + 1, a[1]:a[3] + 1] = True
-    xa[b[0]:b[2] + 1, b[1]:b[3] + 1] = True
+    ya[a[0] : a[2] + 1, a[1] : a[3] + 1] = True
+    xa[b[0] : b[2] + 1, b[1] : b[3] + 1] = True
     return (ya & xa).sum() / (ya | xa).sum()
 
 
@@ -100,16 +100,20 @@ def test_visual_correspondence_marker_follows_shift(split):
                 assert np.hypot(*(other - ans)) >= SIZE / 4 - 1
 
 
-@pytest.mark.parametrize("name,key1,key2", [
-    ("semantic_correspondence", "parts1", "parts2"),
-    ("functional_correspondence", "kp1", "kp2"),
-])
+@pytest.mark.parametrize(
+    "name,key1,key2",
+    [
+        ("semantic_correspondence", "parts1", "parts2"),
+        ("functional_correspondence", "kp1", "kp2"),
+    ],
+)
 def test_part_correspondences(name, key1, key2):
     for r in _records(name, split="test"):
         if name == "semantic_correspondence":
             k1, k2 = r.meta["parts1"][r.meta["part"]], r.meta["parts2"][r.meta["part"]]
         else:
             from lir.tasks.functional_correspondence import KEYPOINTS
+
             i = KEYPOINTS.index(r.meta["keypoint"])
             k1, k2 = r.meta[key1][i], r.meta[key2][i]
         ref = np.array(render.find_marker(r.images[0], "REF"))
@@ -132,8 +136,10 @@ def test_reflectance_label_from_albedo(split):
 def test_visual_similarity_by_independent_metric():
     for split in ("train", "test"):
         for r in _records("visual_similarity", split=split):
-            blur = [ndimage.uniform_filter(im.astype(np.float64), size=(3, 3, 1), mode="nearest")
-                    for im in r.images]
+            blur = [
+                ndimage.uniform_filter(im.astype(np.float64), size=(3, 3, 1), mode="nearest")
+                for im in r.images
+            ]
             d = [np.sqrt(np.mean((blur[0] - b) ** 2)) for b in blur[1:]]
             assert int(np.argmin(d)) == r.target
 
@@ -154,8 +160,11 @@ def test_balanced_and_no_text_shortcut(name):
     n = 8 * spec.n_choices * 3
     train = generate(name, n, seed=0, split="train", size=SIZE)
     counts = Counter(r.target for r in train)
-    w = np.full(spec.n_choices, 1 / spec.n_choices) if spec.class_weights is None \
+    w = (
+        np.full(spec.n_choices, 1 / spec.n_choices)
+        if spec.class_weights is None
         else np.array(spec.class_weights)
+    )
     for c in range(spec.n_choices):
         assert abs(counts[c] - w[c] * n) <= 1
     # a text-only classifier (majority answer per exact prompt) does no better than the
@@ -164,8 +173,12 @@ def test_balanced_and_no_text_shortcut(name):
     for r in train:
         table[r.prompt.tobytes()][r.target] += 1
     test = generate(name, n, seed=1, split="train", size=SIZE)
-    hits = [table[r.prompt.tobytes()].most_common(1)[0][0] == r.target
-            if r.prompt.tobytes() in table else False for r in test]
+    hits = [
+        table[r.prompt.tobytes()].most_common(1)[0][0] == r.target
+        if r.prompt.tobytes() in table
+        else False
+        for r in test
+    ]
     assert np.mean(hits) <= max(w) + 0.12
 
 

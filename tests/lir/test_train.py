@@ -25,16 +25,38 @@ def micro_config():
     cfg = tiny()
     return dataclasses.replace(
         cfg,
-        model=ModelConfig(image_size=32, patch_size=16, vit_dim=16, vit_depth=1, vit_heads=2,
-                          lm_dim=32, lm_depth=1, lm_heads=2, max_images=1, num_latents=2),
+        model=ModelConfig(
+            image_size=32,
+            patch_size=16,
+            vit_dim=16,
+            vit_depth=1,
+            vit_heads=2,
+            lm_dim=32,
+            lm_depth=1,
+            lm_heads=2,
+            max_images=1,
+            num_latents=2,
+        ),
         data=dataclasses.replace(cfg.data, n_train=32, n_val=16, n_test=24),
-        pretrain=dataclasses.replace(cfg.pretrain, batch_size=16, n_examples=80,
-                                     optim=dataclasses.replace(cfg.pretrain.optim,
-                                                               total_steps=12, warmup_steps=2)),
-        finetune=dataclasses.replace(cfg.finetune, sft_epochs=2, stage1_epochs=1,
-                                     stage2_epochs=1, num_latents=2, eval_batch_size=16,
-                                     lora=LoRAConfig(rank=2, alpha=4.0)),
-        tasks=("relative_reflectance",), arms=ARMS, seeds=(0,))
+        pretrain=dataclasses.replace(
+            cfg.pretrain,
+            batch_size=16,
+            n_examples=80,
+            optim=dataclasses.replace(cfg.pretrain.optim, total_steps=12, warmup_steps=2),
+        ),
+        finetune=dataclasses.replace(
+            cfg.finetune,
+            sft_epochs=2,
+            stage1_epochs=1,
+            stage2_epochs=1,
+            num_latents=2,
+            eval_batch_size=16,
+            lora=LoRAConfig(rank=2, alpha=4.0),
+        ),
+        tasks=("relative_reflectance",),
+        arms=ARMS,
+        seeds=(0,),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +94,12 @@ def test_pretrain_cache_is_reused(setup, monkeypatch):
     # a config change that phase P depends on gets its own cache entry; one it does not
     # depend on (fine-tuning settings, K) reuses it
     cfg = setup["cfg"]
-    other = dataclasses.replace(cfg, pretrain=dataclasses.replace(
-        cfg.pretrain, optim=dataclasses.replace(cfg.pretrain.optim, total_steps=13)))
+    other = dataclasses.replace(
+        cfg,
+        pretrain=dataclasses.replace(
+            cfg.pretrain, optim=dataclasses.replace(cfg.pretrain.optim, total_steps=13)
+        ),
+    )
     assert T.pretrain_key(other) != T.pretrain_key(cfg)
     same = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, num_latents=3))
     assert T.pretrain_key(same) == T.pretrain_key(cfg)
@@ -94,8 +120,12 @@ def test_each_arm_trains_exactly_its_group(setup):
     init = T.finetune_model(cfg, pre, 0)  # the seed-0 starting point of every arm
     lat0 = np.asarray(init.latents[...])
     lora0 = _flat(nnx.state(init, nnx.LoRAParam))
-    for arm, trains_latents in (("sft", False), ("livr", True), ("latents_only", True),
-                                ("mask_only", False)):
+    for arm, trains_latents in (
+        ("sft", False),
+        ("livr", True),
+        ("latents_only", True),
+        ("mask_only", False),
+    ):
         _, model = setup["runs"][arm]
         lat = np.asarray(model.latents[...])
         lora = _flat(nnx.state(model, nnx.LoRAParam))
@@ -138,7 +168,7 @@ def test_best_validation_selection(setup):
         assert len(r.val_curve) == n
         # two-stage arms select among stage-2 epochs only; ties go to the later epoch
         first = n - setup["specs"][arm].stages[-1][1] + 1
-        eligible = r.val_curve[first - 1:]
+        eligible = r.val_curve[first - 1 :]
         assert r.best_val == max(eligible)
         assert r.best_epoch == first + max(i for i, v in enumerate(eligible) if v == max(eligible))
         # the reported accuracies recomputed from the selected model's predictions
@@ -166,10 +196,12 @@ def test_reproduce_writes_table1(setup, tmp_path):
     from lir.reproduce import reproduce
 
     run_dir = tmp_path / "run"
-    cfg = dataclasses.replace(setup["cfg"], sweep=dataclasses.replace(
-        setup["cfg"].sweep, multitask_seeds=(0,)))
-    res = reproduce(cfg, run_dir, preset="micro", cache_root=setup["cache"],
-                    verbose=False, command="test")
+    cfg = dataclasses.replace(
+        setup["cfg"], sweep=dataclasses.replace(setup["cfg"].sweep, multitask_seeds=(0,))
+    )
+    res = reproduce(
+        cfg, run_dir, preset="micro", cache_root=setup["cache"], verbose=False, command="test"
+    )
     saved = json.loads((run_dir / "results.json").read_text())["results"]
     assert (run_dir / "report.md").exists()
     t1 = saved["table1"]["relative_reflectance"]
@@ -194,7 +226,8 @@ def test_reproduce_writes_table1(setup, tmp_path):
     assert "## Table 2 analogue" in (run_dir / "report.md").read_text()
     head = {r["metric"]: r for r in saved["headline"]}
     assert head["LIVR − SFT (points)"]["ours"] == pytest.approx(
-        100 * saved["paired"]["livr-sft"]["mean"])
+        100 * saved["paired"]["livr-sft"]["mean"]
+    )
     assert head["LIVR − SFT (points)"]["paper"] == pytest.approx(3.43)  # Qwen3-VL-4B, Table 1
 
     # rebuilt from its caches, the report still states what every stage cost
@@ -202,8 +235,9 @@ def test_reproduce_writes_table1(setup, tmp_path):
     assert set(first["stages"]) == {"pretrain", "table1", "table2", "attention_plot"}
     assert first["stages_from_cache"] == ["pretrain"]  # the fixture trained phase P
     assert all(v > 0 for v in first["stages"].values())
-    again = reproduce(cfg, run_dir, preset="micro", cache_root=setup["cache"],
-                      verbose=False, command="test")
+    again = reproduce(
+        cfg, run_dir, preset="micro", cache_root=setup["cache"], verbose=False, command="test"
+    )
     assert again["table1"] == res["table1"]
     second = json.loads((run_dir / "results.json").read_text())["provenance"]["compute"]
     assert second["stages"] == first["stages"]
@@ -218,8 +252,9 @@ def test_multitask_data_is_the_union_and_final_selection(setup):
     union = T.multitask_data(cfg, tasks)
     parts = [T.task_data(cfg, t) for t in tasks]
     assert union.train.batch_size == sum(p.train.batch_size for p in parts)
-    np.testing.assert_array_equal(union.test.answer[:parts[0].test.batch_size],
-                                  parts[0].test.answer)
+    np.testing.assert_array_equal(
+        union.test.answer[: parts[0].test.batch_size], parts[0].test.answer
+    )
     arm = T.multitask_arms(cfg)["sft"]
     r = T.finetune(cfg, pre, union, arm, 0, select="final")
     # the final epoch is kept even when an earlier one validated better
@@ -232,8 +267,11 @@ def test_latent_design_arms(setup):
     cfg, pre = setup["cfg"], setup["pre"]
     k = cfg.finetune.num_latents
     shared = T.finetune_model(cfg, pre, 0, k, shared_latents=True)
-    table = [np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(shared, nnx.Param))
-             if "latent" in "/".join(map(str, p))]
+    table = [
+        np.asarray(v)
+        for p, v in nnx.to_flat_state(nnx.state(shared, nnx.Param))
+        if "latent" in "/".join(map(str, p))
+    ]
     assert table and all(t.shape[0] == 1 for t in table)
     before = T.task_data(cfg, "relative_reflectance", placement="before_prompt")
     after = setup["data"]
@@ -253,15 +291,18 @@ def phase_f_stage1_params() -> dict:
 
     cfg = micro_config()
     # an untrained phase-P model stands in for the pretrained one: phase F is what is tested
-    pre = T.Pretrained(jax.tree.map(np.asarray, nnx.state(T._pretrain_model(cfg),
-                                                          PRETRAIN_FILTER)), {}, None)
+    pre = T.Pretrained(
+        jax.tree.map(np.asarray, nnx.state(T._pretrain_model(cfg), PRETRAIN_FILTER)), {}, None
+    )
     data = T.task_data(cfg, "relative_reflectance")
     assert data.train.batch_size // cfg.finetune.batch_size == 4
     arm = T.Arm("livr_stage1", (("bottleneck", 1),), "livr", True)
     _, model = T.finetune(cfg, pre, data, arm, 0, return_model=True)
     assert len(model.latents[...].sharding.device_set) == jax.device_count()
-    return {"/".join(map(str, p)): np.asarray(v)
-            for p, v in nnx.to_flat_state(nnx.state(model, T.FILTERS["livr"]))}
+    return {
+        "/".join(map(str, p)): np.asarray(v)
+        for p, v in nnx.to_flat_state(nnx.state(model, T.FILTERS["livr"]))
+    }
 
 
 def test_phase_f_on_8_devices_matches_one_device():

@@ -40,8 +40,11 @@ def reference_zbuffer(xyz, rgb, valid, w2c, intr, height, width, near=1e-4, bg=0
             zbuf[i, j], ibuf[i, j] = z[p], p
     rgb = np.asarray(rgb, np.float32)
     hole = ibuf == n
-    img = np.where(hole[..., None], np.broadcast_to(np.asarray(bg, np.float32), (rgb.shape[1],)),
-                   rgb[np.minimum(ibuf, n - 1)])
+    img = np.where(
+        hole[..., None],
+        np.broadcast_to(np.asarray(bg, np.float32), (rgb.shape[1],)),
+        rgb[np.minimum(ibuf, n - 1)],
+    )
     vis = np.zeros(n, bool)
     for p in np.nonzero(ok)[0]:
         i, j = int(np.floor(v[p])), int(np.floor(u[p]))
@@ -67,8 +70,11 @@ def reference_splat(xyz, rgb, valid, w2c, intr, height, width, radius, near=1e-4
                     zbuf[i, j], ibuf[i, j] = z[p], p
     rgb = np.asarray(rgb, np.float32)
     hole = ibuf == n
-    img = np.where(hole[..., None], np.broadcast_to(np.asarray(bg, np.float32), (rgb.shape[1],)),
-                   rgb[np.minimum(ibuf, n - 1)])
+    img = np.where(
+        hole[..., None],
+        np.broadcast_to(np.asarray(bg, np.float32), (rgb.shape[1],)),
+        rgb[np.minimum(ibuf, n - 1)],
+    )
     return dict(rgb=img, depth=np.where(hole, 0.0, zbuf), hole=hole, index=ibuf)
 
 
@@ -106,8 +112,8 @@ def reference_ssim(a, b, data_range=1.0, sigma=1.5, truncate=3.5, sample_covaria
         vals = []
         for i in range(r, h - r):
             for j in range(r, w - r):
-                x = pa[i:i + 2 * r + 1, j:j + 2 * r + 1]
-                y = pb[i:i + 2 * r + 1, j:j + 2 * r + 1]
+                x = pa[i : i + 2 * r + 1, j : j + 2 * r + 1]
+                y = pb[i : i + 2 * r + 1, j : j + 2 * r + 1]
                 mx, my = np.sum(win * x), np.sum(win * y)
                 vx = norm * (np.sum(win * x * x) - mx * mx)
                 vy = norm * (np.sum(win * y * y) - my * my)
@@ -118,8 +124,18 @@ def reference_ssim(a, b, data_range=1.0, sigma=1.5, truncate=3.5, sample_covaria
     return float(np.mean(per_channel))
 
 
-def reference_match_accuracy(img_i, img_j, depth_i, depth_j, w2c_i, w2c_j, intr, colour_tol=0.1,
-                             occlusion_tol=0.05, valid_i=None):
+def reference_match_accuracy(
+    img_i,
+    img_j,
+    depth_i,
+    depth_j,
+    w2c_i,
+    w2c_j,
+    intr,
+    colour_tol=0.1,
+    occlusion_tol=0.05,
+    valid_i=None,
+):
     """Loop over the pixels of frame i: back-project with the true depth, project into j, check
     bounds / occlusion (relative depth agreement) / max-channel colour difference (float64)."""
     img_i = np.asarray(img_i, np.float64)

@@ -21,7 +21,9 @@ def test_se3_exp_log_roundtrip(rng):
     xi = _random_poses(rng, 64)
     t = geo.se3_exp(xi)
     r = np.asarray(t[:, :3, :3], np.float64)
-    np.testing.assert_allclose(r @ np.swapaxes(r, 1, 2), np.broadcast_to(np.eye(3), r.shape), atol=2e-6)
+    np.testing.assert_allclose(
+        r @ np.swapaxes(r, 1, 2), np.broadcast_to(np.eye(3), r.shape), atol=2e-6
+    )
     np.testing.assert_allclose(np.linalg.det(r), 1.0, atol=2e-6)
     np.testing.assert_allclose(np.asarray(t[:, 3]), np.tile([0, 0, 0, 1.0], (64, 1)))
     back = geo.se3_log(t)

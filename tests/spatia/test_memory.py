@@ -32,9 +32,13 @@ def test_voxel_downsample_huge_extent_uses_the_multi_key_sort(rng):
     # > 2^31 occupied cells in the index box: the packed one-key sort cannot be used
     cells = rng.integers(-(2**20), 2**20, (4000, 3))
     cells[2000:] = cells[:2000]  # every voxel holds two points
-    pts = ((cells + rng.choice([0.25, 0.5, 0.75], (4000, 3))) * 0.5).astype(np.float32)  # exact in float32
+    pts = ((cells + rng.choice([0.25, 0.5, 0.75], (4000, 3))) * 0.5).astype(
+        np.float32
+    )  # exact in float32
     rx, rc = mem_lib.voxel_downsample_reference(pts, pts[:, ::-1], 0.5, origin=np.zeros(3))
-    oxyz, orgb, _, _, nv = mem_lib.voxel_downsample(pts, pts[:, ::-1], None, 0.5, origin=np.zeros(3))
+    oxyz, orgb, _, _, nv = mem_lib.voxel_downsample(
+        pts, pts[:, ::-1], None, 0.5, origin=np.zeros(3)
+    )
     assert int(nv) == len(rx) == 2000
     np.testing.assert_array_equal(np.asarray(oxyz[:2000]), rx)
     np.testing.assert_array_equal(np.asarray(orgb[:2000]), rc)
@@ -61,9 +65,16 @@ def test_voxel_downsample_matches_open3d(rng):
 
 
 def test_dynamic_pixels_never_enter_memory(small_scene):
-    fr, w2c, intr, scene = small_scene["frames"], small_scene["w2c"], small_scene["intr"], small_scene["scene"]
+    fr, w2c, intr, scene = (
+        small_scene["frames"],
+        small_scene["w2c"],
+        small_scene["intr"],
+        small_scene["scene"],
+    )
     # make sure movers are in view: add frames looking at them
-    cams = jnp.stack([geo.look_at([0.0, 0.0, 1.4], c) for c in np.asarray(scenes.dynamic_positions(scene, 0.0))])
+    cams = jnp.stack(
+        [geo.look_at([0.0, 0.0, 1.4], c) for c in np.asarray(scenes.dynamic_positions(scene, 0.0))]
+    )
     fd = scenes.raycast_views(scene, cams, intr, H, W, jnp.zeros(2))
     rgb = jnp.concatenate([fr.rgb, fd.rgb])
     depth = jnp.concatenate([fr.depth, fd.depth])
@@ -81,7 +92,9 @@ def test_dynamic_pixels_never_enter_memory(small_scene):
 
 def test_single_frame_memory_renders_back_the_frame(small_scene):
     fr, w2c, intr = small_scene["frames"], small_scene["w2c"], small_scene["intr"]
-    mem, _ = mem_lib.build_memory(fr.rgb[:1], fr.depth[:1], w2c[:1], intr, fr.dynamic[:1], capacity=H * W, voxel=None)
+    mem, _ = mem_lib.build_memory(
+        fr.rgb[:1], fr.depth[:1], w2c[:1], intr, fr.dynamic[:1], capacity=H * W, voxel=None
+    )
     out = rnd.render(mem.xyz, mem.rgb, mem.valid, w2c[0], intr, height=H, width=W)
     static = ~np.asarray(fr.dynamic[0])
     np.testing.assert_array_equal(np.asarray(out.rgb)[static], np.asarray(fr.rgb[0])[static])
@@ -92,10 +105,13 @@ def test_overflow_raises_or_reports(small_scene):
     fr, w2c, intr = small_scene["frames"], small_scene["w2c"], small_scene["intr"]
     with pytest.raises(mem_lib.MemoryOverflowError, match="would be dropped"):
         mem_lib.build_memory(fr.rgb, fr.depth, w2c, intr, fr.dynamic, capacity=500, voxel=0.05)
-    mem, stats = mem_lib.build_memory(fr.rgb, fr.depth, w2c, intr, fr.dynamic, capacity=500, voxel=0.05,
-                                      on_overflow="report")
+    mem, stats = mem_lib.build_memory(
+        fr.rgb, fr.depth, w2c, intr, fr.dynamic, capacity=500, voxel=0.05, on_overflow="report"
+    )
     assert stats.n_points > 500 and stats.n_overflow == stats.n_points - 500 and mem.count() == 500
-    ok, ok_stats = mem_lib.build_memory(fr.rgb, fr.depth, w2c, intr, fr.dynamic, capacity=20000, voxel=0.05)
+    ok, ok_stats = mem_lib.build_memory(
+        fr.rgb, fr.depth, w2c, intr, fr.dynamic, capacity=20000, voxel=0.05
+    )
     assert ok_stats.n_overflow == 0 and ok.count() == stats.n_points
     # the 500 kept are exactly the first 500 of the full result (voxel order), nothing reshuffled
     np.testing.assert_array_equal(np.asarray(mem.xyz), np.asarray(ok.xyz[:500]))
@@ -103,9 +119,15 @@ def test_overflow_raises_or_reports(small_scene):
 
 def test_incremental_update_equals_rebuild(small_scene):
     fr, w2c, intr = small_scene["frames"], small_scene["w2c"], small_scene["intr"]
-    full, _ = mem_lib.build_memory(fr.rgb, fr.depth, w2c, intr, fr.dynamic, capacity=20000, voxel=0.05)
-    part, _ = mem_lib.build_memory(fr.rgb[:3], fr.depth[:3], w2c[:3], intr, fr.dynamic[:3], capacity=20000, voxel=0.05)
-    inc, _ = mem_lib.update_memory(part, fr.rgb[3:], fr.depth[3:], w2c[3:], intr, fr.dynamic[3:], voxel=0.05)
+    full, _ = mem_lib.build_memory(
+        fr.rgb, fr.depth, w2c, intr, fr.dynamic, capacity=20000, voxel=0.05
+    )
+    part, _ = mem_lib.build_memory(
+        fr.rgb[:3], fr.depth[:3], w2c[:3], intr, fr.dynamic[:3], capacity=20000, voxel=0.05
+    )
+    inc, _ = mem_lib.update_memory(
+        part, fr.rgb[3:], fr.depth[3:], w2c[3:], intr, fr.dynamic[3:], voxel=0.05
+    )
     assert inc.count() == full.count() > part.count()
     np.testing.assert_allclose(np.asarray(inc.xyz), np.asarray(full.xyz), atol=2e-6)
     np.testing.assert_allclose(np.asarray(inc.rgb), np.asarray(full.rgb), atol=2e-6)
@@ -115,7 +137,9 @@ def test_incremental_update_equals_rebuild(small_scene):
 @pytest.fixture(scope="module")
 def memory(small_scene):
     fr, w2c, intr = small_scene["frames"], small_scene["w2c"], small_scene["intr"]
-    return mem_lib.build_memory(fr.rgb, fr.depth, w2c, intr, fr.dynamic, capacity=20000, voxel=0.05)[0]
+    return mem_lib.build_memory(
+        fr.rgb, fr.depth, w2c, intr, fr.dynamic, capacity=20000, voxel=0.05
+    )[0]
 
 
 def _rows(x, valid):
@@ -137,7 +161,9 @@ def test_delete_box_removes_exactly_the_selection(memory):
     rot = geo.se3_exp(jnp.array([0, 0, np.pi / 2, 0, 0, 0]))
     sel_rot = np.asarray(mem_lib.box_mask(memory, lo, hi, box_from_world=rot))
     p_box = np.asarray(geo.transform_points(rot, memory.xyz))
-    np.testing.assert_array_equal(sel_rot, np.asarray(memory.valid) & np.all((p_box >= lo) & (p_box <= hi), 1))
+    np.testing.assert_array_equal(
+        sel_rot, np.asarray(memory.valid) & np.all((p_box >= lo) & (p_box <= hi), 1)
+    )
 
 
 def test_recolour_transform_and_splice(memory):
@@ -148,12 +174,16 @@ def test_recolour_transform_and_splice(memory):
     np.testing.assert_array_equal(np.asarray(rec.rgb)[~s], np.asarray(memory.rgb)[~s])
     lift = geo.se3_exp(jnp.array([0, 0, 0, 0, 0, 0.5]))
     moved = mem_lib.transform_selection(memory, sel, lift)
-    np.testing.assert_allclose(np.asarray(moved.xyz)[s, 2], np.asarray(memory.xyz)[s, 2] + 0.5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(moved.xyz)[s, 2], np.asarray(memory.xyz)[s, 2] + 0.5, atol=1e-6
+    )
     np.testing.assert_array_equal(np.asarray(moved.xyz)[~s], np.asarray(memory.xyz)[~s])
     extra = np.random.default_rng(0).uniform(0, 1, (100, 3)).astype(np.float32)
     sp, stats = mem_lib.splice(memory, extra, extra, tmat=lift)
     assert sp.count() == memory.count() + 100 and stats.n_overflow == 0
-    np.testing.assert_allclose(np.asarray(sp.xyz[memory.count(): memory.count() + 100]), extra + [0, 0, 0.5], atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(sp.xyz[memory.count() : memory.count() + 100]), extra + [0, 0, 0.5], atol=1e-6
+    )
     with pytest.raises(mem_lib.MemoryOverflowError):
         mem_lib.splice(memory, np.zeros((memory.capacity, 3)), np.zeros((memory.capacity, 3)))
 
@@ -165,7 +195,14 @@ def test_view_mask_selection(memory, small_scene):
     sel = np.asarray(mem_lib.view_mask_selection(memory, mask, w2c, intr))
     uv, z = geo.project(memory.xyz, w2c, intr)
     uv = np.floor(np.asarray(uv)).astype(int)
-    inside = np.asarray(memory.valid) & (np.asarray(z) > 0) & (uv[:, 0] >= 10) & (uv[:, 0] < 30) & (uv[:, 1] >= 8) & (uv[:, 1] < 20)
+    inside = (
+        np.asarray(memory.valid)
+        & (np.asarray(z) > 0)
+        & (uv[:, 0] >= 10)
+        & (uv[:, 0] < 30)
+        & (uv[:, 1] >= 8)
+        & (uv[:, 1] < 20)
+    )
     assert sel.sum() > 20 and not (sel & ~inside).any()
     # only front-most points: deleting them and re-rendering leaves the masked pixels changed
     out = rnd.render(memory.xyz, memory.rgb, memory.valid, w2c, intr, height=H, width=W)

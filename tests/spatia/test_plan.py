@@ -19,8 +19,17 @@ def _count(model, filt) -> int:
 
 
 def test_plan_rows_count_the_real_models(tmp_path):
-    argv = ["plan", "--preset", "tiny", "--devices", "1", "--per-device-batch", "4",
-            "--out", str(tmp_path)]
+    argv = [
+        "plan",
+        "--preset",
+        "tiny",
+        "--devices",
+        "1",
+        "--per-device-batch",
+        "4",
+        "--out",
+        str(tmp_path),
+    ]
     for o in _TINY:
         argv += ["--set", o]
     assert cli_main(argv) == 0

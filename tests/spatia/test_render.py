@@ -53,7 +53,9 @@ def test_point_mode_equals_brute_force_zbuffer(cloud, chunk):
     img, idx = np.asarray(out.rgb), np.asarray(out.index)
     assert np.isfinite(img).all()
     np.testing.assert_array_equal(img[idx < len(xyz)], rgb[idx[idx < len(xyz)]])
-    np.testing.assert_array_equal(img[idx == len(xyz)], np.broadcast_to(bg, img[idx == len(xyz)].shape))
+    np.testing.assert_array_equal(
+        img[idx == len(xyz)], np.broadcast_to(bg, img[idx == len(xyz)].shape)
+    )
 
 
 def test_ties_prefer_smaller_index_and_are_all_visible():
@@ -68,14 +70,18 @@ def test_ties_prefer_smaller_index_and_are_all_visible():
 def test_minfilter_equals_footprint_equals_brute_force(cloud, radius):
     xyz, rgb, valid, w2c = cloud
     a = rnd.render(xyz, rgb, valid, w2c, INTR, height=H, width=W, mode="minfilter", radius=radius)
-    b = rnd.render(xyz, rgb, valid, w2c, INTR, height=H, width=W, mode="footprint", radius=radius, chunk=1000)
+    b = rnd.render(
+        xyz, rgb, valid, w2c, INTR, height=H, width=W, mode="footprint", radius=radius, chunk=1000
+    )
     for field in ("rgb", "depth", "hole", "index"):
         np.testing.assert_array_equal(np.asarray(getattr(a, field)), np.asarray(getattr(b, field)))
     ref = references.reference_splat(xyz, rgb, valid, w2c, INTR, H, W, radius)
     _check_against(b, ref, len(xyz))
     # wider splats cover a superset of the 1-px pixels
     p = rnd.render(xyz, rgb, valid, w2c, INTR, height=H, width=W)
-    assert (np.asarray(p.hole) | ~np.asarray(a.hole)).all() and np.asarray(a.hole).sum() < np.asarray(p.hole).sum()
+    assert (np.asarray(p.hole) | ~np.asarray(a.hole)).all() and np.asarray(
+        a.hole
+    ).sum() < np.asarray(p.hole).sum()
 
 
 def _soft_reference(xyz, rgb, w2c, intr, h, w, radius, k):
@@ -104,7 +110,9 @@ def test_soft_compositor_matches_reference():
     xyz = np.c_[rng.uniform(-2, 2, (n, 2)), rng.uniform(2, 5, n)].astype(np.float32)
     rgb = rng.uniform(0, 1, (n, 3)).astype(np.float32)
     w2c = np.eye(4, dtype=np.float32)
-    out = rnd.render(xyz, rgb, None, w2c, INTR, height=H, width=W, mode="soft", radius=2.5, k=3, chunk=128)
+    out = rnd.render(
+        xyz, rgb, None, w2c, INTR, height=H, width=W, mode="soft", radius=2.5, k=3, chunk=128
+    )
     img, hole = _soft_reference(xyz, rgb, w2c, INTR, H, W, 2.5, 3)
     np.testing.assert_allclose(np.asarray(out.rgb), img, atol=2e-5)
     np.testing.assert_allclose(np.asarray(out.hole), hole, atol=2e-5)
@@ -115,28 +123,62 @@ def test_soft_minfilter_equals_soft_when_no_point_is_hidden_at_its_pixel():
     rng = np.random.default_rng(4)
     pix = rng.choice(H * W, 500, replace=False)  # at most one point per pixel
     uv = np.c_[pix % W + rng.uniform(0.05, 0.95, 500), pix // W + rng.uniform(0.05, 0.95, 500)]
-    xyz = geo.unproject(jnp.asarray(uv, jnp.float32), jnp.asarray(rng.uniform(2, 5, 500), jnp.float32), jnp.eye(4), INTR)
+    xyz = geo.unproject(
+        jnp.asarray(uv, jnp.float32),
+        jnp.asarray(rng.uniform(2, 5, 500), jnp.float32),
+        jnp.eye(4),
+        INTR,
+    )
     rgb = rng.uniform(0, 1, (500, 3)).astype(np.float32)
     a = rnd.render(xyz, rgb, None, np.eye(4), INTR, height=H, width=W, mode="soft", radius=2.5, k=3)
-    b = rnd.render(xyz, rgb, None, np.eye(4), INTR, height=H, width=W, mode="soft_minfilter", radius=2.5, k=3)
+    b = rnd.render(
+        xyz, rgb, None, np.eye(4), INTR, height=H, width=W, mode="soft_minfilter", radius=2.5, k=3
+    )
     for field in ("rgb", "hole", "index", "depth"):
-        np.testing.assert_allclose(np.asarray(getattr(b, field)), np.asarray(getattr(a, field)), atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(getattr(b, field)), np.asarray(getattr(a, field)), atol=1e-6
+        )
     assert (np.asarray(a.hole) < 0.5).mean() > 0.5
 
 
 def test_render_views_equals_per_view_render(cloud):
     xyz, rgb, valid, w2c = cloud
-    cams = np.stack([w2c, np.eye(4, dtype=np.float32), np.asarray(geo.se3_exp(jnp.array([0, 0.2, 0, 0.3, 0, 0])))])
-    batch = rnd.render_views(xyz, rgb, valid, cams, INTR, height=H, width=W, mode="minfilter", radius=1.5,
-                             view_chunk=2, chunk=1024)
+    cams = np.stack(
+        [
+            w2c,
+            np.eye(4, dtype=np.float32),
+            np.asarray(geo.se3_exp(jnp.array([0, 0.2, 0, 0.3, 0, 0]))),
+        ]
+    )
+    batch = rnd.render_views(
+        xyz,
+        rgb,
+        valid,
+        cams,
+        INTR,
+        height=H,
+        width=W,
+        mode="minfilter",
+        radius=1.5,
+        view_chunk=2,
+        chunk=1024,
+    )
     for t in range(3):
-        one = rnd.render(xyz, rgb, valid, cams[t], INTR, height=H, width=W, mode="minfilter", radius=1.5)
+        one = rnd.render(
+            xyz, rgb, valid, cams[t], INTR, height=H, width=W, mode="minfilter", radius=1.5
+        )
         for field in one._fields:
-            np.testing.assert_array_equal(np.asarray(getattr(batch, field)[t]), np.asarray(getattr(one, field)))
+            np.testing.assert_array_equal(
+                np.asarray(getattr(batch, field)[t]), np.asarray(getattr(one, field))
+            )
 
 
 def test_disk_offsets_and_radius_conversion():
-    assert len(rnd.disk_offsets(1.0)) == 5 and len(rnd.disk_offsets(1.5)) == 9 and len(rnd.disk_offsets(2.0)) == 13
+    assert (
+        len(rnd.disk_offsets(1.0)) == 5
+        and len(rnd.disk_offsets(1.5)) == 9
+        and len(rnd.disk_offsets(2.0)) == 13
+    )
     # Spatia's radius 0.01 NDC at 704 x 1248 is ~3.5 px
     assert abs(rnd.pytorch3d_radius_to_pixels(0.01, 704, 1248) - 3.52) < 1e-9
 

@@ -29,7 +29,12 @@ def _points(frame, w2c, intr):
 
 
 def test_raycaster_hits_lie_on_their_primitives(small_scene):
-    scene, intr, w2c, fr = small_scene["scene"], small_scene["intr"], small_scene["w2c"], small_scene["frames"]
+    scene, intr, w2c, fr = (
+        small_scene["scene"],
+        small_scene["intr"],
+        small_scene["w2c"],
+        small_scene["frames"],
+    )
     lo, hi = np.asarray(scene.room_lo), np.asarray(scene.room_hi)
     checked = set()
     for t in range(w2c.shape[0]):
@@ -37,7 +42,14 @@ def test_raycaster_hits_lie_on_their_primitives(small_scene):
         pts, oid = _points(frame, w2c[t], intr)
         assert (np.asarray(frame.depth) > 0).all()  # inside a closed room every ray hits
         # room surfaces: floor z = 0, ceiling z = h, walls at the x / y bounds
-        for k, (ax, val) in {1: (2, lo[2]), 2: (2, hi[2]), 3: (0, lo[0]), 4: (0, hi[0]), 5: (1, lo[1]), 6: (1, hi[1])}.items():
+        for k, (ax, val) in {
+            1: (2, lo[2]),
+            2: (2, hi[2]),
+            3: (0, lo[0]),
+            4: (0, hi[0]),
+            5: (1, lo[1]),
+            6: (1, hi[1]),
+        }.items():
             sel = oid == k
             if sel.any():
                 np.testing.assert_allclose(pts[sel][:, ax], val, atol=2e-4)
@@ -47,7 +59,11 @@ def test_raycaster_hits_lie_on_their_primitives(small_scene):
             if not sel.any():
                 continue
             typ = int(scene.prop_type[slot])
-            c, sz, yaw = np.asarray(scene.prop_center[slot]), np.asarray(scene.prop_size[slot]), float(scene.prop_yaw[slot])
+            c, sz, yaw = (
+                np.asarray(scene.prop_center[slot]),
+                np.asarray(scene.prop_size[slot]),
+                float(scene.prop_yaw[slot]),
+            )
             p = pts[sel] - c
             if typ == 0:  # on the box surface: max |local / half| == 1
                 cy, sy = np.cos(-yaw), np.sin(-yaw)
@@ -57,7 +73,11 @@ def test_raycaster_hits_lie_on_their_primitives(small_scene):
                 np.testing.assert_allclose(np.linalg.norm(p, axis=1), sz[0], atol=2e-4)
             else:  # side (r = radius) or caps (z = 0 or height)
                 r = np.linalg.norm(p[:, :2], axis=1)
-                on = (np.abs(r - sz[0]) < 3e-4) | (np.abs(p[:, 2]) < 3e-4) | (np.abs(p[:, 2] - sz[2]) < 3e-4)
+                on = (
+                    (np.abs(r - sz[0]) < 3e-4)
+                    | (np.abs(p[:, 2]) < 3e-4)
+                    | (np.abs(p[:, 2] - sz[2]) < 3e-4)
+                )
                 assert on.all()
             checked.add(("prop", typ))
     assert {1, 3} <= checked or {1, 4} <= checked or {1, 5} <= checked or {1, 6} <= checked
@@ -99,7 +119,10 @@ def test_dynamic_masks_are_exact(small_scene):
 
 def test_movers_move():
     scene = scenes.make_scene(3, n_dynamic=2)
-    p0, p1 = np.asarray(scenes.dynamic_positions(scene, 0.0)), np.asarray(scenes.dynamic_positions(scene, 10.0))
+    p0, p1 = (
+        np.asarray(scenes.dynamic_positions(scene, 0.0)),
+        np.asarray(scenes.dynamic_positions(scene, 10.0)),
+    )
     assert (np.linalg.norm(p1 - p0, axis=1) > 0.05).all()
 
 

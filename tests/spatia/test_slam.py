@@ -23,8 +23,9 @@ def corner_world():
     w2c = jnp.stack([geo.look_at(e, corner) for e in eyes])
     fr = scenes.raycast_views(scene, w2c, intr, H, W)
     idx = jnp.array([0, 2])  # the memory never saw frame 1 itself
-    mem, _ = mem_lib.build_memory(fr.rgb[idx], fr.depth[idx], w2c[idx], intr, fr.dynamic[idx],
-                                  capacity=16384, voxel=0.01)
+    mem, _ = mem_lib.build_memory(
+        fr.rgb[idx], fr.depth[idx], w2c[idx], intr, fr.dynamic[idx], capacity=16384, voxel=0.01
+    )
     return dict(scene=scene, intr=intr, w2c=w2c, frames=fr, memory=mem)
 
 
@@ -65,10 +66,12 @@ def test_icp_batch_and_memory_update_with_refined_poses(corner_world):
     # while the noisy poses do not
     base = mem_lib.empty_memory(16384)
     ref, _ = mem_lib.update_memory(base, fr.rgb, fr.depth, truth, w["intr"], voxel=0.02)
-    upd, stats, used = slam.update_from_frames(w["memory"], fr.rgb, fr.depth, noisy, w["intr"], voxel=0.02,
-                                               refine=True, rebuild=True)
-    bad, _, _ = slam.update_from_frames(w["memory"], fr.rgb, fr.depth, noisy, w["intr"], voxel=0.02,
-                                        refine=False, rebuild=True)
+    upd, stats, used = slam.update_from_frames(
+        w["memory"], fr.rgb, fr.depth, noisy, w["intr"], voxel=0.02, refine=True, rebuild=True
+    )
+    bad, _, _ = slam.update_from_frames(
+        w["memory"], fr.rgb, fr.depth, noisy, w["intr"], voxel=0.02, refine=False, rebuild=True
+    )
     assert stats.n_overflow == 0
     np.testing.assert_allclose(np.asarray(used), np.asarray(res.w2c), atol=1e-6)
 
@@ -83,4 +86,6 @@ def test_icp_batch_and_memory_update_with_refined_poses(corner_world):
 def test_icp_config_validation(corner_world):
     w = corner_world
     with pytest.raises(ValueError, match="one entry per level"):
-        slam.icp_refine(w["memory"], w["frames"].depth[1], w["w2c"][1], w["intr"], cfg=slam.ICPConfig(levels=3))
+        slam.icp_refine(
+            w["memory"], w["frames"].depth[1], w["w2c"][1], w["intr"], cfg=slam.ICPConfig(levels=3)
+        )

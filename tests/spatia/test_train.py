@@ -278,8 +278,8 @@ def test_resume_equals_uninterrupted(cfg, data, tmp_path):
         return T.train_stage(short, run_dir, "base", data, num_steps=steps, verbose=False)
 
     (_, straight), (gd, resumed) = assert_resume_bit_exact(
-        run, tmp_path, kill_after=2, total=4,
-        compare=lambda out: (out[1].params, out[1].opt_state))
+        run, tmp_path, kill_after=2, total=4, compare=lambda out: (out[1].params, out[1].opt_state)
+    )
     assert int(resumed.step) == int(straight.step) == 4
     # fresh, resumed and restored-parent states share one sharding: one compiled program
     assert T.stage_step(short, "base", gd)._cache_size() == 1
@@ -305,8 +305,9 @@ result = flat_params(st)
 """
     args = dict(overrides=overrides, cache_dir=str(cache_dir))
     ocfg = override(C.tiny(), overrides)  # the 1-device run: this process
-    _, st = T.train_stage(ocfg, tmp_path / "one", "base", D.load_dataset(ocfg, cache_dir),
-                          num_steps=3, verbose=False)
+    _, st = T.train_stage(
+        ocfg, tmp_path / "one", "base", D.load_dataset(ocfg, cache_dir), num_steps=3, verbose=False
+    )
     one = flat_params(st)
     eight = run_with_devices(8, code, run_dir=str(tmp_path / "eight"), **args)
     # float32 with matmul precision "highest": the 8-device step sums the per-device gradient

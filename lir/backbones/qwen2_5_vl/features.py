@@ -66,17 +66,26 @@ class VisionFeatureCache:
     ``calls`` counts tower invocations (one per computed example).
     """
 
-    def __init__(self, visual: VisionTower, pcfg: ProcessorConfig,
-                 directory: str | os.PathLike | None = None, *, pad_multiple: int = 256,
-                 fingerprint: str | None = None):
+    def __init__(
+        self,
+        visual: VisionTower,
+        pcfg: ProcessorConfig,
+        directory: str | os.PathLike | None = None,
+        *,
+        pad_multiple: int = 256,
+        fingerprint: str | None = None,
+    ):
         if pad_multiple % visual.cfg.merge_unit:
-            raise ValueError(f"pad_multiple={pad_multiple} must be a multiple of the merge unit "
-                             f"{visual.cfg.merge_unit}")
+            raise ValueError(
+                f"pad_multiple={pad_multiple} must be a multiple of the merge unit "
+                f"{visual.cfg.merge_unit}"
+            )
         self.visual = visual
         self.pad_multiple = pad_multiple
         self.fingerprint = fingerprint or vision_fingerprint(visual, pcfg)
-        self.directory = (pathlib.Path(directory) / self.fingerprint
-                          if directory is not None else None)
+        self.directory = (
+            pathlib.Path(directory) / self.fingerprint if directory is not None else None
+        )
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._memory: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -106,16 +115,18 @@ class VisionFeatureCache:
         bf16 = feats.dtype == ml_dtypes.bfloat16
         buf = io.BytesIO()
         # NumPy files have no bfloat16: store its bits as uint16 and the dtype by name
-        np.savez(buf, features=feats.view(np.uint16) if bf16 else feats,
-                 dtype=np.asarray("bfloat16" if bf16 else str(feats.dtype)),
-                 grid=np.asarray(grid, np.int64))
+        np.savez(
+            buf,
+            features=feats.view(np.uint16) if bf16 else feats,
+            dtype=np.asarray("bfloat16" if bf16 else str(feats.dtype)),
+            grid=np.asarray(grid, np.int64),
+        )
         tmp = self._path(key).with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(buf.getvalue())
         tmp.replace(self._path(key))
 
     def has(self, key: str) -> bool:
-        return key in self._memory or (self.directory is not None and
-                                       self._path(key).is_file())
+        return key in self._memory or (self.directory is not None and self._path(key).is_file())
 
     def ensure(self, key: str, load: Loader) -> np.ndarray:
         """Compute and store the entry of ``key`` unless present; ``load() -> (patches, grid)``

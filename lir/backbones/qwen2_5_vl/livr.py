@@ -35,8 +35,7 @@ from lir.backbones.qwen2_5_vl.processor import VisionLayout, rope_index, vision_
 from lir.masks import Role, attention_mask
 from lir.model import LM_LORA_TARGETS, LatentParam, LoRAConfig, answer_loss
 
-SYSTEM_TEXT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-               "<|im_start|>user\n")
+SYSTEM_TEXT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 TAIL_TEXT = "<|im_end|>\n<|im_start|>assistant\n"
 END_TEXT = "<|im_end|>"
 
@@ -75,9 +74,18 @@ class Encoded:
     roles: list[int]
 
 
-def encode_example(encode: Callable[[str], list[int]], prompt: str, image_tokens: Sequence[int],
-                   answer: str | None, num_latents: int, *, vision_start: int, vision_end: int,
-                   image_pad: int, latent_token_id: int) -> Encoded:
+def encode_example(
+    encode: Callable[[str], list[int]],
+    prompt: str,
+    image_tokens: Sequence[int],
+    answer: str | None,
+    num_latents: int,
+    *,
+    vision_start: int,
+    vision_end: int,
+    image_pad: int,
+    latent_token_id: int,
+) -> Encoded:
     """Token ids and roles of one example (module docstring layout).
 
     Args:
@@ -104,8 +112,9 @@ def encode_example(encode: Callable[[str], list[int]], prompt: str, image_tokens
     return Encoded(ids, roles)
 
 
-def _token_fields(examples: Sequence[Encoded], grid_thw: np.ndarray, model_cfg, seq_len: int,
-                  pad_token_id: int) -> dict:
+def _token_fields(
+    examples: Sequence[Encoded], grid_thw: np.ndarray, model_cfg, seq_len: int, pad_token_id: int
+) -> dict:
     """The token-level fields of :class:`QwenBatch` (all but patches / layout / features)."""
     b = len(examples)
     ids = np.full((b, seq_len), pad_token_id, np.int32)
@@ -113,25 +122,39 @@ def _token_fields(examples: Sequence[Encoded], grid_thw: np.ndarray, model_cfg, 
     for i, ex in enumerate(examples):
         if len(ex.ids) > seq_len:
             raise ValueError(f"example {i} has {len(ex.ids)} tokens; seq_len is {seq_len}")
-        ids[i, :len(ex.ids)] = ex.ids
-        roles[i, :len(ex.roles)] = ex.roles
+        ids[i, : len(ex.ids)] = ex.ids
+        roles[i, : len(ex.roles)] = ex.roles
     valid = roles != Role.PAD
-    positions, delta = rope_index(ids, grid_thw, model_cfg.image_token_id, valid,
-                                  model_cfg.vision.spatial_merge_size)
+    positions, delta = rope_index(
+        ids, grid_thw, model_cfg.image_token_id, valid, model_cfg.vision.spatial_merge_size
+    )
     is_lat = roles == Role.LATENT
     latent_ids = np.where(is_lat, np.cumsum(is_lat, axis=1) - 1, -1).astype(np.int32)
     targets = np.concatenate([ids[:, 1:], np.full((b, 1), pad_token_id, np.int32)], 1)
     next_role = np.concatenate([roles[:, 1:], np.full((b, 1), int(Role.PAD), np.int32)], 1)
     loss_mask = (next_role == Role.ANSWER).astype(np.float32)
     slots = image_slots(np.where(valid, ids, pad_token_id), model_cfg.image_token_id)
-    return dict(input_ids=ids, roles=roles, positions=positions, rope_delta=delta,
-                image_slots=slots, latent_ids=latent_ids, targets=targets.astype(np.int32),
-                loss_mask=loss_mask)
+    return dict(
+        input_ids=ids,
+        roles=roles,
+        positions=positions,
+        rope_delta=delta,
+        image_slots=slots,
+        latent_ids=latent_ids,
+        targets=targets.astype(np.int32),
+        loss_mask=loss_mask,
+    )
 
 
-def make_batch(examples: Sequence[Encoded], patches: np.ndarray, grid_thw: np.ndarray,
-               model_cfg, seq_len: int, n_patches: int | None = None,
-               pad_token_id: int = 0) -> QwenBatch:
+def make_batch(
+    examples: Sequence[Encoded],
+    patches: np.ndarray,
+    grid_thw: np.ndarray,
+    model_cfg,
+    seq_len: int,
+    n_patches: int | None = None,
+    pad_token_id: int = 0,
+) -> QwenBatch:
     """Pad ``examples`` to ``seq_len`` tokens (and the packed patches to ``n_patches``) and
     derive positions, image slots, latent ids and answer-only loss targets."""
     fields = _token_fields(examples, grid_thw, model_cfg, seq_len, pad_token_id)
@@ -144,9 +167,15 @@ def make_batch(examples: Sequence[Encoded], patches: np.ndarray, grid_thw: np.nd
     return QwenBatch(**fields, patches=padded.astype(np.float32), layout=layout.arrays())
 
 
-def make_feature_batch(examples: Sequence[Encoded], features: np.ndarray,
-                       grid_thw: np.ndarray, model_cfg, seq_len: int,
-                       n_tokens: int | None = None, pad_token_id: int = 0) -> QwenBatch:
+def make_feature_batch(
+    examples: Sequence[Encoded],
+    features: np.ndarray,
+    grid_thw: np.ndarray,
+    model_cfg,
+    seq_len: int,
+    n_tokens: int | None = None,
+    pad_token_id: int = 0,
+) -> QwenBatch:
     """:func:`make_batch` with precomputed visual tokens instead of patches.
 
     Args:
@@ -162,13 +191,13 @@ def make_feature_batch(examples: Sequence[Encoded], features: np.ndarray,
     n_tokens = t if n_tokens is None else n_tokens
     if n_tokens < t:
         raise ValueError(f"the batch's images have {t} visual tokens; n_tokens is {n_tokens}")
-    padded = np.concatenate([features, np.zeros((n_tokens - t, features.shape[1]),
-                                                features.dtype)])
+    padded = np.concatenate([features, np.zeros((n_tokens - t, features.shape[1]), features.dtype)])
     return QwenBatch(**fields, patches=None, layout=None, features=padded)
 
 
-def init_latents(embedding: jax.Array, num_latents: int, key: jax.Array,
-                 rows: int | None = None) -> jax.Array:
+def init_latents(
+    embedding: jax.Array, num_latents: int, key: jax.Array, rows: int | None = None
+) -> jax.Array:
     """New latent rows float32[K, D] ~ per-dimension N(mean, std^2) of the first ``rows``
     embedding rows (the tokenizer's real tokens; docs/lir.md D2, close to HF's mean-resizing)."""
     emb = jnp.asarray(embedding[:rows] if rows else embedding, jnp.float32)
@@ -180,18 +209,21 @@ class QwenLIVR(nnx.Module):
     """Qwen2.5-VL plus K latent rows. ``base``: :class:`QwenVL` (frozen weights);
     ``latents``: LatentParam float32[K, D] (K may be 0: direct SFT / zero-shot)."""
 
-    def __init__(self, base: QwenVL, num_latents: int, *, key: jax.Array,
-                 vocab_rows: int | None = None):
+    def __init__(
+        self, base: QwenVL, num_latents: int, *, key: jax.Array, vocab_rows: int | None = None
+    ):
         self.base = base
         emb = base.language.embed_tokens.embedding[...]
         self.num_latents = num_latents
-        self.latents = LatentParam(init_latents(emb, max(num_latents, 1), key, vocab_rows)
-                                   [:num_latents])
+        self.latents = LatentParam(
+            init_latents(emb, max(num_latents, 1), key, vocab_rows)[:num_latents]
+        )
 
     def embed(self, batch: QwenBatch) -> jax.Array:
         """Input embeddings with images and latents spliced in: [B, S, D]."""
-        x = self.base.embed(batch.input_ids, batch.image_slots, batch.patches, batch.layout,
-                            features=batch.features)
+        x = self.base.embed(
+            batch.input_ids, batch.image_slots, batch.patches, batch.layout, features=batch.features
+        )
         if self.num_latents:
             lat = jnp.asarray(batch.latent_ids)
             rows = self.latents[...][jnp.clip(lat, 0, self.num_latents - 1)].astype(x.dtype)
@@ -212,8 +244,14 @@ class QwenLIVR(nnx.Module):
 def add_lora(model: QwenLIVR, cfg: LoRAConfig, *, rngs: nnx.Rngs) -> list[tuple]:
     """LoRA on the language model's decoder layers only (LIVR §3.3, docs/lir.md D20: the vision
     blocks' gate/up/down_proj get none). LoRA matrices are float32 whatever the base dtype."""
-    paths = apply_lora(model.base.language.layers, cfg.targets or LM_LORA_TARGETS, cfg.rank,
-                       cfg.alpha, cfg.dropout, rngs=rngs)
+    paths = apply_lora(
+        model.base.language.layers,
+        cfg.targets or LM_LORA_TARGETS,
+        cfg.rank,
+        cfg.alpha,
+        cfg.dropout,
+        rngs=rngs,
+    )
     for _, m in nnx.iter_modules(model.base.language.layers):
         if isinstance(m, LoRALinear):
             m.lora_a.set_value(m.lora_a[...].astype(jnp.float32))
@@ -227,8 +265,13 @@ def answer_positions(mask: np.ndarray) -> int:
     return int((np.asarray(mask) > 0).sum(-1).max(initial=0))
 
 
-def answer_only_loss(hidden: jax.Array, lm_head: Callable[[jax.Array], jax.Array],
-                     labels: jax.Array, mask: jax.Array, max_answer_tokens: int) -> jax.Array:
+def answer_only_loss(
+    hidden: jax.Array,
+    lm_head: Callable[[jax.Array], jax.Array],
+    labels: jax.Array,
+    mask: jax.Array,
+    max_answer_tokens: int,
+) -> jax.Array:
     """Mean next-token cross-entropy over the supervised positions, projecting only those to
     the vocabulary (``lir.model.answer_loss`` on full logits costs a float32 [B, S, V]
     array: 2.5 GB at S = 4096 and Qwen's V = 151,936).
@@ -266,20 +309,37 @@ def loss_fn(mask_variant: str, max_answer_tokens: int | None = None):
         del key
         if max_answer_tokens is None:
             return answer_loss(model(batch, mask_variant), batch), {}
-        return answer_only_loss(model.hidden(batch, mask_variant), model.base.language.logits,
-                                batch.targets, batch.loss_mask, max_answer_tokens), {}
+        return answer_only_loss(
+            model.hidden(batch, mask_variant),
+            model.base.language.logits,
+            batch.targets,
+            batch.loss_mask,
+            max_answer_tokens,
+        ), {}
 
     return fn
 
 
-def generate(model: QwenLIVR, batch: QwenBatch, max_new_tokens: int, eos_token_id: int,
-             mask_variant: str = "causal") -> jax.Array:
+def generate(
+    model: QwenLIVR,
+    batch: QwenBatch,
+    max_new_tokens: int,
+    eos_token_id: int,
+    mask_variant: str = "causal",
+) -> jax.Array:
     """Greedy answers int32[B, max_new_tokens] for prompt-only batches (right-padded, with
     the latents in place). ``mask_variant`` "bottleneck" keeps the Stage-1 mask on the
     prompt (the test-time bottleneck diagnostic; decode steps then see the image through
     the cache, so use it with one-token answers, docs/lir.md D13)."""
     roles = jnp.asarray(batch.roles)
     mask = attention_mask(roles, mask_variant)
-    return greedy_generate(model.base, model.embed(batch), jnp.asarray(batch.positions),
-                           jnp.asarray(batch.rope_delta), roles != Role.PAD, max_new_tokens,
-                           eos_token_id, prefill_mask=mask)
+    return greedy_generate(
+        model.base,
+        model.embed(batch),
+        jnp.asarray(batch.positions),
+        jnp.asarray(batch.rope_delta),
+        roles != Role.PAD,
+        max_new_tokens,
+        eos_token_id,
+        prefill_mask=mask,
+    )

@@ -56,8 +56,9 @@ class MemoryEstimate:
         return self.weights_gb + self.trainable_gb + self.activations_gb
 
 
-def vision_attention_memory(cfg: QwenVLConfig, n_patches: int, *, query_chunk: int = 512
-                            ) -> dict[str, float]:
+def vision_attention_memory(
+    cfg: QwenVLConfig, n_patches: int, *, query_chunk: int = 512
+) -> dict[str, float]:
     """Peak bytes (GB = 1e9) of one vision attention layer over ``n_patches`` packed patches:
     float32 logits + probabilities and the boolean mask.
 
@@ -75,9 +76,16 @@ def vision_attention_memory(cfg: QwenVLConfig, n_patches: int, *, query_chunk: i
     return {"dense": dense / 1e9, "window": window / 1e9, "full": full / 1e9}
 
 
-def training_memory(cfg: QwenVLConfig, seq_len: int, batch: int = 1, rank: int = 16,
-                    num_latents: int = 16, n_devices: int = 1, weight_bytes: int = 2,
-                    max_answer_tokens: int = 32) -> MemoryEstimate:
+def training_memory(
+    cfg: QwenVLConfig,
+    seq_len: int,
+    batch: int = 1,
+    rank: int = 16,
+    num_latents: int = 16,
+    n_devices: int = 1,
+    weight_bytes: int = 2,
+    max_answer_tokens: int = 32,
+) -> MemoryEstimate:
     """Rough per-device memory (GB = 1e9 bytes) of one LIVR train step (module docstring)."""
     t = cfg.text
     counts = parameter_counts(cfg)

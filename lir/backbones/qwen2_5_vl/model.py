@@ -28,8 +28,9 @@ def image_slots(input_ids: np.ndarray, image_token_id: int) -> np.ndarray:
     matching the packed merged-token order of the batch's images."""
     ids = np.asarray(input_ids)
     is_img = ids == image_token_id
-    return np.where(is_img, np.cumsum(is_img.reshape(-1)).reshape(ids.shape) - 1,
-                    -1).astype(np.int32)
+    return np.where(is_img, np.cumsum(is_img.reshape(-1)).reshape(ids.shape) - 1, -1).astype(
+        np.int32
+    )
 
 
 def causal_valid_mask(valid: jax.Array) -> jax.Array:
@@ -54,8 +55,9 @@ class QwenVL(nnx.Module):
         self.visual = VisionTower(cfg.vision, **kw)
         self.language = LanguageModel(cfg.text, attention_chunk=cfg.attention_chunk, **kw)
 
-    def embed(self, input_ids, image_slots=None, patches=None, layout=None, *,
-              features=None) -> jax.Array:
+    def embed(
+        self, input_ids, image_slots=None, patches=None, layout=None, *, features=None
+    ) -> jax.Array:
         """Token embeddings with the visual tokens scattered in: float[B, S, D].
 
         The visual tokens are ``features`` float[T, D] when given (precomputed by the frozen
@@ -71,8 +73,18 @@ class QwenVL(nnx.Module):
         rows = feats[jnp.clip(slots, 0, feats.shape[0] - 1)]
         return jnp.where((slots >= 0)[..., None], rows, x)
 
-    def __call__(self, input_ids, positions, mask, image_slots=None, patches=None,
-                 layout=None, *, embeds=None, return_hidden: bool = False):
+    def __call__(
+        self,
+        input_ids,
+        positions,
+        mask,
+        image_slots=None,
+        patches=None,
+        layout=None,
+        *,
+        embeds=None,
+        return_hidden: bool = False,
+    ):
         """Logits float32[B, S, V] under ``mask`` bool[B|1, 1, S, S] (and the hiddens of
         :meth:`LanguageModel.__call__` with ``return_hidden``). ``embeds`` overrides the
         embedding step (LIVR splices its latents there)."""
@@ -83,10 +95,17 @@ class QwenVL(nnx.Module):
         return (logits, out[2]) if return_hidden else logits
 
 
-def greedy_generate(model: QwenVL, embeds: jax.Array, positions: jax.Array,
-                    rope_delta: jax.Array, valid: jax.Array, max_new_tokens: int,
-                    eos_token_id: int, prefill_mask: jax.Array | None = None,
-                    logit_limit: int | None = None) -> jax.Array:
+def greedy_generate(
+    model: QwenVL,
+    embeds: jax.Array,
+    positions: jax.Array,
+    rope_delta: jax.Array,
+    valid: jax.Array,
+    max_new_tokens: int,
+    eos_token_id: int,
+    prefill_mask: jax.Array | None = None,
+    logit_limit: int | None = None,
+) -> jax.Array:
     """Greedy decoding with a KV cache (docs/lir.md D9, D20).
 
     Args:
@@ -134,4 +153,3 @@ def greedy_generate(model: QwenVL, embeds: jax.Array, positions: jax.Array,
     init = (first, first == eos_token_id, caches)
     _, rest = jax.lax.scan(step_fn, init, jnp.arange(1, max_new_tokens))
     return jnp.concatenate([first[:, None], rest.T.astype(jnp.int32)], axis=1)
-

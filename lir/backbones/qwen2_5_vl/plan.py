@@ -70,20 +70,37 @@ def _batch(cfg: QwenVLConfig, shapes: Shapes, k: int) -> QwenBatch:
     i32 = jnp.int32
     spec = jax.ShapeDtypeStruct
     return QwenBatch(
-        input_ids=spec((b, s), i32), roles=spec((b, s), i32), positions=spec((3, b, s), i32),
-        rope_delta=spec((b,), i32), image_slots=spec((b, s), i32), latent_ids=spec((b, s), i32),
-        targets=spec((b, s), i32), loss_mask=spec((b, s), jnp.float32), patches=None,
+        input_ids=spec((b, s), i32),
+        roles=spec((b, s), i32),
+        positions=spec((3, b, s), i32),
+        rope_delta=spec((b,), i32),
+        image_slots=spec((b, s), i32),
+        latent_ids=spec((b, s), i32),
+        targets=spec((b, s), i32),
+        loss_mask=spec((b, s), jnp.float32),
+        patches=None,
         layout=None,
-        features=spec((b * shapes.images * shapes.tokens_per_image, cfg.text.hidden_size),
-                      jnp.bfloat16))
+        features=spec(
+            (b * shapes.images * shapes.tokens_per_image, cfg.text.hidden_size), jnp.bfloat16
+        ),
+    )
 
 
 def _row(cfg, lora, opt, shapes, stage, variant, trainable, k, mesh, acc, steps):
     tx = make_optimizer(opt)
     graphdef, state = P.abstract_train_state(lambda: _model(cfg, lora, k), tx, trainable)
     step = make_train_step(graphdef, loss_fn(variant, shapes.answer_tokens), tx)
-    return P.plan_step(stage, step, state, _batch(cfg, shapes, k), mesh, steps=steps,
-                       items_per_step="", accelerator=acc, dtype="bfloat16")
+    return P.plan_step(
+        stage,
+        step,
+        state,
+        _batch(cfg, shapes, k),
+        mesh,
+        steps=steps,
+        items_per_step="",
+        accelerator=acc,
+        dtype="bfloat16",
+    )
 
 
 def _count(full: QwenVLConfig, lora: LoRAConfig, k: int, trainable=...) -> int:
@@ -91,12 +108,24 @@ def _count(full: QwenVLConfig, lora: LoRAConfig, k: int, trainable=...) -> int:
     return sum(x.size for x in jax.tree.leaves(state))
 
 
-def _stage_row(full, lora, opt, shapes, stage, variant, trainable, k, mesh, acc, steps,
-               attention_chunk):
+def _stage_row(
+    full, lora, opt, shapes, stage, variant, trainable, k, mesh, acc, steps, attention_chunk
+):
     depth = full.text.num_layers
     one, two = (
-        _row(dataclasses.replace(full, text=dataclasses.replace(full.text, num_layers=n)),
-             lora, opt, shapes, stage, variant, trainable, k, mesh, acc, steps)
+        _row(
+            dataclasses.replace(full, text=dataclasses.replace(full.text, num_layers=n)),
+            lora,
+            opt,
+            shapes,
+            stage,
+            variant,
+            trainable,
+            k,
+            mesh,
+            acc,
+            steps,
+        )
         for n in (1, 2)
     )
 
@@ -106,9 +135,13 @@ def _stage_row(full, lora, opt, shapes, stage, variant, trainable, k, mesh, acc,
 
     flops = extrapolate("flops_per_device")
     return dataclasses.replace(
-        two, params=_count(full, lora, k), trainable=_count(full, lora, k, trainable),
-        items_per_step=(f"{shapes.batch} example × {shapes.images} images, "
-                        f"S={shapes.seq_len(k)}; 1 of {shapes.accumulation} accumulated"),
+        two,
+        params=_count(full, lora, k),
+        trainable=_count(full, lora, k, trainable),
+        items_per_step=(
+            f"{shapes.batch} example × {shapes.images} images, "
+            f"S={shapes.seq_len(k)}; 1 of {shapes.accumulation} accumulated"
+        ),
         flops_per_device=flops,
         argument_bytes=extrapolate("argument_bytes"),
         output_bytes=extrapolate("output_bytes"),
@@ -116,16 +149,26 @@ def _stage_row(full, lora, opt, shapes, stage, variant, trainable, k, mesh, acc,
         temp_bytes=extrapolate("temp_bytes"),
         compile_seconds=one.compile_seconds + two.compile_seconds,
         est_step_seconds=two.est_step_seconds * flops / two.flops_per_device,
-        note=(f"bf16 weights, remat per layer, attention in {attention_chunk}-query chunks, "
-              "frozen vision features precomputed; FLOPs/bytes extrapolated from 1 "
-              f"and 2 of {depth} layers; bytes an upper bound (CPU ignores remat)"),
+        note=(
+            f"bf16 weights, remat per layer, attention in {attention_chunk}-query chunks, "
+            "frozen vision features precomputed; FLOPs/bytes extrapolated from 1 "
+            f"and 2 of {depth} layers; bytes an upper bound (CPU ignores remat)"
+        ),
     )
 
 
-def plan_rows(mesh, acc: P.Accelerator, opt: OptimizerConfig, lora: LoRAConfig, *,
-              num_latents: int = 16, configs: dict[str, QwenVLConfig] | None = None,
-              shapes: Shapes = Shapes(), attention_chunk: int | None = 512,
-              stages=STAGES) -> list:
+def plan_rows(
+    mesh,
+    acc: P.Accelerator,
+    opt: OptimizerConfig,
+    lora: LoRAConfig,
+    *,
+    num_latents: int = 16,
+    configs: dict[str, QwenVLConfig] | None = None,
+    shapes: Shapes = Shapes(),
+    attention_chunk: int | None = 512,
+    stages=STAGES,
+) -> list:
     """One `PlanRow` per (model, stage) of the single-task recipe, extrapolated to full depth
     from compiles at 1 and 2 decoder layers (see the module docstring).
 
@@ -140,8 +183,19 @@ def plan_rows(mesh, acc: P.Accelerator, opt: OptimizerConfig, lora: LoRAConfig, 
     for name, qcfg in configs.items():
         full = dataclasses.replace(qcfg, remat=True, attention_chunk=attention_chunk)
         for stage, variant, trainable, latents, epochs in stages:
-            row = _stage_row(full, lora, opt, shapes, f"{name} {stage}",
-                             variant, trainable, num_latents if latents else 0, mesh, acc,
-                             epochs * calls_per_epoch, attention_chunk)
+            row = _stage_row(
+                full,
+                lora,
+                opt,
+                shapes,
+                f"{name} {stage}",
+                variant,
+                trainable,
+                num_latents if latents else 0,
+                mesh,
+                acc,
+                epochs * calls_per_epoch,
+                attention_chunk,
+            )
             rows.append(row)
     return rows

@@ -42,8 +42,13 @@ class ProcessorConfig:
         return self.patch_size * self.merge_size
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 16384) -> tuple[int, int]:
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = 28,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 16384,
+) -> tuple[int, int]:
     """Target (height, width): multiples of ``factor``, aspect ratio kept as far as possible,
     area clamped into [min_pixels, max_pixels]."""
     if min(height, width) < 1:
@@ -75,8 +80,9 @@ def patchify(image: np.ndarray, cfg: ProcessorConfig) -> np.ndarray:
     return np.ascontiguousarray(x).reshape(gh * gw, c * t * p * p)
 
 
-def preprocess_image(image: np.ndarray, cfg: ProcessorConfig = ProcessorConfig()
-                     ) -> tuple[np.ndarray, tuple[int, int, int]]:
+def preprocess_image(
+    image: np.ndarray, cfg: ProcessorConfig = ProcessorConfig()
+) -> tuple[np.ndarray, tuple[int, int, int]]:
     """uint8[H, W, 3] RGB image -> (float32[gh * gw, 1176] patches, grid (1, gh, gw))."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
@@ -91,13 +97,15 @@ def preprocess_image(image: np.ndarray, cfg: ProcessorConfig = ProcessorConfig()
     return patches, (1, rh // cfg.patch_size, rw // cfg.patch_size)
 
 
-def preprocess_images(images, cfg: ProcessorConfig = ProcessorConfig()
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def preprocess_images(
+    images, cfg: ProcessorConfig = ProcessorConfig()
+) -> tuple[np.ndarray, np.ndarray]:
     """A list of uint8[H, W, 3] images -> (float32[sum N_i, 1176], int64[M, 3] grid_thw)."""
     out = [preprocess_image(im, cfg) for im in images]
     if not out:
-        return np.zeros((0, 3 * cfg.temporal_patch_size * cfg.patch_size ** 2), np.float32), \
-            np.zeros((0, 3), np.int64)
+        return np.zeros((0, 3 * cfg.temporal_patch_size * cfg.patch_size**2), np.float32), np.zeros(
+            (0, 3), np.int64
+        )
     return (np.concatenate([p for p, _ in out]), np.asarray([g for _, g in out], np.int64))
 
 
@@ -143,8 +151,9 @@ def _image_windows(gh: int, gw: int, merge: int, window: int) -> tuple[np.ndarra
     return order, win[order]
 
 
-def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig, n_padded: int | None = None
-                  ) -> VisionLayout:
+def vision_layout(
+    grid_thw: np.ndarray, cfg: VisionConfig, n_padded: int | None = None
+) -> VisionLayout:
     """The :class:`VisionLayout` of images with ``grid_thw`` int[M, 3] (t must be 1).
 
     ``n_padded`` (a multiple of 4, >= N) pads every array so that one compiled vision tower
@@ -157,11 +166,13 @@ def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig, n_padded: int | None 
     group_base, win_base = 0, 0
     for i, (t, gh, gw) in enumerate(grid.tolist()):
         if t != 1:
-            raise ValueError(f"grid_thw[{i}] = {(t, gh, gw)}: only still images (t = 1) are "
-                             "supported")
+            raise ValueError(
+                f"grid_thw[{i}] = {(t, gh, gw)}: only still images (t = 1) are supported"
+            )
         if gh % m or gw % m:
-            raise ValueError(f"grid_thw[{i}] = {(t, gh, gw)}: h and w must be multiples of the "
-                             f"merge size {m}")
+            raise ValueError(
+                f"grid_thw[{i}] = {(t, gh, gw)}: h and w must be multiples of the merge size {m}"
+            )
         order, win = _image_windows(gh, gw, m, window)
         group_order.append(order + group_base)
         wins.append(np.repeat(win + win_base, unit))
@@ -178,13 +189,19 @@ def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig, n_padded: int | None 
     n = groups.size * unit
     patch_order = (groups[:, None] * unit + np.arange(unit)[None]).reshape(-1)
     merged_order = np.argsort(groups, kind="stable")
-    parts = [patch_order, np.concatenate(wins or [np.zeros(0)]),
-             np.concatenate(imgs or [np.zeros(0)]), np.concatenate(rows or [np.zeros(0)]),
-             np.concatenate(cols or [np.zeros(0)])]
+    parts = [
+        patch_order,
+        np.concatenate(wins or [np.zeros(0)]),
+        np.concatenate(imgs or [np.zeros(0)]),
+        np.concatenate(rows or [np.zeros(0)]),
+        np.concatenate(cols or [np.zeros(0)]),
+    ]
     if n_padded is not None:
         if n_padded < n or n_padded % unit:
-            raise ValueError(f"n_padded={n_padded} must be a multiple of {unit} and >= the "
-                             f"{n} patches of the images")
+            raise ValueError(
+                f"n_padded={n_padded} must be a multiple of {unit} and >= the "
+                f"{n} patches of the images"
+            )
         pad = n_padded - n
         parts[0] = np.concatenate([patch_order, np.arange(n, n_padded)])
         parts[1] = np.concatenate([parts[1], np.full(pad, -1)])
@@ -199,9 +216,13 @@ def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig, n_padded: int | None 
 # ---------------------------------------------------------------------------- M-RoPE
 
 
-def rope_index(input_ids: np.ndarray, grid_thw: np.ndarray, image_token_id: int,
-               valid: np.ndarray | None = None, merge_size: int = 2
-               ) -> tuple[np.ndarray, np.ndarray]:
+def rope_index(
+    input_ids: np.ndarray,
+    grid_thw: np.ndarray,
+    image_token_id: int,
+    valid: np.ndarray | None = None,
+    merge_size: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
     """M-RoPE position ids of a batch (HF ``get_rope_index``).
 
     Args:
@@ -238,14 +259,16 @@ def rope_index(input_ids: np.ndarray, grid_thw: np.ndarray, image_token_id: int,
                 try:
                     t, gh, gw = next(grids)
                 except StopIteration:
-                    raise ValueError(f"input_ids row {row} has more image-token runs than "
-                                     "grid_thw rows") from None
+                    raise ValueError(
+                        f"input_ids row {row} has more image-token runs than grid_thw rows"
+                    ) from None
                 lh, lw = gh // merge_size, gw // merge_size
                 if j - i != t * lh * lw:
-                    raise ValueError(f"row {row}: an image run of {j - i} tokens does not match "
-                                     f"grid {(t, gh, gw)} ({t * lh * lw} tokens)")
-                tt, hh, ww = np.meshgrid(np.arange(t), np.arange(lh), np.arange(lw),
-                                         indexing="ij")
+                    raise ValueError(
+                        f"row {row}: an image run of {j - i} tokens does not match "
+                        f"grid {(t, gh, gw)} ({t * lh * lw} tokens)"
+                    )
+                tt, hh, ww = np.meshgrid(np.arange(t), np.arange(lh), np.arange(lw), indexing="ij")
                 out[:, i:j] = np.stack([tt, hh, ww]).reshape(3, -1) + cur
                 cur += max(lh, lw)
             i = j

@@ -18,8 +18,9 @@ from common.distributed import DATA_AXIS, MODEL_AXIS, make_mesh
 MIN_SHARDED_SIZE = 1 << 14
 
 
-def fsdp_spec(shape: tuple[int, ...], n_devices: int,
-              axes: tuple[str, ...] = (DATA_AXIS, MODEL_AXIS)) -> PartitionSpec:
+def fsdp_spec(
+    shape: tuple[int, ...], n_devices: int, axes: tuple[str, ...] = (DATA_AXIS, MODEL_AXIS)
+) -> PartitionSpec:
     """PartitionSpec that splits the largest axis of ``shape`` divisible by ``n_devices``
     over all mesh ``axes`` (replicated when none divides, or the tensor is small)."""
     size = 1
@@ -53,4 +54,5 @@ def shard_state(state, mesh: Mesh):
     n = mesh.devices.size
     names = tuple(mesh.axis_names)
     return jax.tree.map(
-        lambda x: jax.device_put(x, NamedSharding(mesh, fsdp_spec(x.shape, n, names))), state)
+        lambda x: jax.device_put(x, NamedSharding(mesh, fsdp_spec(x.shape, n, names))), state
+    )

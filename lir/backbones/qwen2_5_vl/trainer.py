@@ -46,10 +46,17 @@ def method_stages(method: str, ft: FinetuneConfig) -> tuple[tuple[Stage, ...], o
     raise ValueError(f"method must be one of {METHODS}; got {method!r}")
 
 
-def finetune(model: QwenLIVR, method: str, ft: FinetuneConfig, batches: Sequence[QwenBatch],
-             *, seed: int = 42, max_answer_tokens: int | None = None,
-             on_epoch: Callable[[QwenLIVR, int, int], float | None] | None = None,
-             log: Callable[[dict], None] | None = None) -> dict:
+def finetune(
+    model: QwenLIVR,
+    method: str,
+    ft: FinetuneConfig,
+    batches: Sequence[QwenBatch],
+    *,
+    seed: int = 42,
+    max_answer_tokens: int | None = None,
+    on_epoch: Callable[[QwenLIVR, int, int], float | None] | None = None,
+    log: Callable[[dict], None] | None = None,
+) -> dict:
     """Train ``model`` and return the history with the trained module under "model".
 
     The train steps donate their state, so ``model``'s own buffers must not be used
@@ -71,19 +78,25 @@ def finetune(model: QwenLIVR, method: str, ft: FinetuneConfig, batches: Sequence
     stages, trainable = method_stages(method, ft)
     spe = len(batches) // ft.accumulation_steps
     if spe < 1:
-        raise ValueError(f"{len(batches)} batches give no optimizer step with "
-                         f"accumulation_steps={ft.accumulation_steps}")
+        raise ValueError(
+            f"{len(batches)} batches give no optimizer step with "
+            f"accumulation_steps={ft.accumulation_steps}"
+        )
     calls = spe * ft.accumulation_steps  # train-step calls per epoch
     history: dict = {"losses": [], "val": [], "best_epoch": None}
     best: dict = {"acc": -1.0, "params": None}
     epoch0 = 0
     for si, stage in enumerate(stages):
         opt = stage_optimizer(ft, stage.epochs * spe)
-        graphdef, state = create_train_state(model, STEPS.optimizer(opt),
-                                             stream_seed(seed, "qwen_finetune", si),
-                                             trainable=trainable)
-        step = STEPS.train_step(graphdef, opt, loss_fn(stage.mask_variant, max_answer_tokens),
-                                loss_key=("qwen_livr", stage.mask_variant, max_answer_tokens))
+        graphdef, state = create_train_state(
+            model, STEPS.optimizer(opt), stream_seed(seed, "qwen_finetune", si), trainable=trainable
+        )
+        step = STEPS.train_step(
+            graphdef,
+            opt,
+            loss_fn(stage.mask_variant, max_answer_tokens),
+            loss_key=("qwen_livr", stage.mask_variant, max_answer_tokens),
+        )
         # One order per epoch over the whole run: stage 2 continues at epoch `epoch0`.
         data = SequenceIterator(_Prefix(batches, calls), seed=stream_seed(seed, "batch_order"))
         data.set_state({"epoch": epoch0, "position": 0})
@@ -101,9 +114,18 @@ def finetune(model: QwenLIVR, method: str, ft: FinetuneConfig, batches: Sequence
             return {"val_accuracy": acc}
 
         result = run_stage(
-            f"qwen {method} stage {si + 1}", state, step, data, stage.epochs * calls,
-            eval_fn=on_eval, eval_every=calls, log_every=1, verbose=False,
-            placement="as_given", metrics_writer=_Log(history, log, si, calls))
+            f"qwen {method} stage {si + 1}",
+            state,
+            step,
+            data,
+            stage.epochs * calls,
+            eval_fn=on_eval,
+            eval_every=calls,
+            log_every=1,
+            verbose=False,
+            placement="as_given",
+            metrics_writer=_Log(history, log, si, calls),
+        )
         model = merge_model(graphdef, result.state)
         epoch0 += stage.epochs
     if best["params"] is not None:

@@ -39,14 +39,16 @@ def rotate_half_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-def vision_rope_angles(rows: jax.Array, cols: jax.Array, head_dim: int,
-                       theta: float = 10000.0) -> jax.Array:
+def vision_rope_angles(
+    rows: jax.Array, cols: jax.Array, head_dim: int, theta: float = 10000.0
+) -> jax.Array:
     """2-D rotary angles float32[N, head_dim / 2]: freqs(row) ++ freqs(col), each over the
     head_dim / 4 inverse frequencies ``theta ** (-2i / (head_dim / 2))``."""
     dim = head_dim // 2
     inv = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-    return jnp.concatenate([rows.astype(jnp.float32)[:, None] * inv,
-                            cols.astype(jnp.float32)[:, None] * inv], -1)
+    return jnp.concatenate(
+        [rows.astype(jnp.float32)[:, None] * inv, cols.astype(jnp.float32)[:, None] * inv], -1
+    )
 
 
 def remat_call(module: nnx.Module, *args):
@@ -75,8 +77,15 @@ def _pad_rows(x: jax.Array, before: int, after: int, value=0) -> jax.Array:
     return jnp.pad(x, [(before, after)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
 
 
-def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *,
-                      max_run: int | None, query_chunk: int = 512) -> jax.Array:
+def segment_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segments: jax.Array,
+    *,
+    max_run: int | None,
+    query_chunk: int = 512,
+) -> jax.Array:
     """Non-causal attention where row i attends to row j iff ``segments[i] == segments[j]``.
 
     Equals ``dot_product_attention`` with the dense mask ``segments[:, None] ==
@@ -128,8 +137,15 @@ class VisionAttention(nnx.Module):
     segments given at call time. ``max_run``: the longest run of one segment id (a window's
     patch count for window blocks) or None (full-attention blocks: one image per segment)."""
 
-    def __init__(self, cfg: VisionConfig, *, max_run: int | None = None, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        *,
+        max_run: int | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.max_run = max_run
@@ -140,8 +156,11 @@ class VisionAttention(nnx.Module):
         """x [N, D], angles float32[N, Dh / 2], segments int32[N] -> [N, D]."""
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
-        q, k, v = (rotate_half_rope(qkv[:, 0], angles), rotate_half_rope(qkv[:, 1], angles),
-                   qkv[:, 2])
+        q, k, v = (
+            rotate_half_rope(qkv[:, 0], angles),
+            rotate_half_rope(qkv[:, 1], angles),
+            qkv[:, 2],
+        )
         y = segment_attention(q, k, v, segments, max_run=self.max_run)
         return self.proj(y.reshape(n, -1))
 
@@ -150,8 +169,15 @@ class VisionBlock(nnx.Module):
     """``x += attn(norm1(x)); x += mlp(norm2(x))`` with a SwiGLU MLP with biases.
     ``max_run``: see :class:`VisionAttention`."""
 
-    def __init__(self, cfg: VisionConfig, *, max_run: int | None = None, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        *,
+        max_run: int | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -166,8 +192,7 @@ class VisionBlock(nnx.Module):
 class PatchMerger(nnx.Module):
     """RMSNorm -> concat 2x2 groups -> Dense -> GELU (erf) -> Dense to the LM width."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         wide = cfg.hidden_size * cfg.merge_unit
         self.unit = cfg.merge_unit
@@ -187,17 +212,27 @@ class VisionTower(nnx.Module):
     Submodules: ``patch_embed`` (Dense 1176 -> D, no bias: the Conv3d with kernel = stride),
     ``blocks`` (depth x :class:`VisionBlock`), ``merger`` (:class:`PatchMerger`)."""
 
-    def __init__(self, cfg: VisionConfig, *, remat: bool = False, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        *,
+        remat: bool = False,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg = cfg
         self.remat = remat
         self.patch_embed = dense(cfg.patch_dim, cfg.hidden_size, use_bias=False, **kw)
         # a window of window_size^2 pixels holds (window_size / patch_size)^2 patches
         window = (cfg.window_size // cfg.patch_size) ** 2
-        self.blocks = nnx.List([
-            VisionBlock(cfg, max_run=None if i in cfg.fullatt_block_indexes else window, **kw)
-            for i in range(cfg.depth)])
+        self.blocks = nnx.List(
+            [
+                VisionBlock(cfg, max_run=None if i in cfg.fullatt_block_indexes else window, **kw)
+                for i in range(cfg.depth)
+            ]
+        )
         self.merger = PatchMerger(cfg, **kw)
 
     def __call__(self, patches: jax.Array, layout: dict, *, return_hidden: bool = False):
@@ -216,9 +251,12 @@ class VisionTower(nnx.Module):
             raise ValueError(f"patches must be [N, {cfg.patch_dim}]; got {tuple(patches.shape)}")
         order = jnp.asarray(layout["patch_order"])
         x = self.patch_embed(patches)[order]
-        angles = vision_rope_angles(jnp.asarray(layout["rope_rows"]),
-                                    jnp.asarray(layout["rope_cols"]), cfg.head_dim,
-                                    cfg.rope_theta)
+        angles = vision_rope_angles(
+            jnp.asarray(layout["rope_rows"]),
+            jnp.asarray(layout["rope_cols"]),
+            cfg.head_dim,
+            cfg.rope_theta,
+        )
         windows = jnp.asarray(layout["window_segments"], jnp.int32)
         images = jnp.asarray(layout["image_segments"], jnp.int32)
         hidden = []

@@ -46,6 +46,7 @@ def _rule(pattern: str, transform: str):
     def deco(fn):
         _RULES.append((re.compile(pattern + r"$"), fn, transform))
         return fn
+
     return deco
 
 
@@ -87,8 +88,7 @@ def _embed(m):
     return ("language", "embed_tokens", "embedding")
 
 
-@_rule(r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)",
-       "linear")
+@_rule(r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)", "linear")
 def _attn(m):
     return ("language", "layers", int(m[1]), "self_attn", m[2], _LEAF[m[3]])
 
@@ -115,10 +115,14 @@ def _head(m):
 
 def canonical_name(name: str) -> str:
     """Hub naming for a tensor name of either naming scheme."""
-    for old, new in (("model.language_model.", "model."), ("model.visual.", "visual."),
-                     ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")):
+    for old, new in (
+        ("model.language_model.", "model."),
+        ("model.visual.", "visual."),
+        ("language_model.model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+    ):
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return name
 
 
@@ -170,10 +174,13 @@ def _all_param_paths(model: nnx.Module) -> set[tuple]:
     return {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def load_checkpoint(checkpoint_dir: str | pathlib.Path, *, dtype=jnp.bfloat16,
-                    cfg: QwenVLConfig | None = None,
-                    sharding: Callable[[tuple, tuple], jax.sharding.Sharding | None] | None
-                    = None) -> QwenVL:
+def load_checkpoint(
+    checkpoint_dir: str | pathlib.Path,
+    *,
+    dtype=jnp.bfloat16,
+    cfg: QwenVLConfig | None = None,
+    sharding: Callable[[tuple, tuple], jax.sharding.Sharding | None] | None = None,
+) -> QwenVL:
     """Build :class:`QwenVL` from a local checkpoint directory without materialising random
     weights: the module is created abstractly and every parameter is filled from the files.
 
@@ -204,21 +211,26 @@ def load_checkpoint(checkpoint_dir: str | pathlib.Path, *, dtype=jnp.bfloat16,
                 if target[:2] == ("language", "lm_head") and cfg.text.tie_word_embeddings:
                     continue
                 if target not in wanted:
-                    raise ValueError(f"checkpoint tensor {name!r} maps to {target}, which the "
-                                     "model (from config.json) does not have")
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} maps to {target}, which the "
+                        "model (from config.json) does not have"
+                    )
                 var = _variable(model, target)
                 value = convert(f.get_tensor(name), transform).astype(dtype)
                 if tuple(value.shape) != tuple(var.shape):
-                    raise ValueError(f"checkpoint tensor {name!r} has shape {value.shape} after "
-                                     f"conversion; the model expects {tuple(var.shape)}")
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} has shape {value.shape} after "
+                        f"conversion; the model expects {tuple(var.shape)}"
+                    )
                 place = sharding(target, tuple(value.shape)) if sharding else None
                 var.set_value(jax.device_put(value, place) if place is not None else value)
                 filled.add(target)
     missing = sorted(wanted - filled, key=str)
     if missing:
         shown = [".".join(map(str, p)) for p in missing[:8]]
-        raise ValueError(f"{len(missing)} model parameters are missing from {str(path)!r}, "
-                         f"e.g. {shown}")
+        raise ValueError(
+            f"{len(missing)} model parameters are missing from {str(path)!r}, e.g. {shown}"
+        )
     return model
 
 
@@ -241,27 +253,45 @@ def hf_config_dict(cfg: QwenVLConfig) -> dict:
     """A Hugging Face style ``config.json`` dict (re-saved layout) for ``cfg``."""
     v, t = cfg.vision, cfg.text
     return {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-        "image_token_id": cfg.image_token_id, "video_token_id": cfg.video_token_id,
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "image_token_id": cfg.image_token_id,
+        "video_token_id": cfg.video_token_id,
         "vision_start_token_id": cfg.vision_start_token_id,
         "vision_end_token_id": cfg.vision_end_token_id,
         "tie_word_embeddings": t.tie_word_embeddings,
         "text_config": {
-            "model_type": "qwen2_5_vl_text", "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads, "rms_norm_eps": t.rms_norm_eps,
-            "hidden_act": "silu", "eos_token_id": cfg.eos_token_id,
-            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
-                                "mrope_section": list(t.mrope_section)}},
+            "model_type": "qwen2_5_vl_text",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads,
+            "rms_norm_eps": t.rms_norm_eps,
+            "hidden_act": "silu",
+            "eos_token_id": cfg.eos_token_id,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": t.rope_theta,
+                "mrope_section": list(t.mrope_section),
+            },
+        },
         "vision_config": {
-            "model_type": "qwen2_5_vl_vision", "depth": v.depth, "hidden_size": v.hidden_size,
-            "intermediate_size": v.intermediate_size, "num_heads": v.num_heads,
-            "in_channels": v.in_channels, "patch_size": v.patch_size,
+            "model_type": "qwen2_5_vl_vision",
+            "depth": v.depth,
+            "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size,
+            "num_heads": v.num_heads,
+            "in_channels": v.in_channels,
+            "patch_size": v.patch_size,
             "temporal_patch_size": v.temporal_patch_size,
-            "spatial_merge_size": v.spatial_merge_size, "window_size": v.window_size,
-            "out_hidden_size": v.out_hidden_size, "hidden_act": "silu",
-            "fullatt_block_indexes": list(v.fullatt_block_indexes)},
+            "spatial_merge_size": v.spatial_merge_size,
+            "window_size": v.window_size,
+            "out_hidden_size": v.out_hidden_size,
+            "hidden_act": "silu",
+            "fullatt_block_indexes": list(v.fullatt_block_indexes),
+        },
     }
 
 
@@ -280,8 +310,9 @@ def save_checkpoint(model: QwenVL, checkpoint_dir: str | pathlib.Path) -> pathli
         if transform == "linear":
             x = x.T
         elif transform == "conv":
-            x = x.T.reshape(v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size,
-                            v.patch_size)
+            x = x.T.reshape(
+                v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size
+            )
         tensors[name] = np.ascontiguousarray(x)
     save_file(tensors, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(hf_config_dict(model.cfg), indent=1))
