@@ -85,27 +85,10 @@ def test_qwen_plan_extrapolated_in_depth_equals_the_real_compile():
     from common.plan import ACCELERATORS
     from common.train import OptimizerConfig
     from lir.backbones.qwen2_5_vl import plan as qp
-    from lir.backbones.qwen2_5_vl.config import QwenVLConfig, TextConfig, VisionConfig
     from lir.model import LoRAConfig
+    from tests.lir.test_qwen_attention_chunk import tiny_qwen_config
 
-    vision = VisionConfig(
-        depth=1,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=64,
-        fullatt_block_indexes=(0,),
-    )
-    text = TextConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=3,
-        num_heads=4,
-        num_kv_heads=2,
-        mrope_section=(2, 3, 3),
-    )
-    cfg = QwenVLConfig(vision=vision, text=text)
+    cfg = tiny_qwen_config(3)
     shapes = qp.Shapes(
         images=1, tokens_per_image=16, text_tokens=40, answer_tokens=4, train_examples=16
     )

@@ -9,9 +9,9 @@ import numpy as np
 from flax import nnx
 
 
-def test_qwen_language_model_with_attention_chunk_gives_the_same_logits():
+def tiny_qwen_config(num_layers: int):
+    """A Qwen2.5-VL config small enough to compile in seconds (shared by the lir tests)."""
     from lir.backbones.qwen2_5_vl.config import QwenVLConfig, TextConfig, VisionConfig
-    from lir.backbones.qwen2_5_vl.model import QwenVL
 
     vision = VisionConfig(
         depth=1,
@@ -25,12 +25,18 @@ def test_qwen_language_model_with_attention_chunk_gives_the_same_logits():
         vocab_size=97,
         hidden_size=64,
         intermediate_size=128,
-        num_layers=2,
+        num_layers=num_layers,
         num_heads=4,
         num_kv_heads=2,
         mrope_section=(2, 3, 3),
     )
-    cfg = QwenVLConfig(vision=vision, text=text)
+    return QwenVLConfig(vision=vision, text=text)
+
+
+def test_qwen_language_model_with_attention_chunk_gives_the_same_logits():
+    from lir.backbones.qwen2_5_vl.model import QwenVL
+
+    cfg = tiny_qwen_config(2)
     S = 40
     ids = jax.random.randint(jax.random.key(1), (2, S), 0, 97)
     pos = jnp.broadcast_to(jnp.arange(S), (3, 2, S))
