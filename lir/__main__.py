@@ -100,6 +100,12 @@ def plan(argv: list[str]) -> int:
         accelerator = cp.accelerator_from_args(args)
     except (ConfigError, ValueError) as err:
         parser.error(str(err))
+    from lir.plan import PLANNERS
+
+    known = [name for name, _ in PLANNERS]
+    unknown = sorted({m.strip() for m in args.models.split(",") if m.strip()} - set(known))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; expected a comma-separated subset of {known}")
     # compile times are part of the plan, so compiles are not served from the persistent cache
     start_process(compilation_cache=False)
     # before any JAX array exists (importing lir creates none)
